@@ -1,0 +1,39 @@
+"""attnreg.core: the plugin contract. Imports nothing from ``attnreg`` or ``attnreg.plugins``."""
+
+from .capabilities import Capabilities, VariantSpec
+from .config import AttentionConfig
+from .errors import (
+    AttnRegError,
+    ConfigError,
+    DuplicateVariantError,
+    PluginLoadError,
+    UnknownVariantError,
+    UnsupportedFeatureError,
+)
+from .hooks import PROJECT_NAME, AttnregHookSpecs, hookimpl, hookspec
+from .interface import Attention
+from .masks import Masks, causal_mask, check_inputs
+from .reference import dot_product_logits, masked_softmax, softmax_attention_reference
+
+__all__ = [
+    "PROJECT_NAME",
+    "Attention",
+    "AttentionConfig",
+    "AttnRegError",
+    "AttnregHookSpecs",
+    "Capabilities",
+    "ConfigError",
+    "DuplicateVariantError",
+    "Masks",
+    "PluginLoadError",
+    "UnknownVariantError",
+    "UnsupportedFeatureError",
+    "VariantSpec",
+    "causal_mask",
+    "check_inputs",
+    "dot_product_logits",
+    "hookimpl",
+    "hookspec",
+    "masked_softmax",
+    "softmax_attention_reference",
+]

@@ -1,0 +1,120 @@
+"""What a variant can do (``Capabilities``) and how it is registered (``VariantSpec``)."""
+
+from __future__ import annotations
+
+import re
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import AttentionConfig
+
+if TYPE_CHECKING:
+    from .interface import Attention
+
+__all__ = ["Capabilities", "VariantSpec"]
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The features a variant declares. The conformance suite verifies every one both ways:
+    declared True -> its checks must pass; declared False -> using it must raise
+    ``UnsupportedFeatureError``."""
+
+    causal: bool = False
+    key_mask: bool = False
+    attn_mask: bool = False
+    float_mask: bool = False
+    cross_attention: bool = False
+    dropout: bool = False
+    normalized: bool = True
+    permutation_invariant: bool = True
+    learnable: bool = False
+    dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES
+    complexity: str = "O(L^2*E)"
+    approximates: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("causal", "key_mask", "attn_mask", "float_mask", "cross_attention",
+                     "dropout", "normalized", "permutation_invariant", "learnable"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Capabilities.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.float_mask and not self.attn_mask:
+            raise ValueError("Capabilities: float_mask=True requires attn_mask=True")
+        bad = [d for d in self.dtypes if d not in _FLOAT_DTYPES]
+        if not self.dtypes or bad:
+            raise ValueError(
+                f"Capabilities.dtypes must be a non-empty subset of {_FLOAT_DTYPES}, got {self.dtypes}"
+            )
+
+    def flags(self) -> dict[str, bool]:
+        """The boolean feature flags, by name (for tables and reports)."""
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, bool)}
+
+
+def _literal_variant(config: type[AttentionConfig]) -> tuple[Any, ...]:
+    ann = config.model_fields["variant"].annotation
+    return typing.get_args(ann) if typing.get_origin(ann) is typing.Literal else ()
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Everything the registry needs to know about one attention variant.
+
+    ``factory(config)`` must return an ``attnreg.core.Attention``. ``expected_failures`` maps
+    conformance check names to the reason the variant is known to fail them (strict xfail).
+    """
+
+    name: str
+    config: type[AttentionConfig]
+    factory: Callable[[Any], Attention]
+    capabilities: Capabilities
+    summary: str
+    reference: str
+    aliases: tuple[str, ...] = ()
+    expected_failures: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"VariantSpec(name={self.name!r})"
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise ValueError(f"{where}: name must match {_NAME_RE.pattern}")
+        aliases = tuple(self.aliases)
+        for alias in aliases:
+            if not isinstance(alias, str) or not _NAME_RE.match(alias):
+                raise ValueError(f"{where}: alias {alias!r} must match {_NAME_RE.pattern}")
+        if self.name in aliases or len(set(aliases)) != len(aliases):
+            raise ValueError(f"{where}: aliases {aliases} repeat a name")
+        object.__setattr__(self, "aliases", aliases)
+        if not (isinstance(self.config, type) and issubclass(self.config, AttentionConfig)):
+            raise TypeError(f"{where}: config must be a subclass of AttentionConfig, got {self.config!r}")
+        if _literal_variant(self.config) != (self.name,):
+            raise TypeError(
+                f"{where}: {self.config.__name__}.variant must be declared as "
+                f"Literal[{self.name!r}] (it is the discriminator of config files)"
+            )
+        if not callable(self.factory):
+            raise TypeError(f"{where}: factory must be callable, got {self.factory!r}")
+        if not isinstance(self.capabilities, Capabilities):
+            raise TypeError(f"{where}: capabilities must be a Capabilities, got {self.capabilities!r}")
+        for label in ("summary", "reference"):
+            if not isinstance(getattr(self, label), str) or not getattr(self, label).strip():
+                raise ValueError(f"{where}: {label} must be a non-empty string")
+        xfail = dict(self.expected_failures)
+        for check, reason in xfail.items():
+            if not isinstance(reason, str) or not reason.strip():
+                raise ValueError(
+                    f"{where}: expected failure {check!r} needs a non-empty reason string"
+                )
+        object.__setattr__(self, "expected_failures", MappingProxyType(xfail))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The canonical name followed by every alias."""
+        return (self.name, *self.aliases)

@@ -1,0 +1,52 @@
+"""The plugin contract: the ``attnreg_variants`` hookspec and the ``hookimpl`` marker."""
+
+from __future__ import annotations
+
+import pluggy
+
+from .capabilities import VariantSpec
+
+__all__ = ["PROJECT_NAME", "hookimpl", "hookspec", "AttnregHookSpecs"]
+
+PROJECT_NAME = "attnreg"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class AttnregHookSpecs:
+    """Hook specifications of attnreg (the plugin author's manual)."""
+
+    @hookspec
+    def attnreg_variants(self) -> list[VariantSpec]:  # type: ignore[empty-body]
+        """Return the attention variants this plugin provides.
+
+        How to publish a variant:
+
+        1. Subclass ``attnreg.core.Attention``; set ``variant = "my_attn"`` and ``capabilities =
+           Capabilities(...)``; implement ``_attend(q, k, v, masks)`` and ``_weights(q, k, masks)``.
+           Inputs arrive validated; ``masks`` (``attnreg.core.Masks``) holds the canonical masks.
+        2. Subclass ``attnreg.core.AttentionConfig`` with ``variant: Literal["my_attn"]`` and
+           typed, bounded, documented fields.
+        3. In a module of your package::
+
+               from attnreg.core import hookimpl, VariantSpec
+
+               @hookimpl
+               def attnreg_variants():
+                   return [VariantSpec(name="my_attn", config=MyConfig, factory=MyAttention,
+                                       capabilities=MyAttention.capabilities,
+                                       summary="...", reference="Author et al. 2025")]
+
+        4. Declare the module in your ``pyproject.toml``::
+
+               [project.entry-points.attnreg]
+               my_attn = "my_package.plugin"
+
+        5. Run ``attnreg check my_attn``: the conformance suite verifies every declared
+           capability both ways (declared True must work, declared False must raise
+           ``UnsupportedFeatureError``).
+
+        Names and aliases are global: a name already taken makes the whole plugin fail to load
+        (shown by ``attnreg doctor``). The hook takes no arguments and must return a list (or
+        tuple) of ``VariantSpec``; anything else is a plugin load error.
+        """

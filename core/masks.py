@@ -1,0 +1,184 @@
+"""Input validation and mask canonicalisation, shared by every variant.
+
+``check_inputs`` turns the SDPA-style arguments into a ``Masks`` object once, so that a variant
+never re-implements shape checks or mask semantics. Conventions (SDPA's):
+
+- bool ``attn_mask``: True = may attend; broadcastable to ``(B, H, Lq, Lk)``.
+- float ``attn_mask``: added to the logits (``-inf`` masks).
+- ``key_mask (B, Lk)``: True = real token.
+- ``is_causal``: query i sees keys j <= i (upper-left aligned when Lq != Lk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .capabilities import Capabilities
+from .errors import UnsupportedFeatureError
+
+__all__ = ["Masks", "check_inputs", "causal_mask"]
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> Tensor:
+    """Upper-left aligned causal mask ``(Lq, Lk)``: True where key j <= query i."""
+    rows = torch.arange(q_len, device=device)[:, None]  # (Lq, 1)
+    cols = torch.arange(k_len, device=device)[None, :]  # (1, Lk)
+    return cols <= rows  # (Lq, Lk)
+
+
+@dataclass(frozen=True)
+class Masks:
+    """Validated masks of one call. ``attn_mask`` is 4-D (size-1 dims where broadcast)."""
+
+    batch: int
+    heads: int
+    q_len: int
+    k_len: int
+    attn_mask: Tensor | None = None  # (B|1, H|1, Lq|1, Lk|1), bool or float
+    key_mask: Tensor | None = None  # (B, Lk) bool
+    is_causal: bool = False
+
+    @property
+    def any(self) -> bool:
+        """Whether any mask is in force."""
+        return self.attn_mask is not None or self.key_mask is not None or self.is_causal
+
+    @property
+    def float_mask(self) -> Tensor | None:
+        """The additive float mask, if one was given."""
+        m = self.attn_mask
+        return m if m is not None and m.is_floating_point() else None
+
+    def allowed(self, device: torch.device | str | None = None) -> Tensor | None:
+        """Dense bool mask (B|1, H|1, Lq, Lk) of every mask ANDed, None when nothing is masked.
+
+        A float mask counts as masking where it is ``-inf``.
+        """
+        out: Tensor | None = None
+        if self.attn_mask is not None:
+            m = self.attn_mask
+            out = m if m.dtype == torch.bool else m != float("-inf")  # (B|1, H|1, Lq|1, Lk|1)
+            device = m.device
+        if self.key_mask is not None:
+            km = self.key_mask[:, None, None, :]  # (B, 1, 1, Lk)
+            out = km if out is None else out & km
+            device = km.device
+        if self.is_causal:
+            cm = causal_mask(self.q_len, self.k_len, device)[None, None]  # (1, 1, Lq, Lk)
+            out = cm if out is None else out & cm
+        if out is None:
+            return None
+        shape = (out.shape[0], out.shape[1], self.q_len, self.k_len)
+        return out.expand(shape)
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, H, L, E), got shape {_shape(t)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    return t
+
+
+def check_inputs(
+    variant: str,
+    caps: Capabilities,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor | None,
+    attn_mask: Tensor | None,
+    key_mask: Tensor | None,
+    is_causal: bool,
+) -> Masks:
+    """Validate SDPA-style arguments against the interface and ``caps``; return the masks.
+
+    Raises ``ValueError`` (naming the argument and the shapes seen) for malformed input and
+    ``UnsupportedFeatureError`` for a feature the variant declares unsupported.
+    """
+    q = _check_tensor("query", query)
+    k = _check_tensor("key", key)
+    b, h, lq, e = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != e:
+        raise ValueError(
+            f"key shape {_shape(k)} does not match query shape {_shape(q)}: "
+            "expected (B, H, Lk, E) with the same B, H and E as query"
+        )
+    lk = k.shape[2]
+    if lq == 0 or lk == 0 or e == 0:
+        raise ValueError(f"query {_shape(q)} and key {_shape(k)} must have non-zero lengths and E")
+    tensors = {"query": q, "key": k}
+    if value is not None:
+        v = _check_tensor("value", value)
+        if v.shape[0] != b or v.shape[1] != h or v.shape[2] != lk:
+            raise ValueError(
+                f"value shape {_shape(v)} does not match key shape {_shape(k)}: "
+                "expected (B, H, Lk, Ev) with the same B, H and Lk as key"
+            )
+        tensors["value"] = v
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} differs from query dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {q.device}")
+    if q.dtype not in caps.dtypes:
+        raise UnsupportedFeatureError(variant, f"dtype {q.dtype}", f"supported: {caps.dtypes}")
+    if lq != lk and not caps.cross_attention:
+        raise UnsupportedFeatureError(
+            variant, "cross attention", f"query length {lq} != key length {lk}"
+        )
+    if not isinstance(is_causal, bool):
+        raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+    if is_causal and not caps.causal:
+        raise UnsupportedFeatureError(variant, "is_causal=True")
+    masks = Masks(b, h, lq, lk, is_causal=is_causal)
+    if key_mask is not None:
+        if not caps.key_mask:
+            raise UnsupportedFeatureError(variant, "key_mask")
+        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+            got = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
+            raise ValueError(f"key_mask must be a bool tensor (B, Lk) = ({b}, {lk}), got {got}")
+        if tuple(key_mask.shape) != (b, lk):
+            raise ValueError(
+                f"key_mask shape {_shape(key_mask)} does not match (B, Lk) = ({b}, {lk})"
+            )
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but query is on {q.device}")
+        masks = Masks(b, h, lq, lk, key_mask=key_mask, is_causal=is_causal)
+    if attn_mask is not None:
+        m = _check_attn_mask(variant, caps, attn_mask, q, (b, h, lq, lk))
+        masks = Masks(b, h, lq, lk, attn_mask=m, key_mask=masks.key_mask, is_causal=is_causal)
+    return masks
+
+
+def _check_attn_mask(
+    variant: str, caps: Capabilities, m: object, q: Tensor, full: tuple[int, int, int, int]
+) -> Tensor:
+    if not isinstance(m, Tensor):
+        raise ValueError(f"attn_mask must be a torch.Tensor, got {type(m).__name__}")
+    if m.dtype != torch.bool and not m.is_floating_point():
+        raise ValueError(
+            f"attn_mask must be bool (True = may attend) or a float additive mask, got {m.dtype}"
+        )
+    if not caps.attn_mask:
+        raise UnsupportedFeatureError(variant, "attn_mask", "use key_mask / is_causal if declared")
+    if m.is_floating_point():
+        if not caps.float_mask:
+            raise UnsupportedFeatureError(variant, "a float (additive) attn_mask")
+        if m.dtype != q.dtype:
+            raise ValueError(f"float attn_mask dtype {m.dtype} must match query dtype {q.dtype}")
+    if m.device != q.device:
+        raise ValueError(f"attn_mask is on {m.device} but query is on {q.device}")
+    if not 1 <= m.dim() <= 4 or any(s not in (1, f) for s, f in zip(m.shape[::-1], full[::-1])):
+        raise ValueError(
+            f"attn_mask shape {_shape(m)} is not broadcastable to (B, H, Lq, Lk) = {full}"
+        )
+    return m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))  # (B|1, H|1, Lq|1, Lk|1)
