@@ -58,7 +58,7 @@ class Attention(nn.Module):
         key_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
-        """Attention output (B, H, Lq, Ev) for query (B, H, Lq, E), key (B, H, Lk, E), value (B, H, Lk, Ev)."""
+        """Output (B, H, Lq, Ev) for query (B, H, Lq, E), key (B, H, Lk, E), value (B, H, Lk, Ev)."""
         if value is None:
             raise ValueError("value must be a torch.Tensor (B, H, Lk, Ev), got None")
         masks = check_inputs(

@@ -177,7 +177,7 @@ def _check_attn_mask(
             raise ValueError(f"float attn_mask dtype {m.dtype} must match query dtype {q.dtype}")
     if m.device != q.device:
         raise ValueError(f"attn_mask is on {m.device} but query is on {q.device}")
-    if not 1 <= m.dim() <= 4 or any(s not in (1, f) for s, f in zip(m.shape[::-1], full[::-1])):
+    if not 1 <= m.dim() <= 4 or any(s not in (1, f) for s, f in zip(m.shape[::-1], full[::-1], strict=False)):
         raise ValueError(
             f"attn_mask shape {_shape(m)} is not broadcastable to (B, H, Lq, Lk) = {full}"
         )

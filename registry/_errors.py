@@ -5,9 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from pydantic import BaseModel, ValidationError
-
 from attnreg.core import ConfigError, UnknownVariantError
+from pydantic import BaseModel, ValidationError
 
 
 def closest(word: str, choices: Iterable[str]) -> str | None:

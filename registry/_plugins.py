@@ -15,7 +15,6 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import pluggy
-
 from attnreg.core import (
     PROJECT_NAME,
     AttnregHookSpecs,

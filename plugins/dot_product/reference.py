@@ -6,9 +6,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from attnreg.core import Masks, dot_product_logits, softmax_attention_reference
+from torch import Tensor
 
 
 def dot_product_reference(
