@@ -8,8 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from attnreg.core import Attention, AttentionConfig, ConfigError, PluginLoadError
 from pydantic import BeforeValidator, Field, ValidationError
+
+from attnreg.core import Attention, AttentionConfig, ConfigError, PluginLoadError
 
 from ._errors import config_error
 from ._plugins import REGISTRY

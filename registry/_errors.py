@@ -5,8 +5,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from attnreg.core import ConfigError, UnknownVariantError
 from pydantic import BaseModel, ValidationError
+
+from attnreg.core import ConfigError, UnknownVariantError
 
 
 def closest(word: str, choices: Iterable[str]) -> str | None:

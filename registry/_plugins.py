@@ -15,6 +15,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import pluggy
+
 from attnreg.core import (
     PROJECT_NAME,
     AttnregHookSpecs,

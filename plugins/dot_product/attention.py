@@ -6,6 +6,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
 from attnreg.core import (
     Attention,
     AttentionConfig,
@@ -14,8 +17,6 @@ from attnreg.core import (
     dot_product_logits,
     masked_softmax,
 )
-from pydantic import Field
-from torch import Tensor
 
 
 class DotProductConfig(AttentionConfig):

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-from attnreg.core import Masks, dot_product_logits, softmax_attention_reference
 from torch import Tensor
+
+from attnreg.core import Masks, dot_product_logits, softmax_attention_reference
 
 
 def dot_product_reference(
