@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 import typer
 from rich.console import Console
 
 from attnreg.core import AttnRegError, ConfigError
-
-T = TypeVar("T")
 
 app = typer.Typer(
     name="attnreg",
@@ -34,14 +31,14 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
     except AttnRegError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(EXIT_FAILURE) from None
 
 
-def version_callback(value: bool) -> None:
+def _version_callback(value: bool) -> None:
     if value:
         from attnreg import __version__
 
@@ -52,7 +49,7 @@ def version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=version_callback, is_eager=True, help="Show the version and exit."
+        False, "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
     """attnreg: one attention interface, many variants, all verified."""
@@ -61,9 +58,3 @@ def _root(
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     app(args=argv if argv is not None else sys.argv[1:], prog_name="attnreg")
-
-
-def run_command(fn: Callable[[], T]) -> T:
-    """Run ``fn`` under the shared error policy."""
-    with user_errors():
-        return fn()

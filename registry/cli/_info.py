@@ -1,1 +1,143 @@
-"""placeholder replaced below"""
+"""Read-only commands: ``list``, ``show``, ``schema``, ``doctor``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+import typer
+from rich.table import Table
+
+from ._app import EXIT_FAILURE, app, console, user_errors
+
+_KEY_CAPS = ("causal", "key_mask", "attn_mask", "cross_attention", "dropout", "learnable")
+
+
+def _yes(flag: bool) -> str:
+    return "[green]yes[/]" if flag else "[dim]no[/]"
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """Table of registered variants; plugins that failed to load are listed below it."""
+    import attnreg
+
+    with user_errors():
+        table = Table(title="attnreg variants")
+        for col in ("name", "aliases", "provider", "complexity", *_KEY_CAPS):
+            table.add_column(col)
+        for spec in attnreg._plugins.REGISTRY.specs():
+            caps = spec.capabilities
+            table.add_row(
+                spec.name, ", ".join(spec.aliases), attnreg._plugins.REGISTRY.provider(spec.name),
+                caps.complexity, *(_yes(getattr(caps, c)) for c in _KEY_CAPS),
+            )
+        console.print(table)
+        failed = [r for r in attnreg.plugin_records() if r.status == "failed"]
+        for r in failed:
+            console.print(f"[red]failed plugin[/] {r.name} ({r.provider}): {r.error}", highlight=False)
+        if failed:
+            console.print("Run `attnreg doctor` for details.")
+
+
+@app.command("show")
+def show_cmd(name: str = typer.Argument(..., help="Variant name or alias.")) -> None:
+    """Summary, reference, config fields (type, default, bounds, description) and capabilities."""
+    import attnreg
+
+    with user_errors():
+        spec = attnreg.get_variant(name)
+        console.print(f"[bold]{spec.name}[/]  {spec.summary}", highlight=False)
+        if spec.aliases:
+            console.print(f"aliases: {', '.join(spec.aliases)}")
+        console.print(f"provider: {attnreg._plugins.REGISTRY.provider(spec.name)}")
+        console.print(f"reference: {spec.reference}", highlight=False)
+        fields = Table(title="config fields")
+        for col in ("field", "type", "default", "bounds", "description"):
+            fields.add_column(col)
+        for fname, info in spec.config.model_fields.items():
+            bounds = " ".join(_bound_text(m) for m in info.metadata if _bound_text(m))
+            default = "(required)" if info.is_required() else repr(info.default)
+            fields.add_row(fname, _type_text(info.annotation), default, bounds, info.description or "")
+        console.print(fields)
+        caps = Table(title="capabilities")
+        caps.add_column("capability")
+        caps.add_column("value")
+        for cname, value in spec.capabilities.__dict__.items():
+            text = _yes(value) if isinstance(value, bool) else str(value)
+            caps.add_row(cname, text)
+        console.print(caps)
+        if spec.expected_failures:
+            console.print("expected conformance failures:")
+            for check, reason in spec.expected_failures.items():
+                console.print(f"  {check}: {reason}", highlight=False)
+
+
+def _type_text(annotation: object) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    return text or str(annotation).replace("typing.", "")
+
+
+def _bound_text(meta: object) -> str:
+    ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    for attr, op in ops.items():
+        value = getattr(meta, attr, None)
+        if value is not None:
+            return f"{op} {value}"
+    return ""
+
+
+@app.command("schema")
+def schema_cmd(
+    name: str = typer.Argument(None, help="One variant; default: the union of all registered configs."),
+) -> None:
+    """JSON Schema of the config union (or of one variant's config), for editor completion."""
+    import attnreg
+
+    with user_errors():
+        if name:
+            schema = attnreg.get_variant(name).config.model_json_schema()
+        else:
+            from pydantic import TypeAdapter
+
+            schema = TypeAdapter(attnreg.config_type()).json_schema()
+        print(json.dumps(schema, indent=2))
+
+
+@app.command("doctor")
+def doctor_cmd() -> None:
+    """Environment report: torch, threads, entry points found / loaded / failed, env switches."""
+    import torch
+
+    import attnreg
+    from attnreg import _plugins
+
+    console.print(f"attnreg {attnreg.__version__}, python {platform.python_version()}, "
+                  f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+                  f"cpus {os.cpu_count()}", highlight=False)
+    for key, value in _plugins.env_switches().items():
+        console.print(f"{key}={value if value is not None else '(unset)'}", highlight=False)
+    try:
+        records = attnreg.plugin_records()
+    except attnreg.PluginLoadError as exc:  # strict mode: report it, fail
+        console.print(f"[red]strict plugin loading failed:[/] {exc}", highlight=False)
+        records = _plugins.REGISTRY._state.records
+        _print_records(records)
+        raise typer.Exit(EXIT_FAILURE) from None
+    _print_records(records)
+    failed = sum(r.status == "failed" for r in records)
+    console.print(f"{len(records)} entry points found, "
+                  f"{sum(r.status == 'loaded' for r in records)} loaded, {failed} failed, "
+                  f"{sum(r.status == 'filtered' for r in records)} filtered")
+
+
+def _print_records(records: list) -> None:
+    table = Table(title="plugins (entry-point group 'attnreg')")
+    for col in ("entry point", "distribution", "target", "status", "variants / error"):
+        table.add_column(col, overflow="fold")
+    colours = {"loaded": "green", "failed": "red", "filtered": "yellow"}
+    for r in records:
+        detail = ", ".join(r.variants) if r.status == "loaded" else (r.error or "")
+        table.add_row(r.name, r.provider, r.target, f"[{colours.get(r.status, 'white')}]{r.status}[/]", detail)
+    console.print(table)
