@@ -1,0 +1,27 @@
+"""Built-in plugin: additive (Bahdanau) attention (``additive``; alias ``bahdanau``)."""
+
+from __future__ import annotations
+
+from attnreg.core import VariantSpec, hookimpl
+
+from .attention import AdditiveAttention, AdditiveConfig
+
+__all__ = ["AdditiveAttention", "AdditiveConfig", "SPEC", "attnreg_variants"]
+
+SPEC = VariantSpec(
+    name="additive",
+    config=AdditiveConfig,
+    factory=AdditiveAttention,
+    capabilities=AdditiveAttention.capabilities,
+    summary="score = v_h . tanh(q W_q + k W_k + b), per-head parameters; query-chunked and "
+    "checkpointed so memory is O(chunk*Lk*d_a)",
+    reference="Bahdanau, Cho & Bengio 2015, 'Neural Machine Translation by Jointly Learning to Align "
+    "and Translate', arXiv:1409.0473",
+    aliases=("bahdanau",),
+)
+
+
+@hookimpl
+def attnreg_variants() -> list[VariantSpec]:
+    """Provide ``additive``."""
+    return [SPEC]

@@ -1,0 +1,148 @@
+"""Additive (Bahdanau) attention: config and module (fast path in ``chunked.py``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from attnreg.core import Attention, AttentionConfig, Capabilities, Masks, causal_mask, masked_softmax
+
+from .chunked import chunked_attention, chunked_scores
+from .reference import additive_logits
+
+__all__ = ["AdditiveAttention", "AdditiveConfig", "DEFAULT_CHUNK_SIZE"]
+
+# Chosen by measurement (docs/variants/additive.md): at B=1, H=8, d_a=64 chunks of 16-64 rows
+# run at the same speed, and 32 keeps forward+backward at L=2048 near 300 MB.
+DEFAULT_CHUNK_SIZE = 32
+
+
+class AdditiveConfig(AttentionConfig):
+    """Config of ``additive``: per-head Bahdanau scoring parameters and the query chunk size."""
+
+    variant: Literal["additive"] = Field("additive", description="Variant name.")
+    num_heads: int = Field(ge=1, description="Number of heads H (one parameter set per head).")
+    head_dim: int = Field(ge=1, description="Query/key head dimension E (input size of W_q, W_k).")
+    hidden_dim: int | None = Field(
+        None, ge=1, description="Size d_a of the additive hidden layer; None means head_dim."
+    )
+    chunk_size: int = Field(
+        DEFAULT_CHUNK_SIZE, ge=1,
+        description="Query rows per chunk of the fast path: peak memory ~ B*H*chunk_size*Lk*d_a floats.",
+    )
+    scale: float | None = Field(
+        None, gt=0.0,
+        description="Multiplier of the scores; None means 1 (Bahdanau's scores are not scaled).",
+    )
+
+
+class AdditiveAttention(Attention):
+    """score[i, j] = scale * v_h . tanh(q_i W_q[h] + k_j W_k[h] + b[h]); softmax; @ V.
+
+    Parameters (per head): ``w_q (H, E, d_a)``, ``w_k (H, E, d_a)``, ``b (H, d_a)``,
+    ``v (H, d_a)``, initialised like ``nn.Linear`` (see ``reset_parameters``). Any float input
+    dtype works: the math runs in the input dtype (float32 for half inputs) with the parameters
+    cast to it, and the output has the input dtype.
+    """
+
+    variant = "additive"
+    capabilities = Capabilities(
+        causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
+        dropout=True, normalized=True, permutation_invariant=True, learnable=True,
+        complexity="O(Lq*Lk*d_a) time, O(chunk*Lk*d_a) memory",
+    )
+
+    def __init__(self, config: AdditiveConfig) -> None:
+        super().__init__(config)
+        h, e = config.num_heads, config.head_dim
+        d_a = config.hidden_dim if config.hidden_dim is not None else e
+        self.num_heads, self.head_dim, self.hidden_dim = h, e, d_a
+        self.chunk_size = config.chunk_size
+        self.w_q = nn.Parameter(torch.empty(h, e, d_a))  # (H, E, d_a)
+        self.w_k = nn.Parameter(torch.empty(h, e, d_a))  # (H, E, d_a)
+        self.b = nn.Parameter(torch.empty(h, d_a))  # (H, d_a)
+        self.v = nn.Parameter(torch.empty(h, d_a))  # (H, d_a)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear`` init: W_q, W_k and b as ``nn.Linear(E, d_a)`` (weights and bias
+        U(-1/sqrt(E), 1/sqrt(E))), v as ``nn.Linear(d_a, 1, bias=False)`` (U(-1/sqrt(d_a), 1/sqrt(d_a)))."""
+        bound_e = 1.0 / math.sqrt(self.head_dim)
+        bound_a = 1.0 / math.sqrt(self.hidden_dim)
+        with torch.no_grad():
+            self.w_q.uniform_(-bound_e, bound_e)
+            self.w_k.uniform_(-bound_e, bound_e)
+            self.b.uniform_(-bound_e, bound_e)
+            self.v.uniform_(-bound_a, bound_a)
+
+    @property
+    def score_scale(self) -> float:
+        """The configured ``scale``, or 1."""
+        return 1.0 if self.scale is None else self.scale
+
+    def _check_sizes(self, query: Tensor) -> None:
+        _, h, _, e = query.shape
+        if h != self.num_heads or e != self.head_dim:
+            raise ValueError(
+                f"query shape {tuple(query.shape)} does not match this additive attention's "
+                f"parameters: expected H = num_heads = {self.num_heads} and E = head_dim = {self.head_dim}"
+            )
+
+    def _project(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
+        """(Q W_q + b, K W_k, v) in the compute dtype, and that dtype. Computed once per call."""
+        acc = self._accum_dtype(query)
+        w_q, w_k, b, v = (p.to(acc) for p in (self.w_q, self.w_k, self.b, self.v))
+        qp = query.to(acc) @ w_q + b[None, :, None, :]  # (B, H, Lq, d_a): (B,H,Lq,E) @ (H,E,d_a)
+        kp = key.to(acc) @ w_k  # (B, H, Lk, d_a)
+        return qp, kp, v, acc
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        self._check_sizes(query)
+        qp, kp, v, acc = self._project(query, key)
+        out = chunked_attention(
+            qp, kp, v, value.to(acc), masks, self.score_scale, self.active_dropout, self.chunk_size
+        )  # (B, H, Lq, Ev)
+        return out.to(query.dtype)
+
+    def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
+        self._check_sizes(query)
+        qp, kp, v, _ = self._project(query, key)
+        scores = chunked_scores(qp, kp, v, self.score_scale, self.chunk_size)  # (B, H, Lq, Lk)
+        if masks.float_mask is not None:
+            scores = scores + masks.float_mask.to(scores.dtype)
+        return masked_softmax(scores, masks.allowed(query.device)).to(query.dtype)
+
+    def flops(
+        self, batch: int, heads: int, q_len: int, k_len: int, head_dim: int, value_dim: int,
+        is_causal: bool,
+    ) -> float:
+        """Useful forward FLOPs: projections 2*(Lq+Lk)*E*d_a, and per attended (i, j) pair
+        4*d_a (add, tanh, multiply-add with v) + 2*Ev (weights @ V); causal pairs only."""
+        d_a = self.hidden_dim
+        if is_causal:  # upper-left causal: row i sees min(i + 1, Lk) keys
+            full = max(q_len - k_len, 0)
+            tri = min(q_len, k_len)
+            pairs = tri * (tri + 1) // 2 + full * k_len
+        else:
+            pairs = q_len * k_len
+        proj = 2.0 * (q_len + k_len) * head_dim * d_a
+        return float(batch * heads * (proj + pairs * (4.0 * d_a + 2.0 * value_dim)))
+
+    def benchmark_baselines(self) -> dict[str, Callable[[Tensor, Tensor, Tensor, bool], Tensor]]:
+        """``naive``: the broadcast formula (whole (B, H, Lq, Lk, d_a) tanh tensor) in the input
+        dtype, with this module's parameters; the same math as ``reference.py``."""
+
+        def naive(query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+            d = query.dtype
+            scores = additive_logits(
+                query, key, self.w_q.to(d), self.w_k.to(d), self.b.to(d), self.v.to(d), self.scale
+            )  # (B, H, Lq, Lk)
+            allowed = causal_mask(query.shape[2], key.shape[2], query.device) if is_causal else None
+            return masked_softmax(scores, allowed) @ value  # (B, H, Lq, Ev)
+
+        return {"naive": naive}
