@@ -164,8 +164,9 @@ class Registry:
         if isinstance(obj, (list, tuple)) and obj and all(isinstance(s, VariantSpec) for s in obj):
             return list(obj)
         name = f"{record.name}@{id(obj)}"
-        self._pm.register(obj, name=name)
-        registered.append(obj)
+        if not self._pm.is_registered(obj):  # the same object again fails on its names below
+            self._pm.register(obj, name=name)
+            registered.append(obj)
         impls = [i for i in self._pm.hook.attnreg_variants.get_hookimpls() if i.plugin is obj]
         if not impls:
             raise PluginLoadError(
@@ -208,9 +209,10 @@ class Registry:
     def register(self, plugin: Any, name: str | None = None) -> list[VariantSpec]:
         """Register a plugin object/module, a ``VariantSpec`` or a list of specs at runtime."""
         self.ensure_loaded()
-        label = name or getattr(plugin, "name", None) or getattr(plugin, "__name__", None) or repr(plugin)
+        label = name or getattr(plugin, "name", None) or getattr(plugin, "__name__", None)
+        label = label or type(plugin).__name__
         with self._lock:
-            record = PluginRecord(str(label), "runtime", repr(plugin)[:80])
+            record = PluginRecord(str(label), "runtime", f"register({label})")
             try:
                 return self._add_plugin(plugin, record)
             except (DuplicateVariantError, PluginLoadError):

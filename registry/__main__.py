@@ -1,0 +1,5 @@
+"""``python -m attnreg`` runs the CLI."""
+
+from attnreg.cli import main
+
+main()
