@@ -120,7 +120,8 @@ def test_runtime_register_and_duplicates() -> None:
         assert attnreg.get_variant("rt_alias").name == "runtime_variant"
         with pytest.raises(attnreg.DuplicateVariantError, match="runtime.*already taken.*runtime"):
             attnreg.register(mod)
-        with pytest.raises(attnreg.DuplicateVariantError, match=r"'dot_product' from runtime \(register\(again\)\) is already taken.*from attnreg 0\.1\.0"):
+        taken = r"'dot_product' from runtime \(register\(again\)\) is already taken.*from attnreg 0\.1\.0"
+        with pytest.raises(attnreg.DuplicateVariantError, match=taken):
             attnreg.register(DOT_SPEC, name="again")
         module = attnreg.build("rt_alias")
         assert module.variant == "runtime_variant"

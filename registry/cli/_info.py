@@ -139,5 +139,6 @@ def _print_records(records: list) -> None:
     colours = {"loaded": "green", "failed": "red", "filtered": "yellow"}
     for r in records:
         detail = ", ".join(r.variants) if r.status == "loaded" else (r.error or "")
-        table.add_row(r.name, r.provider, r.target, f"[{colours.get(r.status, 'white')}]{r.status}[/]", detail)
+        status = f"[{colours.get(r.status, 'white')}]{r.status}[/]"
+        table.add_row(r.name, r.provider, r.target, status, detail)
     console.print(table)
