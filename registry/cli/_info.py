@@ -22,15 +22,16 @@ def _yes(flag: bool) -> str:
 def list_cmd() -> None:
     """Table of registered variants; plugins that failed to load are listed below it."""
     import attnreg
+    from attnreg._plugins import REGISTRY
 
     with user_errors():
         table = Table(title="attnreg variants")
         for col in ("name", "aliases", "provider", "complexity", *_KEY_CAPS):
             table.add_column(col)
-        for spec in attnreg._plugins.REGISTRY.specs():
+        for spec in REGISTRY.specs():
             caps = spec.capabilities
             table.add_row(
-                spec.name, ", ".join(spec.aliases), attnreg._plugins.REGISTRY.provider(spec.name),
+                spec.name, ", ".join(spec.aliases), REGISTRY.provider(spec.name),
                 caps.complexity, *(_yes(getattr(caps, c)) for c in _KEY_CAPS),
             )
         console.print(table)
@@ -45,13 +46,14 @@ def list_cmd() -> None:
 def show_cmd(name: str = typer.Argument(..., help="Variant name or alias.")) -> None:
     """Summary, reference, config fields (type, default, bounds, description) and capabilities."""
     import attnreg
+    from attnreg._plugins import REGISTRY
 
     with user_errors():
         spec = attnreg.get_variant(name)
         console.print(f"[bold]{spec.name}[/]  {spec.summary}", highlight=False)
         if spec.aliases:
             console.print(f"aliases: {', '.join(spec.aliases)}")
-        console.print(f"provider: {attnreg._plugins.REGISTRY.provider(spec.name)}")
+        console.print(f"provider: {REGISTRY.provider(spec.name)}")
         console.print(f"reference: {spec.reference}", highlight=False)
         fields = Table(title="config fields")
         for col in ("field", "type", "default", "bounds", "description"):
