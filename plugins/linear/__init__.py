@@ -1,0 +1,52 @@
+"""Built-in plugin: linear attention (``linear``, alias ``linear_attention``) and the Performer
+(``performer`` = linear attention with FAVOR+ features, its own spec and config because an alias
+cannot change a default)."""
+
+from __future__ import annotations
+
+from attnreg.core import VariantSpec, hookimpl
+
+from .attention import LinearAttention, LinearConfig, PerformerAttention, PerformerConfig
+
+__all__ = [
+    "LinearAttention",
+    "LinearConfig",
+    "PerformerAttention",
+    "PerformerConfig",
+    "SPECS",
+    "attnreg_variants",
+]
+
+_KATHAROPOULOS = (
+    "Katharopoulos et al. 2020, 'Transformers are RNNs: Fast Autoregressive Transformers with "
+    "Linear Attention', arXiv:2006.16236"
+)
+_PERFORMER = "Choromanski et al. 2021, 'Rethinking Attention with Performers', arXiv:2009.14794"
+
+SPECS = (
+    VariantSpec(
+        name="linear",
+        config=LinearConfig,
+        factory=LinearAttention,
+        capabilities=LinearAttention.capabilities,
+        summary="phi(Q) (phi(K)^T V) / (phi(Q) sum phi(K)); phi = elu+1 (default), relu or favor; "
+        "O(L) causal via chunked prefix states",
+        reference=f"{_KATHAROPOULOS}; FAVOR+: {_PERFORMER}",
+        aliases=("linear_attention",),
+    ),
+    VariantSpec(
+        name="performer",
+        config=PerformerConfig,
+        factory=PerformerAttention,
+        capabilities=PerformerAttention.capabilities,
+        summary="linear attention with FAVOR+ positive orthogonal random features (seeded), "
+        "an unbiased approximation of softmax attention",
+        reference=_PERFORMER,
+    ),
+)
+
+
+@hookimpl
+def attnreg_variants() -> list[VariantSpec]:
+    """Provide ``linear`` and ``performer``."""
+    return list(SPECS)

@@ -1,0 +1,208 @@
+"""Linear attention (Katharopoulos et al. 2020) with elu+1, relu and FAVOR+ (Performer) features.
+
+    out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / max(phi(q_i)^T sum_j phi(k_j), eps)
+
+over the allowed keys j (real keys; j <= i when causal). Non-causal: two matmuls; causal: the
+chunked prefix-state algorithm of ``kernels.py``. Half inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from attnreg.core import Attention, AttentionConfig, Capabilities, Masks
+
+from .features import FeaturePair, favor_projection, feature_pair
+from .kernels import linear_causal, linear_noncausal, linear_weights
+
+__all__ = ["LinearAttention", "LinearConfig", "PerformerAttention", "PerformerConfig"]
+
+
+class _LinearFields(AttentionConfig):
+    """Fields shared by ``linear`` and ``performer``."""
+
+    num_features: int = Field(
+        256, ge=1, le=65536,
+        description="m, the number of FAVOR+ random features (feature_map='favor' only).",
+    )
+    eps: float = Field(
+        1e-6, gt=0.0, le=1.0,
+        description="Lower bound of the normaliser: out = num / max(den, eps). A row whose "
+        "normaliser is 0 (nothing to attend; relu without overlap) gives output 0.",
+    )
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1,
+        description="Seed of the FAVOR+ random features: the same config gives the same features.",
+    )
+    chunk_size: int = Field(
+        128, ge=1, le=65536,
+        description="Chunk length of the causal algorithm (quadratic inside a chunk, prefix "
+        "state across chunks). 128 measured fastest on CPU for E=64.",
+    )
+
+    @model_validator(mode="after")
+    def _scale_only_for_favor(self) -> _LinearFields:
+        fmap = getattr(self, "feature_map", None)
+        if self.scale is not None and fmap != "favor":
+            raise ValueError(
+                f"scale={self.scale} only applies to feature_map='favor' (x' = x * sqrt(scale), "
+                f"approximating softmax(scale * q.k)); feature_map='{fmap}' uses no logit scale, "
+                "leave scale unset"
+            )
+        return self
+
+
+class LinearConfig(_LinearFields):
+    """Config of ``linear`` (alias ``linear_attention``)."""
+
+    variant: Literal["linear"] = Field("linear", description="Variant name.")
+    feature_map: Literal["elu", "relu", "favor"] = Field(
+        "elu",
+        description="phi: 'elu' = elu(x)+1 (Katharopoulos 2020), 'relu' = max(x, 0), 'favor' = "
+        "Performer FAVOR+ positive orthogonal random features approximating softmax.",
+    )
+
+
+class PerformerConfig(_LinearFields):
+    """Config of ``performer``: linear attention with FAVOR+ features (the only map it allows)."""
+
+    variant: Literal["performer"] = Field("performer", description="Variant name.")
+    feature_map: Literal["favor"] = Field(
+        "favor", description="Always 'favor' (use variant 'linear' for elu / relu)."
+    )
+
+
+_CAPS = dict(
+    causal=True, key_mask=True, attn_mask=False, float_mask=False, cross_attention=True,
+    dropout=False, normalized=True, permutation_invariant=True, learnable=False,
+)
+
+
+class LinearAttention(Attention):
+    """Linear attention; see the module docstring. ``attention_weights`` is the dense (O(L^2))
+    normalised matrix of the same computation."""
+
+    variant = "linear"
+    capabilities = Capabilities(**_CAPS, complexity="O(L*F*Ev), F = E (elu, relu) or m (favor)")
+
+    config: LinearConfig | PerformerConfig
+
+    def __init__(self, config: LinearConfig | PerformerConfig) -> None:
+        super().__init__(config)
+        self.feature_map = config.feature_map
+        self.eps = config.eps
+        self.chunk_size = config.chunk_size
+
+    # -- FAVOR+ projection: deterministic from (seed, m, E), created lazily per head dim ----------
+    def projection(self, head_dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """FAVOR+ projection (m, E) for this head dim, cached as a non-persistent buffer.
+
+        It is a pure function of (seed, num_features, E), so it is not saved in ``state_dict``
+        (nothing to round-trip: an equal config rebuilds the same features); it follows
+        ``module.to(device)`` and is regenerated if a dtype cast touched it.
+        """
+        name = f"favor_projection_e{head_dim}"
+        store = torch.float64 if device.type != "mps" else torch.float32  # mps has no float64
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != store or buf.device != device:
+            cpu = favor_projection(self.config.num_features, head_dim, self.config.seed)  # (m, E)
+            buf = cpu.to(device=device, dtype=store)
+            self.register_buffer(name, buf, persistent=False)
+        return buf.to(dtype)  # (m, E)
+
+    def _features(self, query: Tensor, key: Tensor, masks: Masks) -> FeaturePair:
+        """Features in the accumulation dtype (float32 for half inputs)."""
+        acc = self._accum_dtype(query)
+        q, k = query.to(acc), key.to(acc)  # (B, H, L, E)
+        allowed = None if masks.key_mask is None else masks.key_mask[:, None, :, None]  # (B, 1, Lk, 1)
+        proj, scale = None, 1.0
+        if self.feature_map == "favor":
+            e = query.shape[-1]
+            proj = self.projection(e, query.device, acc)  # (m, E)
+            scale = self.softmax_scale(e)
+        return feature_pair(self.feature_map, q, k, allowed, self.eps, proj, scale)
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        fp = self._features(query, key, masks)
+        v = value.to(fp.phi_q.dtype)  # (B, H, Lk, Ev)
+        if masks.key_mask is not None:
+            v = v.masked_fill(~masks.key_mask[:, None, :, None], 0.0)  # padding values never read
+        if masks.is_causal:
+            out = linear_causal(fp.phi_q, fp.phi_k, v, fp.thr, self.chunk_size)  # (B, H, Lq, Ev)
+        else:
+            out = linear_noncausal(fp.phi_q, fp.phi_k, v, fp.thr)  # (B, H, Lq, Ev)
+        return out.to(query.dtype)
+
+    def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
+        fp = self._features(query, key, masks)
+        return linear_weights(fp.phi_q, fp.phi_k, fp.thr, masks.is_causal).to(query.dtype)
+
+    # -- benchmark harness hooks -------------------------------------------------------------------
+    def flops(
+        self, batch: int, heads: int, q_len: int, k_len: int, head_dim: int, value_dim: int,
+        is_causal: bool,
+    ) -> float:
+        """Forward FLOPs of the algorithm run (multiply-add = 2): feature maps, states, readout.
+
+        Causal adds the intra-chunk quadratic form (full C x C blocks, as computed).
+        """
+        feat = self.config.num_features if self.feature_map == "favor" else head_dim
+        f = 0.0
+        if self.feature_map == "favor":
+            f += 2.0 * (q_len + k_len) * head_dim * feat  # x' W^T
+        ev1 = value_dim + 1  # the normaliser column
+        if not is_causal:
+            f += 2.0 * k_len * feat * ev1 + 2.0 * q_len * feat * ev1
+        else:
+            n = min(q_len, k_len)
+            c = min(self.chunk_size, n)
+            f += 2.0 * n * feat * ev1 * 2  # chunk states + prefix readout
+            f += 2.0 * n * c * (feat + ev1)  # intra-chunk scores and scores @ V
+            f += 2.0 * (q_len - n) * feat * ev1 + (2.0 * k_len * feat * ev1 if q_len > k_len else 0.0)
+        return batch * heads * f
+
+    def benchmark_baselines(self) -> dict[str, Callable[[Tensor, Tensor, Tensor, bool], Tensor]]:
+        """Naive formulations to time against the fast path, run in the input dtype:
+
+        - ``cumsum``: the cumulative-sum formulation (materialises every prefix state,
+          (B, H, L, F, Ev) memory) for causal; the plain sums for non-causal.
+        - ``quadratic``: dense phi(Q) phi(K)^T (O(L^2) memory).
+        """
+        from .reference import cumsum_linear_attention, quadratic_linear_attention
+
+        def _proj(q: Tensor) -> Tensor | None:
+            if self.feature_map != "favor":
+                return None
+            return self.projection(q.shape[-1], q.device, q.dtype)
+
+        def cumsum(query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+            return cumsum_linear_attention(
+                query, key, value, is_causal, self.feature_map, self.eps, _proj(query),
+                self._favor_scale(query),
+            )
+
+        def quadratic(query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+            return quadratic_linear_attention(
+                query, key, value, is_causal, self.feature_map, self.eps, _proj(query),
+                self._favor_scale(query),
+            )
+
+        return {"cumsum": cumsum, "quadratic": quadratic}
+
+    def _favor_scale(self, query: Tensor) -> float:
+        return self.softmax_scale(query.shape[-1]) if self.feature_map == "favor" else 1.0
+
+
+class PerformerAttention(LinearAttention):
+    """Performer (Choromanski et al. 2021): linear attention with FAVOR+ features, an unbiased
+    approximation of softmax(scale * Q K^T) V."""
+
+    variant = "performer"
+    capabilities = Capabilities(
+        **_CAPS, complexity="O(L*m*(E+Ev))", approximates="dot_product"
+    )
