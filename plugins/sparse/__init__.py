@@ -1,0 +1,56 @@
+"""Built-in plugin: block-sparse softmax attention.
+
+Two variants share one module class:
+
+- ``sparse`` (alias ``block_sparse``): layout ``fixed`` by default (Child et al. 2019); set
+  ``layout`` to ``bigbird``, ``strided``, ``fixed`` or ``custom``.
+- ``bigbird``: the same with ``layout`` defaulting to ``bigbird`` (Zaheer et al. 2020). It is a
+  second ``VariantSpec`` rather than an alias because an alias cannot change a default.
+"""
+
+from __future__ import annotations
+
+from attnreg.core import VariantSpec, hookimpl
+
+from .attention import BigBirdAttention, SparseAttention
+from .config import BigBirdConfig, SparseConfig
+from .reference import sparse_reference
+
+__all__ = [
+    "BIGBIRD_SPEC",
+    "BigBirdAttention",
+    "BigBirdConfig",
+    "SPEC",
+    "SparseAttention",
+    "SparseConfig",
+    "attnreg_variants",
+    "sparse_reference",
+]
+
+SPEC = VariantSpec(
+    name="sparse",
+    config=SparseConfig,
+    factory=SparseAttention,
+    capabilities=SparseAttention.capabilities,
+    summary="exact softmax attention over a block layout (fixed, strided, bigbird, custom); "
+    "computes only the active blocks",
+    reference="Child et al. 2019, 'Generating Long Sequences with Sparse Transformers', "
+    "arXiv:1904.10509; Zaheer et al. 2020, 'Big Bird', arXiv:2007.14062",
+    aliases=("block_sparse",),
+)
+
+BIGBIRD_SPEC = VariantSpec(
+    name="bigbird",
+    config=BigBirdConfig,
+    factory=BigBirdAttention,
+    capabilities=BigBirdAttention.capabilities,
+    summary="block-sparse softmax attention with the BigBird layout (window + global + seeded "
+    "random blocks)",
+    reference="Zaheer et al. 2020, 'Big Bird: Transformers for Longer Sequences', arXiv:2007.14062",
+)
+
+
+@hookimpl
+def attnreg_variants() -> list[VariantSpec]:
+    """Provide ``sparse`` and ``bigbird``."""
+    return [SPEC, BIGBIRD_SPEC]

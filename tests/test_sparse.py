@@ -1,0 +1,218 @@
+"""sparse / bigbird: the block-gather fast path against the dense float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnreg
+from attnreg.core import check_inputs
+from attnreg.plugins.sparse import SparseAttention, SparseConfig, sparse_reference
+
+LAYOUTS = ["bigbird", "strided", "fixed", "custom"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small tensors: a second thread only adds scheduling latency on a loaded machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _custom_layout(nb: int, seed: int = 0) -> torch.Tensor:
+    """A random (nb, nb) layout with non-empty rows; some rows only look ahead (empty when causal)."""
+    g = torch.Generator().manual_seed(seed + nb)
+    layout = torch.rand(nb, nb, generator=g) < 0.3
+    layout[torch.arange(nb), torch.randint(nb, (nb,), generator=g)] = True
+    return layout
+
+
+def make(layout: str, block: int, length: int, **fields) -> SparseAttention:
+    """A module of ``layout``; custom layouts are drawn for the number of blocks of ``length``."""
+    if layout == "custom":
+        layout = _custom_layout(math.ceil(length / block))
+        return SparseAttention.from_layout(layout, block_size=block, **fields)
+    return SparseAttention(SparseConfig(layout=layout, block_size=block, **fields))
+
+
+def inputs(b: int, h: int, length: int, e: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, h, length, e)
+    return [torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+
+def check_against_reference(attn, q, k, v, *, attn_mask=None, key_mask=None, is_causal=False):
+    """Forward and all three input gradients equal the dense float64 reference to <= 1e-10."""
+    out = attn(q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal)
+    masks = check_inputs("sparse", attn.capabilities, q, k, v, attn_mask, key_mask, is_causal)
+    ref, _ = sparse_reference(q, k, v, masks, attn.pattern_mask(q.shape[2], q.shape[1]), attn.scale)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for name, got, want in zip("qkv", grads, ref_grads, strict=True):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0, msg=f"grad of {name}")
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("length", [1, 63, 64, 65])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_matches_reference_small(layout, block, length, is_causal):
+    attn = make(layout, block, length)
+    check_against_reference(attn, *inputs(2, 3, length), is_causal=is_causal)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_matches_reference_1000_with_key_mask(layout, block, is_causal):
+    length = 1000
+    attn = make(layout, block, length)
+    q, k, v = inputs(1, 2, length, seed=1)
+    key_mask = torch.rand(1, length, generator=torch.Generator().manual_seed(2)) < 0.8
+    check_against_reference(attn, q, k, v, key_mask=key_mask, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("length", [1, 63, 65])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_key_mask_small(layout, length, is_causal):
+    attn = make(layout, 16, length)
+    q, k, v = inputs(2, 2, length, seed=3)
+    key_mask = torch.rand(2, length, generator=torch.Generator().manual_seed(4)) < 0.6
+    key_mask[1] = False  # a batch entry with no real key: every row of it gives 0
+    out = check_against_reference(attn, q, k, v, key_mask=key_mask, is_causal=is_causal)
+    assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("layout", ["bigbird", "custom"])
+@pytest.mark.parametrize("shape", [(2, 3, 70, 70), (1, 3, 70, 70), (2, 1, 1, 70), (70, 70), (2, 3, 70, 1)])
+def test_bool_attn_mask_broadcast_shapes(layout, shape):
+    attn = make(layout, 16, 70)
+    q, k, v = inputs(2, 3, 70, seed=5)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(6)) < 0.7
+    check_against_reference(attn, q, k, v, attn_mask=mask)
+    check_against_reference(attn, q, k, v, attn_mask=mask, is_causal=True)
+
+
+def test_float_attn_mask_with_key_mask():
+    attn = make("bigbird", 16, 90)
+    q, k, v = inputs(2, 3, 90, seed=7)
+    g = torch.Generator().manual_seed(8)
+    bias = torch.randn(2, 1, 90, 90, generator=g, dtype=torch.float64)
+    bias[torch.rand(bias.shape, generator=g) < 0.2] = float("-inf")
+    bias[0, 0, 5] = float("-inf")  # a fully masked row
+    key_mask = torch.rand(2, 90, generator=g) < 0.9
+    out = check_against_reference(attn, q, k, v, attn_mask=bias, key_mask=key_mask, is_causal=True)
+    assert (out[0, :, 5] == 0).all()
+
+
+def test_rows_without_keys_give_zero_and_finite_grads():
+    # Query block 0 only attends to block 1: under is_causal it has nothing to attend.
+    layout = torch.tensor([[False, True], [True, True]])
+    attn = SparseAttention.from_layout(layout, block_size=4)
+    q, k, v = inputs(1, 2, 8, seed=9)
+    out = check_against_reference(attn, q, k, v, is_causal=True)
+    assert (out[:, :, :4] == 0).all()
+    assert (out[:, :, 4:] != 0).all()
+
+
+def test_forward_equals_weights_at_value_and_rows_normalised():
+    attn = attnreg.build("bigbird", block_size=8)
+    q, k, v = inputs(2, 4, 77, seed=10)
+    w = attn.attention_weights(q, k, is_causal=True)
+    torch.testing.assert_close(attn(q, k, v, is_causal=True), w @ v, atol=1e-12, rtol=0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 77, dtype=torch.float64))
+    assert not w[:, :, 0, 1:].any()  # causal: token 0 sees only itself
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_close_to_float64(dtype):
+    attn = attnreg.build("bigbird", block_size=16)
+    q, k, v = (t.detach() for t in inputs(2, 2, 100, seed=11))
+    want = attn(q, k, v, is_causal=True)
+    got = attn(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True)
+    assert got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_dropout_only_in_train_mode_and_seeded():
+    attn = attnreg.build("bigbird", block_size=16, dropout=0.5)
+    q, k, v = (t.detach().float() for t in inputs(1, 2, 64, seed=12))
+    attn.eval()
+    torch.testing.assert_close(attn(q, k, v), attnreg.build("bigbird", block_size=16)(q, k, v))
+    attn.train()
+    torch.manual_seed(0)
+    a = attn(q, k, v)
+    torch.manual_seed(0)
+    b = attn(q, k, v)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, attn.eval()(q, k, v))
+
+
+def test_registry_names_and_defaults():
+    assert attnreg.build("sparse").config.layout == "fixed"
+    assert attnreg.build("block_sparse").config.variant == "sparse"
+    big = attnreg.build("bigbird")
+    assert big.config.layout == "bigbird" and big.variant == "bigbird"
+    again = attnreg.build(big.config.model_dump())
+    assert again.config == big.config
+
+
+def test_num_heads_field_is_checked():
+    attn = attnreg.build("bigbird", block_size=16, num_heads=3)
+    q, k, v = inputs(1, 2, 40)
+    with pytest.raises(ValueError, match="num_heads=3"):
+        attn(q, k, v)
+    assert attn.pattern_mask(40).shape == (3, 40, 40)
+
+
+def test_cross_attention_and_per_head_pattern_need_explicit_heads():
+    attn = attnreg.build("bigbird", block_size=16)
+    with pytest.raises(ValueError, match="num_heads"):
+        attn.pattern_mask(100)
+    assert attnreg.build("sparse", layout="strided").pattern_mask(100).shape == (1, 100, 100)
+    q = torch.randn(1, 2, 10, 8)
+    kv = torch.randn(1, 2, 12, 8)
+    with pytest.raises(attnreg.UnsupportedFeatureError):
+        attn(q, kv, kv)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_flops_counts_allowed_pairs(layout, is_causal):
+    length, heads = 150, 3
+    attn = make(layout, 16, length)
+    pattern = attn.pattern_mask(length, heads).expand(heads, length, length)
+    if is_causal:
+        pattern = pattern & torch.ones(length, length, dtype=torch.bool).tril()
+    want = 2 * (8 + 4) * int(pattern.sum()) * 2
+    assert attn.flops(2, heads, length, length, 8, 4, is_causal) == want
+
+
+def test_benchmark_baseline_equals_forward():
+    attn = attnreg.build("bigbird", block_size=16)
+    q, k, v = (t.detach() for t in inputs(2, 3, 100, seed=13))
+    base = attn.benchmark_baselines()["sdpa_dense_pattern"]
+    for causal in (False, True):
+        torch.testing.assert_close(base(q, k, v, causal), attn(q, k, v, is_causal=causal), atol=1e-12, rtol=0)
+
+
+def test_plan_is_cached_per_length():
+    attn = attnreg.build("bigbird", block_size=16)
+    q, k, v = (t.detach() for t in inputs(1, 2, 100))
+    attn(q, k, v)
+    plan = attn._plans[(100, 2, False, "cpu")]
+    layout = attn.layout(100, 2)
+    attn(q, k, v)
+    assert attn._plans[(100, 2, False, "cpu")] is plan
+    assert attn.layout(100, 2) is layout
