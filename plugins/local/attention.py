@@ -1,0 +1,104 @@
+"""Local (sliding-window) attention: config and module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from attnreg.core import (
+    Attention,
+    AttentionConfig,
+    Capabilities,
+    Masks,
+    dot_product_logits,
+    masked_softmax,
+)
+
+from ._blocked import band_mask, local_attention
+
+__all__ = ["LocalAttention", "LocalConfig"]
+
+
+class LocalConfig(AttentionConfig):
+    """Config of ``local``: softmax attention restricted to ``|i - j| <= window``."""
+
+    variant: Literal["local"] = Field("local", description="Variant name.")
+    window: int = Field(
+        128, ge=0,
+        description="Keys visible on each side of a query: query i sees keys j with |i - j| <= window "
+        "(and j <= i when causal). 0 = each token attends only to itself.",
+    )
+    block_size: int = Field(
+        64, ge=1, le=65536,
+        description="Query rows per block of the fast path (each block reads block + 2*window keys). "
+        "Only speed depends on it; 64 was fastest for window 256 on CPU. Use about the window for "
+        "windows much smaller than 64.",
+    )
+
+
+class LocalAttention(Attention):
+    """Sliding-window softmax attention in O(L * (block + 2w) * E) time and memory (never L x L).
+
+    Query i attends key j iff ``|i - j| <= window`` (and ``j <= i`` when causal), ANDed with
+    ``key_mask`` and ``attn_mask``. Self-attention only (Lq == Lk).
+    """
+
+    variant = "local"
+    capabilities = Capabilities(
+        causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=False,
+        dropout=True, normalized=True, permutation_invariant=False, learnable=False,
+        complexity="O(L*w*E)",
+    )
+
+    def __init__(self, config: LocalConfig) -> None:
+        super().__init__(config)
+        self.window = config.window
+        self.block_size = config.block_size
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        return local_attention(
+            query, key, value, masks, self.window, self.block_size,
+            self.softmax_scale(query.shape[-1]), self.active_dropout,
+        )  # (B, H, L, Ev)
+
+    def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
+        acc = self._accum_dtype(query)
+        logits = dot_product_logits(query.to(acc), key.to(acc), self.scale)  # (B, H, L, L)
+        if masks.float_mask is not None:
+            logits = logits + masks.float_mask.to(acc)
+        allowed = band_mask(masks.q_len, self.window, masks.is_causal, query.device)  # (L, L)
+        extra = masks.allowed(query.device)  # (B|1, H|1, L, L) or None
+        allowed = allowed if extra is None else extra & allowed
+        return masked_softmax(logits, allowed).to(query.dtype)
+
+    def pattern_mask(self, L: int, is_causal: bool = False) -> Tensor:  # noqa: N803 (harness API name)
+        """Dense allowed pattern ``(L, L)`` bool: True where ``|i - j| <= window`` (and j <= i if causal)."""
+        return band_mask(L, self.window, is_causal)
+
+    def flops(self, batch: int, heads: int, q_len: int, k_len: int, head_dim: int, value_dim: int,
+              is_causal: bool) -> float:
+        """Useful forward FLOPs: 2*(E + Ev) per (query, allowed key) pair of the band, edges exact.
+
+        ``4 * E * (2w + 1)`` per query and head away from the edges when ``Ev == E``.
+        """
+        i = torch.arange(q_len, dtype=torch.float64)
+        hi = torch.clamp(i + (0 if is_causal else self.window), max=k_len - 1)
+        lo = torch.clamp(i - self.window, min=0)
+        pairs = float((hi - lo + 1).clamp(min=0).sum())
+        return 2.0 * (head_dim + value_dim) * pairs * batch * heads
+
+    def benchmark_baselines(self) -> dict[str, Callable[..., Tensor]]:
+        """``sdpa_dense_band``: torch SDPA with the equivalent dense ``(L, L)`` band mask (O(L^2))."""
+        window, scale = self.window, self.scale
+
+        def sdpa_dense_band(query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
+            band = band_mask(query.shape[2], window, is_causal, query.device)  # (L, L)
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scale)
+
+        return {"sdpa_dense_band": sdpa_dense_band}
+
