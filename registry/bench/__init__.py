@@ -1,0 +1,54 @@
+"""attnreg.bench: one benchmark over every registered variant (shared/DESIGN.md section 7).
+
+    from attnreg.bench import BenchSettings, parse_variant, run_bench
+    s = BenchSettings(lengths=(1024, 4096), threads=2)
+    doc = run_bench(s, [parse_variant("local:window=256", s.heads, s.head_dim)], out=Path("bench-out"))
+
+The same measured calls (``cases.prepare``) back ``attnreg bench`` and the pytest-benchmark
+cases under ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .analysis import crossover, extrapolate, fit_exponent
+from .cases import Job, prepare
+from .derive import derive
+from .gate import GateResult, run_gate
+from .harness import SCHEMA, run_bench
+from .probe import MEMORY_METHOD, Prober, ProbeResult
+from .report import compare, load_results, print_report
+from .settings import BenchSettings, VariantChoice, parse_lengths, parse_variant
+
+__all__ = [
+    "MEMORY_METHOD",
+    "SCHEMA",
+    "BenchSettings",
+    "GateResult",
+    "Job",
+    "ProbeResult",
+    "Prober",
+    "VariantChoice",
+    "compare",
+    "crossover",
+    "derive",
+    "extrapolate",
+    "fit_exponent",
+    "load_results",
+    "parse_lengths",
+    "parse_variant",
+    "plot_results",
+    "prepare",
+    "print_report",
+    "run_bench",
+    "run_gate",
+]
+
+
+def plot_results(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write time.png and memory.png (imports matplotlib only when called)."""
+    from .plots import plot_results as _plot
+
+    return _plot(doc, out_dir)

@@ -1,0 +1,158 @@
+"""The measured calls: one ``Job`` describes a point, ``prepare`` turns it into a zero-argument
+callable. The same code runs in the measuring subprocess, in ``attnreg bench`` and in the
+pytest-benchmark cases, so every path measures exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnreg.core import Attention, AttentionConfig, causal_mask
+
+from .settings import DTYPES
+
+__all__ = ["Job", "Prepared", "prepare", "sdpa_flops", "variant_flops", "pattern_of", "build_module"]
+
+KINDS = ("variant", "sdpa", "sdpa_masked", "baseline", "gemm")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One measured call. ``factory``/``config`` build the variant (also for its baselines);
+    for ``gemm`` the length is the square matrix size."""
+
+    kind: str
+    length: int
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: str
+    mode: str = "fwd"
+    causal: bool = False
+    factory: Callable[[AttentionConfig], Attention] | None = None
+    config: AttentionConfig | None = None
+    baseline: str | None = None
+    seed: int = 0
+
+    def at_length(self, length: int) -> Job:
+        """The same job at another length (for warm-up and calibration)."""
+        return replace(self, length=length)
+
+
+@dataclass
+class Prepared:
+    """A ready-to-run point: ``call()`` runs it once; ``keep`` holds its inputs alive."""
+
+    call: Callable[[], None]
+    keep: tuple[Any, ...]
+
+
+def build_module(job: Job) -> Attention:
+    """The variant module of ``job`` in eval mode, in the job's dtype."""
+    assert job.factory is not None and job.config is not None, "a variant job needs factory and config"
+    module = job.factory(job.config)
+    return module.to(DTYPES[job.dtype]).eval()
+
+
+def pattern_of(module: Attention, length: int, causal: bool) -> Tensor | None:
+    """The variant's dense pattern as a 4-D SDPA mask (1, 1|H, L, L), ANDed with causal; or None."""
+    fn = getattr(module, "pattern_mask", None)
+    if not callable(fn):
+        return None
+    mask = torch.as_tensor(fn(length)).to(torch.bool)
+    if mask.dim() == 2:
+        mask = mask[None, None]  # (1, 1, L, L)
+    elif mask.dim() == 3:
+        mask = mask[None]  # (1, H, L, L)
+    else:
+        raise ValueError(f"{module.variant}.pattern_mask({length}) must be (L, L) or (H, L, L), "
+                         f"got {tuple(mask.shape)}")
+    if causal:
+        mask = mask & causal_mask(length, length)  # (1, 1|H, L, L)
+    return mask
+
+
+def sdpa_flops(batch: int, heads: int, length: int, head_dim: int, causal: bool) -> float:
+    """Dense attention forward FLOPs: Q K^T and P V, 2 FLOPs per multiply-add (half when causal)."""
+    pairs = length * (length + 1) / 2 if causal else float(length) * length
+    return 2.0 * batch * heads * pairs * (head_dim + head_dim)
+
+
+def variant_flops(module: Attention, job: Job, dense: bool) -> float | None:
+    """Useful forward FLOPs of a variant: its ``flops()`` if defined, the dense count for SDPA."""
+    fn = getattr(module, "flops", None)
+    if callable(fn):
+        return float(fn(job.batch, job.heads, job.length, job.length, job.head_dim, job.head_dim, job.causal))
+    if dense:
+        return sdpa_flops(job.batch, job.heads, job.length, job.head_dim, job.causal)
+    return None
+
+
+def make_inputs(job: Job, requires_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Seeded query, key, value (B, H, L, E) in the job's dtype."""
+    gen = torch.Generator().manual_seed(job.seed)
+    shape = (job.batch, job.heads, job.length, job.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen).to(DTYPES[job.dtype]) for _ in range(3))  # (B, H, L, E)
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))  # type: ignore[return-value]
+
+
+def _attention_fn(job: Job) -> tuple[Callable[[Tensor, Tensor, Tensor], Tensor], tuple[Any, ...]]:
+    """The function of (q, k, v) that the job measures, and objects to keep alive."""
+    causal = job.causal
+    if job.kind == "sdpa":
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), ()
+    module = build_module(job)
+    if job.kind == "variant":
+        return (lambda q, k, v: module(q, k, v, is_causal=causal)), (module,)
+    if job.kind == "sdpa_masked":
+        mask = pattern_of(module, job.length, causal)
+        if mask is None:
+            raise ValueError(f"variant {module.variant!r} has no pattern_mask(L)")
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), (module, mask)
+    if job.kind == "baseline":
+        baselines = module.benchmark_baselines()  # type: ignore[operator]
+        fn = baselines[job.baseline]
+        return (lambda q, k, v: fn(q, k, v, causal)), (module, fn)
+    raise ValueError(f"unknown job kind {job.kind!r}; expected one of {KINDS}")
+
+
+def prepare(job: Job) -> Prepared:
+    """Inputs and a zero-argument callable running one forward (under ``no_grad``) or one
+    forward+backward (gradients of inputs and parameters, cleared before each call)."""
+    torch.manual_seed(job.seed)
+    if job.kind == "gemm":
+        gen = torch.Generator().manual_seed(job.seed)
+        a = torch.randn(job.length, job.length, generator=gen).to(DTYPES[job.dtype])  # (n, n)
+        b = torch.randn(job.length, job.length, generator=gen).to(DTYPES[job.dtype])  # (n, n)
+
+        def gemm() -> None:
+            torch.mm(a, b)  # (n, n)
+
+        return Prepared(call=gemm, keep=(a, b))
+    fn, keep = _attention_fn(job)
+    backward = job.mode == "fwdbwd"
+    q, k, v = make_inputs(job, requires_grad=backward)
+    params = [p for obj in keep if isinstance(obj, torch.nn.Module) for p in obj.parameters()]
+    if not backward:
+        for p in params:
+            p.requires_grad_(False)
+
+        def call() -> None:
+            with torch.no_grad():
+                fn(q, k, v)
+
+        return Prepared(call=call, keep=(q, k, v, *keep))
+    grad_out = torch.randn_like(v)  # (B, H, L, Ev); a fixed upstream gradient
+
+    def call_bwd() -> None:
+        for t in (q, k, v, *params):
+            t.grad = None
+        fn(q, k, v).backward(grad_out)
+
+    return Prepared(call=call_bwd, keep=(q, k, v, grad_out, *keep))

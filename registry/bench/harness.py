@@ -1,0 +1,227 @@
+"""The benchmark loop: gate each variant, then measure every point with its baselines.
+
+Order: lengths ascending (outermost), so that an interrupted run still covers every variant at
+the smaller lengths and every series can extrapolate its next point from the measured ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .analysis import extrapolate, iqr, median
+from .cases import Job, build_module, prepare, sdpa_flops, variant_flops
+from .derive import derive
+from .gate import run_gate
+from .probe import MEMORY_METHOD, Prober, ProbeResult, timed_repeats
+from .report import machine_info, write_json
+from .settings import BenchSettings, VariantChoice
+
+__all__ = ["run_bench", "SCHEMA"]
+
+SCHEMA = "attnreg-bench/1"
+GEMM_SIZES, QUICK_GEMM_SIZES = (1024, 2048), (128, 256)
+_CALIBRATE_ABOVE = 1024  # below this a point is cheap and the watchdog alone is a sufficient guard
+Progress = Callable[[str, int, int], None]  # (description, points done, points planned)
+
+
+class _Run:
+    def __init__(self, settings: BenchSettings, choices: list[VariantChoice], out: Path | None,
+                 progress: Progress | None, prober: Prober | None) -> None:
+        self.s = settings
+        self.choices = choices
+        self.out = out
+        self.progress = progress or (lambda desc, done, total: None)
+        self.prober = prober or Prober(settings.threads, settings.max_memory, settings.max_call_s)
+        self.history: dict[str, list[tuple[int, float, float]]] = {}  # series -> (L, bytes, first s)
+        self.dead: dict[str, str] = {}  # series -> why its larger lengths are skipped
+        self.modules: dict[str, Any] = {}
+        self.doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "running",
+            "machine": machine_info(settings.threads),
+            "settings": settings.as_json(),
+            "memory_method": MEMORY_METHOD,
+            "roof": {"gemm": []},
+            "variants": {},
+            "points": [],
+        }
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def save(self) -> None:
+        if self.out is not None:
+            write_json(self.doc, self.out / "results.json")
+
+    def job(self, kind: str, length: int, mode: str, causal: bool, choice: VariantChoice | None = None,
+            baseline: str | None = None) -> Job:
+        s = self.s
+        return Job(kind, length, s.batch, s.heads, s.head_dim, s.dtype, mode, causal,
+                   factory=choice.spec.factory if choice else None, config=choice.config if choice else None,
+                   baseline=baseline, seed=s.seed)
+
+    # -- one point --------------------------------------------------------------------------
+    def measure(self, series: str, job: Job, flops: float | None, meta: dict[str, Any]) -> dict[str, Any]:
+        """Guard, measure and record one point (``meta`` names its series, kind and variant)."""
+        s = self.s
+        point: dict[str, Any] = {**meta, "series": series, "mode": job.mode, "causal": job.causal,
+                                 "length": job.length, "status": "ok", "reason": None}
+        history = self.history.setdefault(series, [])
+        if series in self.dead:
+            return self.skip(point, self.dead[series])
+        if len(history) < 2 and job.length > _CALIBRATE_ABOVE:
+            for n in (max(8, job.length // 8), max(16, job.length // 4)):
+                cal = self.prober.run(job.at_length(n), s.target_s, s.slow_s, repeat=False)
+                if cal.status == "ok" and cal.total_bytes is not None and cal.first_s is not None:
+                    history.append((n, float(cal.total_bytes), cal.first_s))
+        est_mem = extrapolate([(n, b) for n, b, _ in history], job.length, 1.0, 2.5, floor=2**20)
+        est_time = extrapolate([(n, t) for n, _, t in history], job.length, 1.0, 3.0, floor=1e-4)
+        point["estimate"] = {"bytes": est_mem, "call_s": est_time}
+        if est_mem is not None and est_mem > s.max_memory:
+            return self.skip(point, f"estimated {est_mem / 2**30:.1f} GiB > --max-memory "
+                                    f"{s.max_memory / 2**30:.1f} GiB", series)
+        if est_time is not None and est_time > s.max_call_s:
+            return self.skip(point, f"estimated {est_time:.0f} s per call > per-point budget "
+                                    f"{s.max_call_s:g} s", series)
+        res = self.prober.run(job, s.target_s, s.slow_s)
+        if res.status == "unpicklable":
+            res = self.in_process(job, res.reason or "")
+        if res.status in ("memory", "timeout"):
+            return self.skip(point, res.reason or res.status, series)
+        if res.status != "ok":
+            point.update(status="error", reason=res.reason)
+            return point
+        if res.total_bytes is not None and res.first_s is not None:
+            history.append((job.length, float(res.total_bytes), res.first_s))
+        point["time"] = {"median_s": median(res.samples), "iqr_s": iqr(res.samples),
+                         "min_s": min(res.samples), "repeats": len(res.samples),
+                         "warmup_excluded": res.warmup, "samples_s": res.samples}
+        point["memory"] = {"peak_bytes": res.peak_bytes, "input_bytes": res.input_bytes}
+        if res.status == "ok" and res.reason:
+            point["note"] = res.reason
+        if flops is not None:
+            point["flops"] = flops * (3.0 if job.mode == "fwdbwd" else 1.0)
+        return point
+
+    def skip(self, point: dict[str, Any], reason: str, series: str | None = None) -> dict[str, Any]:
+        if series is not None:
+            self.dead[series] = f"{reason} at L={point['length']}"
+        point.update(status="skipped", reason=reason)
+        return point
+
+    def in_process(self, job: Job, why: str) -> ProbeResult:
+        """Fallback for variants that cannot be sent to a fresh process: time here, no memory."""
+        try:
+            prep = prepare(job)
+            t0 = time.perf_counter()
+            prep.call()
+            first = time.perf_counter() - t0
+            samples, warm = timed_repeats(prep.call, first, self.s.target_s, self.s.slow_s)
+        except Exception as exc:  # noqa: BLE001
+            return ProbeResult("error", f"{type(exc).__name__}: {exc}")
+        return ProbeResult("ok", f"timed in the main process, memory not measured ({why})",
+                           samples=samples, first_s=first, warmup=warm)
+
+    # -- the run ----------------------------------------------------------------------------
+    def roof(self, when: str) -> None:
+        for n in QUICK_GEMM_SIZES if self.s.quick else GEMM_SIZES:
+            res = self.prober.run(self.job("gemm", n, "fwd", False), max(self.s.target_s, 0.2), 1e9)
+            if res.status == "ok":
+                gflops = 2.0 * n**3 / median(res.samples) / 1e9
+                self.doc["roof"]["gemm"].append({"n": n, "when": when, "gflops": gflops,
+                                                 "median_s": median(res.samples)})
+        rates = [g["gflops"] for g in self.doc["roof"]["gemm"]]
+        self.doc["roof"]["gflops"] = max(rates) if rates else None
+
+    def gate_all(self) -> list[VariantChoice]:
+        s, passed = self.s, []
+        for choice in self.choices:
+            caps = choice.spec.capabilities
+            entry: dict[str, Any] = {"name": choice.spec.name,
+                                     "config": choice.config.model_dump(mode="json"),
+                                     "capabilities": caps.flags(), "complexity": caps.complexity}
+            self.doc["variants"][choice.label] = entry
+            if s.torch_dtype not in caps.dtypes:
+                entry.update(status="unsupported", reason=f"dtype {s.dtype} not supported")
+                continue
+            flags = s.causal_flags(caps.causal)
+            if not flags:
+                entry.update(status="unsupported", reason="only causal was asked; the variant is not causal")
+                continue
+            gate = run_gate(choice, 1, s.heads, s.head_dim, s.gate_length, s.dtype, flags,
+                            "fwdbwd" in s.modes, s.seed)
+            entry["gate"] = gate.as_json()
+            entry.update(status="passed" if gate.ok else "failed", reason=gate.reason)
+            if gate.ok:
+                module = build_module(self.job("variant", 1, "fwd", False, choice))
+                self.modules[choice.label] = module
+                entry["pattern_mask"] = callable(getattr(module, "pattern_mask", None))
+                baselines = getattr(module, "benchmark_baselines", None)
+                entry["baselines"] = sorted(baselines()) if callable(baselines) else []
+                entry["flops"] = callable(getattr(module, "flops", None)) or choice.is_dense_sdpa
+                passed.append(choice)
+        return passed
+
+    def plan(self, passed: list[VariantChoice]) -> list[tuple[str, Job, float | None, dict[str, Any]]]:
+        s, plan = self.s, []
+        for length in s.lengths:
+            for mode in s.modes:
+                for causal in s.causal_flags(True):
+                    plan.append(("sdpa", self.job("sdpa", length, mode, causal),
+                                 sdpa_flops(s.batch, s.heads, length, s.head_dim, causal),
+                                 {"kind": "sdpa", "variant": None}))
+                    for c in passed:
+                        if causal not in s.causal_flags(c.spec.capabilities.causal):
+                            continue
+                        entry, module = self.doc["variants"][c.label], self.modules[c.label]
+                        job = self.job("variant", length, mode, causal, c)
+                        plan.append((c.label, job, variant_flops(module, job, c.is_dense_sdpa),
+                                     {"kind": "variant", "variant": c.label}))
+                        if entry["pattern_mask"]:
+                            masked = self.job("sdpa_masked", length, mode, causal, c)
+                            plan.append((f"sdpa_masked[{c.label}]", masked, None,
+                                         {"kind": "sdpa_masked", "variant": c.label}))
+                        for b in entry["baselines"]:
+                            plan.append((f"{c.label}:{b}", self.job("baseline", length, mode, causal, c, b),
+                                         None, {"kind": "baseline", "variant": c.label, "baseline": b}))
+        return plan
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        try:
+            self.progress("measuring the GEMM roof", 0, 0)
+            self.roof("start")
+            self.progress("correctness gates", 0, 0)
+            plan = self.plan(self.gate_all())
+            self.save()
+            for i, (series, job, flops, meta) in enumerate(plan):
+                self.progress(f"{series} {job.mode}{' causal' if job.causal else ''} L={job.length}",
+                              i, len(plan))
+                self.doc["points"].append(self.measure(series, job, flops, meta))
+                derive(self.doc)
+                self.save()
+            self.progress("measuring the GEMM roof again", len(plan), len(plan))
+            self.roof("end")
+            self.doc["status"] = "complete"
+        except KeyboardInterrupt:
+            self.doc["status"] = "interrupted"
+        finally:
+            self.doc["elapsed_s"] = time.monotonic() - t0
+            self.doc["machine"]["loadavg_end"] = machine_info(self.s.threads).get("loadavg")
+            derive(self.doc)
+            self.save()
+        return self.doc
+
+
+def run_bench(settings: BenchSettings, choices: list[VariantChoice], out: Path | None = None,
+              progress: Progress | None = None, prober: Prober | None = None) -> dict[str, Any]:
+    """Run the benchmark and return the results document (also written to ``out/results.json``).
+
+    Ctrl-C stops the run and returns (and writes) the partial results with ``status="interrupted"``.
+    """
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    return _Run(settings, choices, out, progress, prober).run()

@@ -1,0 +1,87 @@
+"""PNG plots of a results document (matplotlib, from the ``plot`` extra).
+
+``time.png`` and ``memory.png``: log-log against L, one panel per (mode, causal), one solid line
+per variant labelled with its fitted exponent; dense SDPA dashed black, the SDPA-with-the-
+variant's-mask baseline dashed in the variant's colour, the variant's own baselines dotted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from attnreg.core import ConfigError
+
+__all__ = ["plot_results"]
+
+
+def _panels(doc: dict[str, Any]) -> list[tuple[str, bool]]:
+    seen: list[tuple[str, bool]] = []
+    for p in doc["points"]:
+        key = (p["mode"], bool(p["causal"]))
+        if key not in seen:
+            seen.append(key)
+    return sorted(seen)
+
+
+def _series_points(doc: dict[str, Any], mode: str, causal: bool,
+                   metric: str) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    for p in doc["points"]:
+        if p["mode"] != mode or bool(p["causal"]) != causal or p.get("status") != "ok":
+            continue
+        y = p["time"]["median_s"] if metric == "time" else (p.get("memory") or {}).get("peak_bytes")
+        if y:
+            out.setdefault(p["series"], []).append((p["length"], y / (1 if metric == "time" else 2**20)))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def plot_results(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``time.png`` and ``memory.png`` under ``out_dir``; return their paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("plots need matplotlib: pip install 'attnreg[plot]'") from None
+    kinds = {p["series"]: (p["kind"], p.get("variant")) for p in doc["points"]}
+    fits = {(r["series"], r["mode"], r["causal"]): r for r in doc.get("summary", [])}
+    labels = list(doc.get("variants", {}))
+    cmap = plt.get_cmap("tab10")
+    colour = {label: cmap(i % 10) for i, label in enumerate(labels)}
+    panels = _panels(doc) or [("fwd", False)]
+    paths = []
+    metrics = (("time", "seconds", "time_exponent"), ("memory", "peak MiB", "memory_exponent"))
+    for metric, unit, fit_key in metrics:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.8), squeeze=False)
+        for ax, (mode, causal) in zip(axes[0], panels, strict=True):
+            for series, pts in _series_points(doc, mode, causal, metric).items():
+                kind, variant = kinds[series]
+                fit = (fits.get((series, mode, causal)) or {}).get(fit_key)
+                label = series + (f"  (L^{fit['exponent']:.2f})" if fit else "")
+                style = {"variant": dict(ls="-", marker="o", color=colour.get(variant)),
+                         "sdpa": dict(ls="--", marker="x", color="black", lw=1.8),
+                         "sdpa_masked": dict(ls="--", marker="s", color=colour.get(variant), alpha=0.7),
+                         "baseline": dict(ls=":", marker="^", color=colour.get(variant), alpha=0.7)}[kind]
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, label=label, ms=4, **style)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length L")
+            ax.set_ylabel(unit)
+            ax.set_title(f"{metric}: {mode}{' causal' if causal else ''}")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        m = doc.get("machine", {})
+        s = doc.get("settings", {})
+        fig.suptitle(f"attnreg bench ({doc.get('status')}): B={s.get('batch')} H={s.get('heads')} "
+                     f"E={s.get('head_dim')} {s.get('dtype')}, {m.get('cpu_model')}, "
+                     f"{m.get('threads')} threads, torch {m.get('torch')}", fontsize=9)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

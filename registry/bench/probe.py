@@ -1,0 +1,214 @@
+"""Measuring one point in a fresh process: peak memory and time, with hard guards.
+
+Each point runs in its own child process, forked from a ``forkserver`` that has imported torch
+but never run an operator (so OpenMP thread pools are never inherited across ``fork``). The child
+
+1. runs the point once at a tiny length (loads kernels and thread pools: not counted),
+2. builds the inputs (and the variant's dense mask for ``sdpa_masked``): their RSS growth is
+   reported as ``input_bytes``,
+3. resets the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``),
+4. runs the point once: ``peak_bytes = VmHWM - RSS before the call`` is what the call itself
+   allocated (activations, output, gradients, workspace),
+5. times repeats (the first call is the excluded warm-up), unless that first call was slower than
+   ``slow_s``: then it is the only sample.
+
+Why peak RSS and not torch allocator statistics: torch has no CPU allocator statistics for
+ordinary tensors, and RSS also sees memory that kernels (oneDNN, SDPA workspaces) allocate outside
+torch's allocator. The parent polls the child's RSS and kills it past ``--max-memory``, and kills
+it when its call overruns the per-point time budget: a wrong estimate cannot take the machine down.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cases import Job, prepare
+
+__all__ = ["ProbeResult", "Prober", "timed_repeats", "MEMORY_METHOD"]
+
+MEMORY_METHOD = (
+    "peak RSS of a fresh process during one call (VmHWM reset via /proc/self/clear_refs) "
+    "minus its RSS just before the call; inputs excluded"
+)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_POLL_S = 0.02
+
+
+@dataclass
+class ProbeResult:
+    """What one probe measured, or why it did not."""
+
+    status: str  # ok | memory | timeout | error | unpicklable
+    reason: str | None = None
+    samples: list[float] = field(default_factory=list)
+    first_s: float | None = None
+    warmup: bool = False
+    peak_bytes: int | None = None
+    input_bytes: int | None = None
+    memory_method: str = MEMORY_METHOD
+
+    @property
+    def total_bytes(self) -> int | None:
+        """Inputs plus the call's peak: what the point needs in all."""
+        if self.peak_bytes is None:
+            return None
+        return self.peak_bytes + (self.input_bytes or 0)
+
+
+def _status_bytes(pid: int | str, key: str) -> int | None:
+    """A ``kB`` field of /proc/PID/status in bytes, None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def timed_repeats(call: Callable[[], None], first_s: float, target_s: float, slow_s: float,
+                  max_repeats: int = 50) -> tuple[list[float], bool]:
+    """Time repeats of ``call`` after a first call that took ``first_s`` (the warm-up).
+
+    About ``target_s`` of repeats (at least 1, at most ``max_repeats``); if the first call was
+    slower than ``slow_s`` it is the only sample (returned with ``warmup=False``).
+    """
+    if first_s >= slow_s:
+        return [first_s], False
+    n = min(max_repeats, max(1, math.ceil(target_s / max(first_s, 1e-9))))
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - t0)
+    return samples, True
+
+
+def _child(job: Job, threads: int, target_s: float, slow_s: float, repeat: bool, conn: Any) -> None:
+    """Body of the measuring process (see the module docstring)."""
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        tiny = prepare(job.at_length(min(job.length, 32)))
+        tiny.call()
+        tiny.call()
+        del tiny  # freed by reference counting; gc.collect() costs ~0.2 s in a torch process
+        rss0 = _status_bytes("self", "VmRSS") or 0
+        prep = prepare(job)
+        rss1 = _status_bytes("self", "VmRSS") or 0
+        reset = _reset_peak()
+        base = _status_bytes("self", "VmRSS") or 0
+        conn.send(("ready", rss1 - rss0))
+        t0 = time.perf_counter()
+        prep.call()
+        first = time.perf_counter() - t0
+        hwm = _status_bytes("self", "VmHWM")
+        peak = None if hwm is None or not reset else max(0, hwm - base)
+        samples, warm = timed_repeats(prep.call, first, target_s, slow_s) if repeat else ([first], False)
+        conn.send(("done", dict(samples=samples, first_s=first, warmup=warm, peak_bytes=peak,
+                                input_bytes=rss1 - rss0)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, never raised there
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        conn.close()
+
+
+class Prober:
+    """Runs jobs in fresh processes with a memory watchdog and a time limit."""
+
+    def __init__(self, threads: int, max_memory: int, max_call_s: float) -> None:
+        self.threads = threads
+        self.max_memory = max_memory
+        self.max_call_s = max_call_s
+        self._ctx: Any = None
+
+    def _context(self) -> Any:
+        if self._ctx is None:
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["torch", "attnreg.bench.cases"])
+            self._ctx = ctx
+        return self._ctx
+
+    def run(self, job: Job, target_s: float, slow_s: float, repeat: bool = True) -> ProbeResult:
+        """Measure ``job`` in a fresh process (``repeat=False``: one call, for estimates)."""
+        try:
+            pickle.dumps(job)
+        except Exception as exc:  # noqa: BLE001 - e.g. a factory defined in a notebook
+            return ProbeResult("unpicklable", f"cannot send the variant to a fresh process: {exc}")
+        ctx = self._context()
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(job, self.threads, target_s, slow_s, repeat, send),
+                           daemon=True)
+        proc.start()
+        send.close()
+        try:
+            return self._watch(proc, recv, target_s, slow_s)
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+            recv.close()
+
+    def _watch(self, proc: Any, recv: Any, target_s: float, slow_s: float) -> ProbeResult:
+        start_rss = None
+        input_bytes = None
+        # Building inputs (and a dense mask) gets a generous allowance; the call gets the budget.
+        deadline = time.monotonic() + 60.0 + self.max_call_s
+        while True:
+            if recv.poll(_POLL_S):
+                try:
+                    tag, payload = recv.recv()
+                except EOFError:
+                    return self._died(proc)
+                if tag == "ready":
+                    input_bytes = payload
+                    deadline = time.monotonic() + self.max_call_s + slow_s + 2 * target_s + 10.0
+                elif tag == "done":
+                    return ProbeResult("ok", **payload)
+                else:
+                    return ProbeResult("error", str(payload), input_bytes=input_bytes)
+            elif not proc.is_alive():
+                return self._died(proc)
+            rss = _status_bytes(proc.pid, "VmRSS")
+            if rss is not None:
+                start_rss = rss if start_rss is None else start_rss
+                if rss - start_rss > self.max_memory:
+                    proc.kill()
+                    return ProbeResult(
+                        "memory", f"killed: used more than --max-memory {self.max_memory / 2**30:.1f} GiB",
+                        input_bytes=input_bytes, peak_bytes=rss - start_rss,
+                    )
+            if time.monotonic() > deadline:
+                proc.kill()
+                return ProbeResult(
+                    "timeout", f"killed: one call ran past the per-point budget of {self.max_call_s:g} s",
+                    input_bytes=input_bytes,
+                )
+
+    @staticmethod
+    def _died(proc: Any) -> ProbeResult:
+        proc.join(5)
+        code = proc.exitcode
+        why = "killed by the system (out of memory?)" if code == -9 else f"exit code {code}"
+        return ProbeResult("error", f"measuring process died: {why}")

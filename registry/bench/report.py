@@ -1,0 +1,190 @@
+"""Reports of a results document: machine info, JSON I/O, rich tables, comparison of two runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from attnreg.core import ConfigError
+
+from .derive import point_key
+
+__all__ = [
+    "machine_info", "write_json", "load_results", "results_table", "summary_table", "compare", "print_report",
+]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """CPU model, core counts, threads used, torch/python versions, RAM and load average."""
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        info["loadavg"] = list(os.getloadavg())
+    except OSError:
+        info["loadavg"] = None
+    try:
+        with open("/proc/meminfo") as fh:
+            info["ram_bytes"] = int(fh.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        info["ram_bytes"] = None
+    return info
+
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    """Write atomically (a partial file never replaces a complete one)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """Read a ``results.json``; ``ConfigError`` naming the file if it is not one."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read benchmark results {str(path)!r}: {exc}") from None
+    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("attnreg-bench/"):
+        raise ConfigError(f"{str(path)!r} is not an attnreg bench results.json (no 'schema' key)")
+    return doc
+
+
+def _ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1e3:.3g}"
+
+
+def _mb(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def _peak(p: dict[str, Any]) -> int | None:
+    return (p.get("memory") or {}).get("peak_bytes")
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def results_table(doc: dict[str, Any]) -> Table:
+    """One row per point: time, rate, memory, roof ratio, speedups (or why it was skipped)."""
+    table = Table(title="attnreg bench: points (ratios are within this run)", show_lines=False)
+    for col in ("series", "mode", "L", "median ms", "IQR ms", "n", "Mtok/s", "peak MB", "GFLOP/s",
+                "roof", "vs SDPA", "vs masked", "vs own baselines / status"):
+        table.add_column(col, justify="left" if col in ("series", "mode") or "/" in col else "right")
+    for p in doc["points"]:
+        mode = p["mode"] + (" causal" if p["causal"] else "")
+        if p.get("status") != "ok":
+            table.add_row(p["series"], mode, str(p["length"]), *["-"] * 9,
+                          f"[yellow]{p['status']}[/]: {p.get('reason')}")
+            continue
+        t, sp = p["time"], p.get("speedup", {})
+        own = ", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if k not in ("sdpa", "sdpa_masked"))
+        style = "bold" if p["kind"] == "variant" else "dim"
+        table.add_row(
+            f"[{style}]{p['series']}[/]", mode, str(p["length"]), _ms(t["median_s"]), _ms(t["iqr_s"]),
+            str(t["repeats"]), f"{p['tokens_per_s'] / 1e6:.3g}", _mb(_peak(p)),
+            "-" if p.get("gflops") is None else f"{p['gflops']:.1f}",
+            "-" if p.get("roof_ratio") is None else f"{p['roof_ratio']:.0%}",
+            _x(sp.get("sdpa")), _x(sp.get("sdpa_masked")), own,
+        )
+    return table
+
+
+def _exp(fit: dict[str, float] | None) -> str:
+    if not fit:
+        return "-"
+    return f"{fit['exponent']:.2f} ({int(fit['x_min'])}..{int(fit['x_max'])})"
+
+
+def _cross(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "-"
+    if c["kind"] == "interpolated":
+        return f"L~{c['length']:.0f}"
+    if c["kind"] == "always":
+        return f"<= {c['length']:.0f}"
+    return c["kind"]
+
+
+def summary_table(doc: dict[str, Any]) -> Table:
+    """Per variant: gate result; per series: scaling exponents and crossover lengths."""
+    table = Table(title="scaling (least-squares log-log fit) and crossover vs dense SDPA")
+    for col in ("series", "mode", "time ~ L^", "memory ~ L^", "faster than SDPA from",
+                "faster than masked SDPA from", "skipped"):
+        table.add_column(col)
+    for row in doc.get("summary", []):
+        table.add_row(row["series"], row["mode"] + (" causal" if row["causal"] else ""),
+                      _exp(row["time_exponent"]), _exp(row["memory_exponent"]),
+                      _cross(row.get("crossover_vs_sdpa")), _cross(row.get("crossover_vs_sdpa_masked")),
+                      ", ".join(row["skipped"]) or "")
+    for label, v in doc.get("variants", {}).items():
+        if v.get("status") == "failed":
+            table.add_row(f"[red]{label}[/]", "-", "-", "-", "-", "-",
+                          f"[red]failed the correctness gate, not timed[/]: {v.get('reason')}")
+        elif v.get("status") == "unsupported":
+            table.add_row(f"[yellow]{label}[/]", "-", "-", "-", "-", "-", f"not measured: {v.get('reason')}")
+    return table
+
+
+def compare(doc: dict[str, Any], previous: dict[str, Any]) -> tuple[Table, list[dict[str, Any]]]:
+    """Per-point ratios now / before (time, memory) and of the speedup vs SDPA, which is the one
+    number that transfers between machines."""
+    before = {point_key(p): p for p in previous.get("points", []) if p.get("status") == "ok"}
+    rows = []
+    for p in doc["points"]:
+        old = before.get(point_key(p))
+        if p.get("status") != "ok" or old is None:
+            continue
+        mem_now, mem_old = _peak(p), _peak(old)
+        sp_now, sp_old = p.get("speedup", {}).get("sdpa"), old.get("speedup", {}).get("sdpa")
+        rows.append({
+            "series": p["series"], "mode": p["mode"], "causal": p["causal"], "length": p["length"],
+            "time_ratio": p["time"]["median_s"] / old["time"]["median_s"],
+            "memory_ratio": mem_now / mem_old if mem_now and mem_old else None,
+            "speedup_vs_sdpa_ratio": sp_now / sp_old if sp_now and sp_old else None,
+        })
+    table = Table(title="compared with the previous run (now / before; < 1 is faster or smaller)")
+    for col in ("series", "mode", "L", "time", "memory", "speedup vs SDPA"):
+        table.add_column(col, justify="left" if col in ("series", "mode") else "right")
+    for r in rows:
+        t = r["time_ratio"]
+        color = "green" if t < 0.9 else "red" if t > 1.1 else "white"
+        table.add_row(r["series"], r["mode"] + (" causal" if r["causal"] else ""), str(r["length"]),
+                      f"[{color}]{t:.2f}[/]", _x(r["memory_ratio"]), _x(r["speedup_vs_sdpa_ratio"]))
+    return table, rows
+
+
+def print_report(doc: dict[str, Any], console: Console) -> None:
+    """Both tables and the run's header (machine, threads, roof)."""
+    m, roof = doc["machine"], doc.get("roof", {}).get("gflops")
+    console.print(
+        f"[bold]attnreg bench[/] {doc['status']} in {doc.get('elapsed_s', 0):.0f} s on {m['cpu_model']} "
+        f"({m['cpu_count']} CPUs, {m['threads']} threads, torch {m['torch']}); dense GEMM roof "
+        + (f"{roof:.0f} GFLOP/s" if roof else "unmeasured")
+    )
+    console.print(results_table(doc))
+    console.print(summary_table(doc))

@@ -1,0 +1,184 @@
+"""What a benchmark run measures: sizes, modes, guards, and the selected variants."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+
+from attnreg.core import AttentionConfig, ConfigError, VariantSpec
+
+__all__ = [
+    "DTYPES",
+    "DEFAULT_LENGTHS",
+    "QUICK_LENGTHS",
+    "BenchSettings",
+    "VariantChoice",
+    "default_max_memory",
+    "parse_lengths",
+    "parse_variant",
+]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+QUICK_LENGTHS = (64, 128, 256)
+MODES = ("fwd", "fwdbwd")
+
+
+def default_max_memory() -> int:
+    """Half of the machine's RAM in bytes (``MemTotal`` of /proc/meminfo; 8 GiB if unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """``"1024,4K,16k"`` -> (1024, 4096, 16384), sorted and unique."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        mult = 1024 if part.endswith("k") else 1
+        try:
+            value = int(part[:-1] if mult > 1 else part) * mult
+        except ValueError:
+            raise ConfigError(f"--lengths: {part!r} is not an integer (expected e.g. 1024,4K)") from None
+        if value < 1:
+            raise ConfigError(f"--lengths: {value} must be >= 1")
+        out.append(value)
+    if not out:
+        raise ConfigError("--lengths: expected at least one length, e.g. 1024,4096")
+    return tuple(sorted(set(out)))
+
+
+def parse_bytes(text: str) -> int:
+    """``"8G"``, ``"512M"``, ``"1.5GB"`` or a plain number of bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if scale > 1 else t) * scale)
+    except ValueError:
+        raise ConfigError(f"--max-memory: {text!r} is not a size (expected e.g. 8G, 512M)") from None
+
+
+@dataclass(frozen=True)
+class VariantChoice:
+    """One variant to benchmark: its spec, the exact config, and the label used in reports."""
+
+    label: str
+    spec: VariantSpec
+    config: AttentionConfig
+
+    @property
+    def is_dense_sdpa(self) -> bool:
+        """Whether this is the built-in SDPA variant (its FLOP count is the dense one)."""
+        return self.spec.name == "dot_product"
+
+
+def _value(text: str) -> Any:
+    """A field value from the command line, typed like YAML (``3`` -> int, ``true`` -> bool)."""
+    return yaml.safe_load(text)
+
+
+def parse_variant(text: str, heads: int, head_dim: int) -> VariantChoice:
+    """``"local"`` or ``"local:window=256,dropout=0"`` -> a validated ``VariantChoice``.
+
+    Learnable variants get ``num_heads`` / ``head_dim`` from the benchmark sizes unless given.
+    """
+    import attnreg
+
+    name, _, rest = text.partition(":")
+    fields: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"variant {text!r}: expected NAME:field=value[,field=value], got {item!r}")
+        fields[key.strip()] = _value(val.strip())
+    spec = attnreg.get_variant(name.strip())
+    sized = dict(fields)
+    for key, val in (("num_heads", heads), ("head_dim", head_dim)):
+        if key in spec.config.model_fields and key not in sized:
+            sized[key] = val
+    config = attnreg.validate_config({**sized, "variant": spec.name})
+    shown = ",".join(f"{k}={v}" for k, v in fields.items())
+    label = name.strip() + (f"({shown})" if shown else "")
+    return VariantChoice(label=label, spec=spec, config=config)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Every knob of a run; stored verbatim in ``results.json``."""
+
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    threads: int = field(default_factory=lambda: max(1, torch.get_num_threads()))
+    modes: tuple[str, ...] = MODES
+    causal: bool | None = None  # None: both where the variant supports causal
+    max_memory: int = field(default_factory=default_max_memory)  # bytes, per point (whole process)
+    max_call_s: float = 30.0  # per-point budget: skip points whose single call would take longer
+    target_s: float = 1.0  # time spent on repeats per point
+    slow_s: float = 3.0  # a first call slower than this is the only sample
+    fit_min: int = 4096  # scaling exponents fit over lengths >= this (all when fewer than 2)
+    gate_length: int = 80
+    seed: int = 0
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "heads", "head_dim", "threads", "gate_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                got = getattr(self, name)
+                raise ConfigError(f"bench setting {name} must be an integer >= 1, got {got!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ConfigError(f"--modes {','.join(self.modes)!r}: expected a subset of {','.join(MODES)}")
+        if not self.lengths or any(n < 1 for n in self.lengths):
+            raise ConfigError(f"lengths must be positive, got {self.lengths}")
+        if self.max_memory <= 0 or self.max_call_s <= 0 or self.target_s <= 0:
+            raise ConfigError("--max-memory, the per-point time budget and the repeat target must be > 0")
+
+    @classmethod
+    def quick_settings(cls, **overrides: Any) -> BenchSettings:
+        """Tiny sizes and short budgets: a smoke test that finishes in seconds."""
+        base: dict[str, Any] = dict(
+            lengths=QUICK_LENGTHS, heads=2, head_dim=16, target_s=0.02, slow_s=0.5,
+            max_call_s=10.0, fit_min=1, gate_length=24, quick=True,
+        )
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The ``torch.dtype`` of ``dtype``."""
+        return DTYPES[self.dtype]
+
+    def causal_flags(self, supports_causal: bool) -> tuple[bool, ...]:
+        """The causal flags to measure for a variant that does / does not support causal."""
+        flags = (False, True) if self.causal is None else (self.causal,)
+        return tuple(c for c in flags if supports_causal or not c)
+
+    def as_json(self) -> dict[str, Any]:
+        """Plain-JSON form for ``results.json``."""
+        d = dict(self.__dict__)
+        d["lengths"] = list(self.lengths)
+        d["modes"] = list(self.modes)
+        d["cpu_count"] = os.cpu_count()
+        return d

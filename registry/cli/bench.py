@@ -1,0 +1,124 @@
+"""``attnreg bench`` (measure every registered variant) and ``attnreg plot`` (re-render a run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ._app import EXIT_FAILURE, app, console, err_console, user_errors
+
+EXIT_INTERRUPTED = 130
+
+
+def _progress_bar() -> tuple[Any, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err_console, transient=False)
+    task = bar.add_task("starting", total=None)
+
+    def update(desc: str, done: int, total: int) -> None:
+        bar.update(task, description=desc[:60], completed=done, total=total or None)
+
+    return bar, update
+
+
+@app.command("bench")
+def bench_cmd(
+    names: list[str] = typer.Argument(
+        None, help="Variants: name, alias, or name:field=value,... (default: every registered one)."
+    ),
+    lengths: str = typer.Option(None, "--lengths", help="Sequence lengths, e.g. 1024,4K,16384."),
+    batch: int = typer.Option(None, "--batch", help="Batch size B (default 1)."),
+    heads: int = typer.Option(None, "--heads", help="Heads H (default 8)."),
+    head_dim: int = typer.Option(None, "--head-dim", help="Head dim E = Ev (default 64)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float64, bfloat16 or float16."),
+    threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's default)."),
+    modes: str = typer.Option("fwd,fwdbwd", "--modes", help="fwd, fwdbwd or both."),
+    causal: bool | None = typer.Option(
+        None, "--causal/--no-causal", help="Only causal / only non-causal (default: both)."
+    ),
+    quick: bool = typer.Option(False, "--quick", help="Smoke test: tiny sizes, seconds."),
+    out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for results.json and the PNG plots."),
+    compare: Path = typer.Option(None, "--compare", help="An earlier results.json: print per-point ratios."),
+    max_memory: str = typer.Option(
+        None, "--max-memory", help="Per-point memory budget, e.g. 8G (default: half the RAM)."
+    ),
+    point_budget: float = typer.Option(
+        None, "--point-budget", help="Skip points whose single call takes longer, in s (default 30)."
+    ),
+    repeat_time: float = typer.Option(None, "--repeat-time", help="Seconds of repeats per point (def. 1)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write time.png and memory.png."),
+) -> None:
+    """Correctness-gate, then time and measure memory of variants against SDPA baselines."""
+    from attnreg.bench import BenchSettings, load_results, parse_variant, run_bench
+    from attnreg.bench import compare as compare_runs
+    from attnreg.bench.report import print_report
+    from attnreg.bench.settings import parse_bytes, parse_lengths
+
+    with user_errors():
+        import torch
+
+        previous = load_results(compare) if compare is not None else None
+        opts: dict[str, Any] = dict(
+            batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, threads=threads, causal=causal,
+            modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+            lengths=parse_lengths(lengths) if lengths else None,
+            max_memory=parse_bytes(max_memory) if max_memory else None,
+            max_call_s=point_budget, target_s=repeat_time,
+        )
+        if quick:
+            settings = BenchSettings.quick_settings(**opts)
+        else:
+            settings = BenchSettings(**{k: v for k, v in opts.items() if v is not None or k == "causal"})
+        torch.set_num_threads(settings.threads)
+        if not names:
+            import attnreg
+
+            names = attnreg.list_variants()
+        choices = [parse_variant(n, settings.heads, settings.head_dim) for n in names]
+        bar, update = _progress_bar()
+        with bar:
+            doc = run_bench(settings, choices, out=out, progress=update)
+        print_report(doc, console)
+        if previous is not None:
+            table, _ = compare_runs(doc, previous)
+            console.print(table)
+        if plots:
+            _plot(doc, out)
+        console.print(f"results: {out / 'results.json'}")
+    failed = [label for label, v in doc["variants"].items() if v.get("status") == "failed"]
+    if doc["status"] == "interrupted":
+        err_console.print("[yellow]interrupted: partial results written[/]")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if failed:
+        err_console.print(f"[red]failed the correctness gate (not timed):[/] {', '.join(failed)}")
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _plot(doc: dict[str, Any], out: Path) -> None:
+    from attnreg.bench import plot_results
+
+    for path in plot_results(doc, out):
+        console.print(f"plot: {path}")
+
+
+@app.command("plot")
+def plot_cmd(
+    results: Path = typer.Argument(..., help="A results.json written by `attnreg bench`."),
+    out: Path = typer.Option(None, "--out", help="Folder for the PNGs (default: next to the JSON)."),
+    tables: bool = typer.Option(False, "--tables", help="Also print the result tables."),
+) -> None:
+    """Re-render time.png and memory.png (and optionally the tables) from a results.json."""
+    from attnreg.bench import derive, load_results
+    from attnreg.bench.report import print_report
+
+    with user_errors():
+        doc = derive(load_results(results))
+        target = out if out is not None else results.parent
+        target.mkdir(parents=True, exist_ok=True)
+        if tables:
+            print_report(doc, console)
+        _plot(doc, target)
