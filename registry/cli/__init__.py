@@ -9,6 +9,7 @@ from ._app import app, main
 
 # Importing a command module registers its commands on ``app``.
 from . import _info  # noqa: E402,F401  isort: skip
+from . import check  # noqa: E402,F401  isort: skip
 from . import bench  # noqa: E402,F401  isort: skip
 
 __all__ = ["app", "main"]

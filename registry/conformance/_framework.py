@@ -1,0 +1,330 @@
+"""The machinery every conformance check uses: the check registry, failures, tolerances, inputs.
+
+A check is a plain function ``fn(subject) -> None`` that raises ``CheckFailure`` (an
+``AssertionError`` whose message names the input sizes and the max error) or ``NotApplicable``.
+It is registered with ``@check(name, group, requires=..., dtypes=...)``; ``requires`` names the
+``Capabilities`` flags that must be declared True for it to apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import attnreg
+from attnreg.core import Attention, Capabilities, VariantSpec
+
+__all__ = [
+    "B", "CHECKS", "E", "GROUPS", "H", "LONG", "heads_for", "TOLERANCES", "Check", "CheckFailure",
+    "NotApplicable", "Subject", "check", "dtype_name", "parse_dtype",
+]
+
+# Default input sizes: tiny, so that the whole suite runs in seconds per variant. LONG is prime
+# and above every block/chunk size the built-ins use (32, 64, 128), so blocked paths see several
+# blocks and a ragged last block.
+B, H, E, EV = 2, 2, 8, 6
+LONG = 131
+
+
+def heads_for(n: int) -> int:
+    """Heads used at length ``n``: H for short inputs, 1 for long ones (keeps the suite fast)."""
+    return H if n <= 16 else 1
+
+# Low precision against float64 (same rounded inputs and parameters): max |out - ref| must stay
+# within atol * max(1, max|ref|) + rtol * |ref|. EXACT is for identities that hold up to rounding
+# in the reference dtype (forward == weights @ V, permutation or slicing invariance).
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+_DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
+_ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32",
+            "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+# Table columns, in display order.
+GROUPS = ("manifest", "contract", "errors", "weights", "masking", "leakage", "independence",
+          "gradients", "precision", "determinism", "config")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``/... -> the torch dtype (ValueError naming the choices)."""
+    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[key]
+
+
+class CheckFailure(AssertionError):
+    """A conformance check found the variant violating the contract."""
+
+
+class NotApplicable(Exception):
+    """The check does not apply to this variant (e.g. the feature is declared False)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One named conformance check."""
+
+    name: str
+    group: str
+    fn: Callable[[Subject], None]
+    doc: str
+    requires: tuple[str, ...] = ()
+    dtypes: str = "reference"  # "reference": once; "each": every declared dtype; "low": all but ref
+
+    def not_applicable(self, caps: Capabilities) -> str | None:
+        """Why this check does not apply to ``caps``, or None when it does."""
+        missing = [r for r in self.requires if not getattr(caps, r)]
+        if missing:
+            return "declares " + ", ".join(f"{m}=False" for m in missing)
+        return None
+
+    def dtypes_for(self, caps: Capabilities) -> list[torch.dtype]:
+        """The dtypes this check runs at for a variant declaring ``caps``."""
+        ref = reference_dtype(caps)
+        if self.dtypes == "reference":
+            return [ref]
+        order = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+        declared = [d for d in order if d in caps.dtypes]
+        return declared if self.dtypes == "each" else [d for d in declared if d != ref]
+
+
+CHECKS: dict[str, Check] = {}
+
+
+def check(name: str, group: str, *, requires: tuple[str, ...] = (), dtypes: str = "reference"
+          ) -> Callable[[Callable[[Subject], None]], Callable[[Subject], None]]:
+    """Register ``fn`` as the conformance check ``name`` (its docstring is its documentation)."""
+    assert group in GROUPS, group
+    assert dtypes in ("reference", "each", "low"), dtypes
+
+    def deco(fn: Callable[[Subject], None]) -> Callable[[Subject], None]:
+        if name in CHECKS:
+            raise ValueError(f"conformance check {name!r} defined twice")
+        doc = " ".join((fn.__doc__ or "").split())
+        CHECKS[name] = Check(name, group, fn, doc, tuple(requires), dtypes)
+        return fn
+
+    return deco
+
+
+def reference_dtype(caps: Capabilities) -> torch.dtype:
+    """float64 when declared (exact checks), else the most precise declared dtype."""
+    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        if d in caps.dtypes:
+            return d
+    raise AssertionError("unreachable: Capabilities.dtypes is never empty")
+
+
+def sizes_of(q: Tensor, k: Tensor, v: Tensor | None = None) -> str:
+    """``"B=2 H=2 Lq=7 Lk=7 E=8 Ev=6 float64"`` for a failure message."""
+    b, h, lq, e = q.shape
+    ev = f" Ev={v.shape[-1]}" if v is not None else ""
+    return f"B={b} H={h} Lq={lq} Lk={k.shape[2]} E={e}{ev} {dtype_name(q.dtype)}"
+
+
+@dataclass
+class Subject:
+    """The variant under test at one dtype: builds modules and inputs, compares results."""
+
+    spec: VariantSpec
+    dtype: torch.dtype
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def caps(self) -> Capabilities:
+        """The declared capabilities."""
+        return self.spec.capabilities
+
+    @property
+    def ref_dtype(self) -> torch.dtype:
+        """The dtype exact checks run at (float64 unless not declared)."""
+        return reference_dtype(self.caps)
+
+    def shape_fields(self, heads: int, head_dim: int) -> dict[str, int]:
+        """``num_heads``/``head_dim`` overrides for configs that have those fields."""
+        fields = self.spec.config.model_fields
+        out = {}
+        if "num_heads" in fields:
+            out["num_heads"] = heads
+        if "head_dim" in fields:
+            out["head_dim"] = head_dim
+        return out
+
+    def build(self, heads: int = H, head_dim: int = E, *, seed: int = 0, dtype: torch.dtype | None = None,
+              train: bool = False, **fields: Any) -> Attention:
+        """``attnreg.build(name, **fields)`` seeded, moved to the dtype/device, in eval mode."""
+        torch.manual_seed(seed)
+        module = attnreg.build(self.spec.name, **{**self.shape_fields(heads, head_dim), **fields})
+        module = module.to(device=self.device, dtype=dtype or self.dtype)
+        return module.train(train)
+
+    def randn(self, *shape: int, seed: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Standard normal tensor from a private generator (the global RNG is left alone)."""
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        return x.to(device=self.device, dtype=dtype or self.dtype)
+
+    def inputs(self, b: int = B, h: int = H, lq: int = 7, lk: int | None = None, e: int = E,
+               ev: int | None = None, *, seed: int = 0, dtype: torch.dtype | None = None,
+               grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Random ``query (B,H,Lq,E)``, ``key (B,H,Lk,E)``, ``value (B,H,Lk,Ev)``."""
+        lk = lq if lk is None else lk
+        ev = e if ev is None else ev
+        q = self.randn(b, h, lq, e, seed=seed, dtype=dtype)  # (B, H, Lq, E)
+        k = self.randn(b, h, lk, e, seed=seed + 1, dtype=dtype)  # (B, H, Lk, E)
+        v = self.randn(b, h, lk, ev, seed=seed + 2, dtype=dtype)  # (B, H, Lk, Ev)
+        return tuple(t.requires_grad_(grad) for t in (q, k, v))  # type: ignore[return-value]
+
+    def bool_mask(self, *shape: int, seed: int, keep: float = 0.7) -> Tensor:
+        """Random bool mask, True (may attend) with probability ``keep``."""
+        g = torch.Generator().manual_seed(seed)
+        return (torch.rand(*shape, generator=g) < keep).to(self.device)
+
+    def key_mask(self, b: int, lk: int, *, seed: int, dead_item: int | None = None) -> Tensor:
+        """Padding mask (B, Lk): item i is right-padded by 2*i tokens and has one random hole;
+        ``dead_item`` is entirely padding."""
+        km = torch.ones(b, lk, dtype=torch.bool)
+        g = torch.Generator().manual_seed(seed)
+        for i in range(b):
+            km[i, max(1, lk - 2 * i):] = False
+            if lk > 3:
+                km[i, int(torch.randint(0, lk - 1, (1,), generator=g))] = False
+            km[i, 0] = True  # every live item keeps at least one real key
+        if dead_item is not None:
+            km[dead_item] = False
+        return km.to(self.device)
+
+    def mask_variants(self, lq: int, lk: int, b: int = B, h: int = H, *, seed: int = 0
+                      ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(label, mask kwargs) for no mask and every declared mask kind, alone and combined."""
+        caps = self.caps
+        yield "no mask", {}
+        combo: dict[str, Any] = {}
+        if caps.key_mask:
+            km = self.key_mask(b, lk, seed=seed)
+            combo["key_mask"] = km
+            yield "key_mask", {"key_mask": km}
+        if caps.causal:
+            combo["is_causal"] = True
+            yield "is_causal", {"is_causal": True}
+        if caps.attn_mask:
+            am = self.bool_mask(b, h, lq, lk, seed=seed + 7)
+            combo["attn_mask"] = am
+            yield "bool attn_mask (B,H,Lq,Lk)", {"attn_mask": am}
+        if caps.float_mask:
+            fm = self.randn(1, h, lq, lk, seed=seed + 9)  # (1, H, Lq, Lk)
+            fm = fm.masked_fill(~self.bool_mask(1, h, lq, lk, seed=seed + 11), float("-inf"))
+            yield "float attn_mask (1,H,Lq,Lk)", {"attn_mask": fm}
+        if len(combo) > 1:
+            yield " + ".join(combo), combo
+
+
+def expected_allowed(subject: Subject, q: Tensor, k: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """Dense (B, H, Lq, Lk) bool of what the masks in ``kwargs`` allow (all True if none)."""
+    from attnreg.core import check_inputs
+
+    masks = check_inputs(subject.spec.name, subject.caps, q, k, None, kwargs.get("attn_mask"),
+                         kwargs.get("key_mask"), kwargs.get("is_causal", False))
+    b, h, lq, _ = q.shape
+    allowed = masks.allowed(q.device)
+    if allowed is None:
+        return torch.ones(b, h, lq, k.shape[2], dtype=torch.bool, device=q.device)
+    return allowed.expand(b, h, lq, k.shape[2])
+
+
+def _fmt_index(idx: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(i) for i in idx) + "]"
+
+
+def assert_close(actual: Tensor, expected: Tensor, *, what: str, sizes: str, dtype: torch.dtype,
+                 tol: tuple[float, float] | None = None) -> None:
+    """Fail unless ``|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|``."""
+    atol, rtol = tol or TOLERANCES[dtype]
+    a, b = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if a.shape != b.shape:
+        raise CheckFailure(f"{what} ({sizes}): shape {tuple(a.shape)} != expected {tuple(b.shape)}")
+    if not torch.isfinite(a).all():
+        idx = tuple(int(i) for i in (~torch.isfinite(a)).nonzero()[0])
+        raise CheckFailure(f"{what} ({sizes}): non-finite value {float(a[idx])} at index {_fmt_index(idx)}")
+    if a.numel() == 0:
+        return
+    scale = max(1.0, float(b.abs().max()))
+    err = (a - b).abs()
+    excess = err - (atol * scale + rtol * b.abs())
+    if float(excess.max()) > 0:
+        flat = int(excess.argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
+        raise CheckFailure(
+            f"{what} ({sizes}): max |error| = {float(err.max()):.3g}, allowed {atol:g} * {scale:.3g} + "
+            f"{rtol:g} * |expected| (worst at index {_fmt_index(idx)}: got {float(a[idx]):.6g}, "
+            f"expected {float(b[idx]):.6g})"
+        )
+
+
+def assert_equal(actual: Tensor, expected: Tensor, *, what: str, sizes: str) -> None:
+    """Fail unless bit-for-bit equal (NaN counts as different)."""
+    a, b = actual.detach().cpu(), expected.detach().cpu()
+    if a.shape != b.shape:
+        raise CheckFailure(f"{what} ({sizes}): shape {tuple(a.shape)} != expected {tuple(b.shape)}")
+    diff = a != b
+    if bool(diff.any()):
+        err = (a.double() - b.double()).abs().nan_to_num(float("inf"))
+        idx = tuple(int(i) for i in diff.nonzero()[0])
+        raise CheckFailure(
+            f"{what} ({sizes}): not bit-for-bit equal, max |difference| = {float(err.max()):.3g} "
+            f"in {int(diff.sum())} of {diff.numel()} entries (first at index {_fmt_index(idx)})"
+        )
+
+
+def assert_zero(t: Tensor, where: Tensor, *, what: str, sizes: str) -> None:
+    """Fail unless ``t`` is exactly 0 wherever ``where`` is True."""
+    vals = t.detach().cpu()[where.expand(t.shape).cpu()]
+    bad = vals != 0
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in (where.expand(t.shape).cpu() & (t.detach().cpu() != 0)).nonzero()[0])
+        raise CheckFailure(
+            f"{what} ({sizes}): {int(bad.sum())} of {vals.numel()} entries are not exactly 0, "
+            f"max |value| = {float(vals.double().abs().nan_to_num(float('inf')).max()):.3g} "
+            f"(first at index {_fmt_index(idx)})"
+        )
+
+
+def assert_finite(t: Tensor, *, what: str, sizes: str) -> None:
+    """Fail on any NaN or infinity."""
+    bad = ~torch.isfinite(t.detach())
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckFailure(f"{what} ({sizes}): {int(bad.sum())} non-finite values (first at index "
+                           f"{_fmt_index(idx)}: {float(t.detach()[idx])})")
+
+
+def expect_raises(exc: type[BaseException] | tuple[type[BaseException], ...], fn: Callable[[], Any],
+                  *, what: str, names: tuple[str, ...] = ()) -> BaseException:
+    """Fail unless ``fn()`` raises ``exc`` whose message mentions one of ``names`` (if given)."""
+    expected = exc if isinstance(exc, tuple) else (exc,)
+    label = " or ".join(e.__name__ for e in expected)
+    try:
+        fn()
+    except expected as err:
+        msg = str(err)
+        if names and not any(n in msg for n in names):
+            raise CheckFailure(f"{what}: raised {type(err).__name__} as expected, but the message "
+                               f"does not name {' / '.join(names)}: {msg!r}") from None
+        return err
+    except Exception as err:  # noqa: BLE001 - the wrong error type is the finding
+        raise CheckFailure(f"{what}: expected {label}, got {type(err).__name__}: {err}") from err
+    raise CheckFailure(f"{what}: expected {label}, but the call succeeded silently")
