@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -23,11 +24,12 @@ from .layouts import (
     parse_custom_layout,
     strided_layout,
 )
-from .plan import Group, Plan, make_plan
+from .plan import FullGroup, Group, Plan, make_plan
 
 __all__ = ["SparseAttention", "BigBirdAttention"]
 
 _CACHE_SIZE = 16  # layouts / plans kept per module (one per length, heads, causal, device)
+_CHUNK_ELEMS = 1 << 24  # gathered key elements per SDPA call (64 MB in float32): bounds scratch
 
 
 class SparseAttention(Attention):
@@ -153,32 +155,86 @@ class SparseAttention(Attention):
         self._check_heads(heads)
         b = self.block_size
         plan = self._plan(length, heads, masks.is_causal, query.device)
+        rows_total = heads * plan.nb
         pad = plan.padded_len - length
         if pad:  # zero tokens complete the last block; masks keep them out of every real row
             query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
-        qb = query.reshape(bsz, heads * plan.nb, b, e)  # (B, H*nb, b, E) one row per query block
-        kb = key.reshape(bsz, heads * plan.nb, b, e)  # (B, H*nb, b, E)
-        vb = value.reshape(bsz, heads * plan.nb, b, ev)  # (B, H*nb, b, Ev)
+        # Autograd keeps the gathered blocks for backward; without it they are scratch space and
+        # reuse one buffer (fresh multi-MB buffers cost page faults that rival the copy itself).
+        scratch = _Scratch(not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                             or value.requires_grad)))
         key_mask = masks.key_mask
         if key_mask is not None and pad:
             key_mask = F.pad(key_mask, (0, pad), value=False)  # (B, Lp)
         km = None if key_mask is None else key_mask.reshape(bsz, plan.nb, b)  # (B, nb, b)
         scale = self.softmax_scale(e)
-        outs = []
-        for g in plan.groups:
-            n, c = g.kv_rows.shape
-            qg = qb[:, g.rows]  # (B, n, b, E)
-            kg = kb[:, g.kv_rows].reshape(bsz, n, c * b, e)  # (B, n, c*b, E) gathered key blocks
-            vg = vb[:, g.kv_rows].reshape(bsz, n, c * b, ev)  # (B, n, c*b, Ev)
-            mask, dead = self._group_mask(g, masks, km, plan, length, query.dtype)
-            og = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=mask, dropout_p=self.active_dropout, scale=scale
-            )  # (B, n, b, Ev)
-            outs.append(og.masked_fill(dead, 0.0) if dead is not None else og)
-        if plan.has_empty:  # rows with no key block read this zero block
-            outs.append(query.new_zeros(bsz, 1, b, ev))
-        out = torch.cat(outs, dim=1)[:, plan.inverse]  # (B, H*nb, b, Ev) back in row order
+        alloc = query.new_zeros if plan.has_empty else query.new_empty  # empty rows stay 0
+        out = alloc(rows_total, bsz, b, ev)  # (H*nb, B, b, Ev): every row written once below
+        if plan.full is not None:
+            og = self._attend_full(plan, query, key, value, masks, key_mask, scale, length)
+            out.index_copy_(0, plan.full.rows, og)
+        # One flat row per (batch, head, block): index_select on dim 0 copies whole blocks.
+        q3 = query.reshape(bsz * rows_total, b, e)  # (B*H*nb, b, E)
+        k3 = key.reshape(bsz * rows_total, b, e)  # (B*H*nb, b, E)
+        v3 = value.reshape(bsz * rows_total, b, ev)  # (B*H*nb, b, Ev)
+        batch_off = torch.arange(bsz, device=query.device) * rows_total  # (B,)
+        for group in plan.groups:
+            c = group.kv_rows.shape[1]
+            step = max(1, _CHUNK_ELEMS // (bsz * c * b * max(e, ev)))  # bounds the gathered size
+            for g in _chunks(group, step):
+                n = g.rows.shape[0]
+                qi = (g.rows[:, None] + batch_off).reshape(-1)  # (n*B,)
+                ki = (g.kv_rows[:, None, :] + batch_off[:, None]).reshape(-1)  # (n*B*c,)
+                qg = scratch.gather("q", q3, qi).view(n, bsz, b, e)  # (n, B, b, E)
+                kg = scratch.gather("k", k3, ki).view(n, bsz, c * b, e)  # (n, B, c*b, E) key blocks
+                vg = scratch.gather("v", v3, ki).view(n, bsz, c * b, ev)  # (n, B, c*b, Ev)
+                mask, dead = self._group_mask(g, masks, km, plan, length, query.dtype)
+                og = F.scaled_dot_product_attention(
+                    qg, kg, vg, attn_mask=mask, dropout_p=self.active_dropout, scale=scale
+                )  # (n, B, b, Ev)
+                if dead is not None:
+                    og = og.masked_fill(dead, 0.0)
+                out.index_copy_(0, g.rows, og)  # (H*nb, B, b, Ev)
+        out = out.view(heads, plan.nb, bsz, b, ev).permute(2, 0, 1, 3, 4)  # (B, H, nb, b, Ev)
         return out.reshape(bsz, heads, plan.padded_len, ev)[:, :, :length]  # (B, H, L, Ev)
+
+    def _attend_full(
+        self, plan: Plan, query: Tensor, key: Tensor, value: Tensor, masks: Masks,
+        key_mask: Tensor | None, scale: float, length: int,
+    ) -> Tensor:
+        """Rows that see every key block: their queries against the whole (padded) sequence.
+
+        Returns (H*m, B, b, Ev) in the order of ``plan.full.rows``.
+        """
+        full = plan.full
+        assert full is not None
+        bsz, heads, lp, e = query.shape
+        b = self.block_size
+        m = full.query_blocks.shape[1]
+        hh = torch.arange(heads, device=query.device)[:, None]  # (H, 1)
+        qf = query.view(bsz, heads, plan.nb, b, e)[:, hh, full.query_blocks]  # (B, H, m, b, E)
+        qf = qf.reshape(bsz, heads, m * b, e)  # (B, H, m*b, E)
+        allowed = None if full.key_valid is None else full.key_valid[None, None, None]  # (1, 1, 1, Lp)
+        if key_mask is not None:
+            kmf = key_mask[:, None, None, :]  # (B, 1, 1, Lp)
+            allowed = kmf if allowed is None else allowed & kmf
+        bias = None
+        if masks.attn_mask is not None:
+            am = _full_rows_attn_mask(masks.attn_mask, full, plan, b, length)  # (B|1, H|1, m*b|1, Lp|1)
+            if am.dtype == torch.bool:
+                allowed = am if allowed is None else allowed & am
+            else:
+                bias = am
+                finite = am != float("-inf")
+                allowed = finite if allowed is None else allowed & finite
+        mask, dead = _finish_mask(allowed, bias, query.dtype)
+        og = F.scaled_dot_product_attention(
+            qf, key, value, attn_mask=mask, dropout_p=self.active_dropout, scale=scale
+        )  # (B, H, m*b, Ev)
+        if dead is not None:
+            og = og.masked_fill(dead, 0.0)
+        ev = og.shape[-1]
+        return og.reshape(bsz, heads * m, b, ev).transpose(0, 1)  # (H*m, B, b, Ev)
 
     def _group_mask(
         self, g: Group, masks: Masks, km: Tensor | None, plan: Plan, length: int, dtype: torch.dtype
@@ -186,31 +242,24 @@ class SparseAttention(Attention):
         """SDPA mask of one group (None when nothing is masked) and its rows with nothing to attend.
 
         Returns (mask, dead): mask is bool, or float when a float attn_mask is in force, shaped
-        (B|1, n|1, b|1, c*b); dead is (B|1, n, b|1, 1) or None.
+        (n|1, B|1, b|1, c*b); dead is (n, B|1, b|1, 1) or None.
         """
         n, c = g.kv_rows.shape
         b = self.block_size
         allowed = None if g.struct_mask is None else g.struct_mask[None, None]  # (1, 1, b, c*b)
         if km is not None:
-            kmg = km[:, g.key_blocks].reshape(km.shape[0], n, 1, c * b)  # (B, n, 1, c*b)
+            kmg = km[:, g.key_blocks].transpose(0, 1).reshape(n, km.shape[0], 1, c * b)  # (n, B, 1, c*b)
             allowed = kmg if allowed is None else allowed & kmg
         bias = None
         if masks.attn_mask is not None:
-            am = _gather_attn_mask(masks.attn_mask, g, plan, b, length)  # (B|1, n|1, b|1, c*b)
+            am = _gather_attn_mask(masks.attn_mask, g, plan, b, length)  # (n, B|1, b|1, c*b)
             if am.dtype == torch.bool:
                 allowed = am if allowed is None else allowed & am
             else:
                 bias = am
                 finite = am != float("-inf")
                 allowed = finite if allowed is None else allowed & finite
-        if allowed is None:
-            return None, None
-        dead = ~allowed.any(dim=-1, keepdim=True)  # (B|1, n|1, b|1, 1)
-        has_dead = bool(dead.any())
-        if bias is None:
-            return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
-        bias = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (B|1, n|1, b|1, c*b)
-        return (bias.masked_fill(dead, 0.0) if has_dead else bias), (dead if has_dead else None)
+        return _finish_mask(allowed, bias, dtype)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         bsz, heads, length, _ = query.shape
@@ -259,6 +308,80 @@ class SparseAttention(Attention):
         return {"sdpa_dense_pattern": sdpa_dense_pattern}
 
 
+def _finish_mask(
+    allowed: Tensor | None, bias: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor | None]:
+    """SDPA mask from the allowed pattern (and a float bias), and the rows with nothing allowed.
+
+    SDPA's result on an empty row is NaN or undefined: such rows are opened here and the caller
+    zeroes their output (which also zeroes their gradients).
+    """
+    if allowed is None:
+        return None, None
+    dead = ~allowed.any(dim=-1, keepdim=True)  # (..., rows|1, 1)
+    has_dead = bool(dead.any())
+    if bias is None:
+        return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
+    bias = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (..., rows|1, keys)
+    return (bias.masked_fill(dead, 0.0) if has_dead else bias), (dead if has_dead else None)
+
+
+class _Scratch:
+    """Reused gather buffers (one per name and thread) when autograd does not keep the result."""
+
+    _local = threading.local()
+
+    def __init__(self, reuse: bool) -> None:
+        self.reuse = reuse
+
+    def gather(self, name: str, src: Tensor, index: Tensor) -> Tensor:
+        """``src.index_select(0, index)``, into a reused buffer where allowed."""
+        if not self.reuse or src.device.type != "cpu":  # CUDA has its own caching allocator
+            return src.index_select(0, index)
+        shape = (index.shape[0], *src.shape[1:])
+        need = math.prod(shape)
+        store = self._local.__dict__.setdefault("buffers", {})
+        key = (name, src.dtype)
+        buf = store.get(key)
+        if buf is None or buf.numel() < need:
+            buf = store[key] = torch.empty(need, dtype=src.dtype)
+        return torch.index_select(src, 0, index, out=buf[:need].view(shape))
+
+
+def _full_rows_attn_mask(m: Tensor, full: FullGroup, plan: Plan, b: int, length: int) -> Tensor:
+    """The rows of a 4-D ``attn_mask`` (B|1, H|1, L|1, L|1) read by the full group.
+
+    Returns (B|1, H|1, m*b or 1, Lp or 1); padded keys read True / 0 (masked by ``key_valid``).
+    """
+    bm, hm, lq, lk = m.shape
+    pad = plan.padded_len - length
+    fill = True if m.dtype == torch.bool else 0.0
+    if pad:
+        m = F.pad(m, (0, pad if lk != 1 else 0, 0, pad if lq != 1 else 0), value=fill)
+    if lq == 1:
+        return m  # (B|1, H|1, 1, Lp|1) broadcasts over the query rows
+    qb = full.query_blocks  # (H, m)
+    if hm == 1 and not bool((qb == qb[:1]).all()):
+        m = m.expand(bm, qb.shape[0], *m.shape[2:])  # heads read different rows
+    hm = m.shape[1]
+    rows = qb if hm != 1 else qb[:1]  # (H|1, m)
+    hh = torch.arange(hm, device=m.device)[:, None]  # (H|1, 1)
+    sel = m.view(bm, hm, plan.nb, b, m.shape[-1])[:, hh, rows]  # (B|1, H|1, m, b, Lp|1)
+    return sel.reshape(bm, hm, rows.shape[1] * b, m.shape[-1])
+
+
+def _chunks(g: Group, step: int) -> list[Group]:
+    """``g`` split into consecutive runs of at most ``step`` rows (views, no copies)."""
+    n = g.rows.shape[0]
+    if n <= step:
+        return [g]
+    return [
+        Group(g.rows[i : i + step], g.kv_rows[i : i + step], g.key_blocks[i : i + step],
+              g.heads[i : i + step], g.query_blocks[i : i + step], g.struct_mask)
+        for i in range(0, n, step)
+    ]
+
+
 class BigBirdAttention(SparseAttention):
     """``sparse`` with the layout defaulting to BigBird (the ``bigbird`` variant)."""
 
@@ -271,7 +394,7 @@ class BigBirdAttention(SparseAttention):
 def _gather_attn_mask(m: Tensor, g: Group, plan: Plan, b: int, length: int) -> Tensor:
     """The entries of a 4-D ``attn_mask`` (B|1, H|1, L|1, L|1) that one group reads.
 
-    Returns (B|1, n, b|1, c*b), same dtype; padded tokens read True / 0 (the structural mask
+    Returns (n, B|1, b|1, c*b), same dtype; padded tokens read True / 0 (the structural mask
     already keeps padded keys out, and padded queries are discarded).
     """
     bm, hm, lq, lk = m.shape
@@ -288,5 +411,5 @@ def _gather_attn_mask(m: Tensor, g: Group, plan: Plan, b: int, length: int) -> T
     qi = (g.query_blocks if nq != 1 else zeros)[:, None]  # (n, 1)
     ki = g.key_blocks if nk != 1 else torch.zeros_like(g.key_blocks)  # (n, c)
     sel = m6[:, hi, qi, :, ki, :]  # (n, c, B|1, bq, bk): advanced indices first
-    sel = sel.permute(2, 0, 3, 1, 4).expand(bm, n, bq, c, b)  # (B|1, n, bq, c, b)
-    return sel.reshape(bm, n, bq, c * b)
+    sel = sel.permute(0, 2, 3, 1, 4).expand(n, bm, bq, c, b)  # (n, B|1, bq, c, b)
+    return sel.reshape(n, bm, bq, c * b)

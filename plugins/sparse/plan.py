@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Group", "Plan", "make_plan"]
+__all__ = ["FullGroup", "Group", "Plan", "make_plan"]
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,25 @@ class Group:
 
 
 @dataclass(frozen=True)
+class FullGroup:
+    """Query blocks that attend to every key block (BigBird's global rows), the same number per
+    head: they need no gather at all -- one SDPA of their queries against the whole sequence."""
+
+    rows: Tensor  # (H * m,) long: flattened rows h * nb + I, head-major
+    query_blocks: Tensor  # (H, m) long: I
+    key_valid: Tensor | None  # (Lp,) bool: False on the padding of a partial last block
+
+
+@dataclass(frozen=True)
 class Plan:
-    """All groups of one layout and length, and how to put the outputs back in row order."""
+    """All groups of one layout and length (non-causal or its causal part)."""
 
     nb: int
     padded_len: int
     groups: tuple[Group, ...]
-    inverse: Tensor  # (H * nb,) long: position of row r in the concatenated group outputs
+    full: FullGroup | None
     active_pairs: int  # number of (h, I, J) blocks computed
-    has_empty: bool  # some row attends to no block: ``inverse`` points it at one extra zero block
+    has_empty: bool  # some row attends to no block (its output is 0)
 
 
 def make_plan(layout: Tensor, block: int, length: int, causal: bool, device: torch.device) -> Plan:
@@ -57,15 +67,25 @@ def make_plan(layout: Tensor, block: int, length: int, causal: bool, device: tor
         special = layout[:, :, nb - 1] & partial  # (H, nb): rows reading the partial last block
         special_col = torch.full((heads, nb), nb - 1)
     counts = layout.sum(-1)  # (H, nb)
+    full = None
+    is_full = counts == nb  # (H, nb)
+    per_head = is_full.sum(-1)  # (H,)
+    if not causal and bool((per_head == per_head[0]).all()) and int(per_head[0]) > 0:
+        m = int(per_head[0])
+        qblocks = is_full.nonzero()[:, 1].reshape(heads, m)  # (H, m), head-major like nonzero()
+        rows = (torch.arange(heads)[:, None] * nb + qblocks).reshape(-1)  # (H*m,)
+        key_valid = (torch.arange(nb * block) < length) if tail < block else None  # (Lp,)
+        valid = None if key_valid is None else key_valid.to(device)
+        full = FullGroup(rows.to(device), qblocks.to(device), valid)
+        counts = counts.masked_fill(is_full, -1)  # handled by the full group
     flat_counts = counts.reshape(-1)
     flat_special = special.reshape(-1)
     groups: list[Group] = []
-    order: list[Tensor] = []
     pairs = zip(flat_counts.tolist(), flat_special.tolist(), strict=True)
     keys = sorted({(int(c), bool(s)) for c, s in pairs})
     for c, s in keys:
-        if c == 0:
-            continue  # rows with no key block: output stays 0
+        if c <= 0:
+            continue  # no key block (output stays 0), or a full row
         rows = ((flat_counts == c) & (flat_special == s)).nonzero().squeeze(1)  # (n,)
         h, q = rows // nb, rows % nb
         sel = layout[h, q]  # (n, nb) bool
@@ -84,19 +104,8 @@ def make_plan(layout: Tensor, block: int, length: int, causal: bool, device: tor
                 struct_mask=_struct_mask(c, block, tail, causal).to(device) if s else None,
             )
         )
-        order.append(rows)
-    inverse = torch.empty(heads * nb, dtype=torch.long)
-    if order:
-        cat = torch.cat(order)
-        inverse[cat] = torch.arange(cat.numel())
-    # Rows with no key block point past the end: the caller appends one zero block for them.
-    done = torch.zeros(heads * nb, dtype=torch.bool)
-    if order:
-        done[torch.cat(order)] = True
-    inverse[~done] = int(done.sum())
-    return Plan(
-        nb, nb * block, tuple(groups), inverse.to(device), int(counts.sum()), not bool(done.all())
-    )
+    active = int(layout.sum())
+    return Plan(nb, nb * block, tuple(groups), full, active, bool((counts == 0).any()))
 
 
 def _struct_mask(c: int, block: int, tail: int, causal: bool) -> Tensor:
