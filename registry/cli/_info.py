@@ -26,14 +26,14 @@ def list_cmd() -> None:
 
     with user_errors():
         table = Table(title="attnreg variants")
-        for col in ("name", "aliases", "provider", "complexity", *_KEY_CAPS):
-            table.add_column(col)
+        table.add_column("name", no_wrap=True, style="bold")
+        for col in ("aliases", "provider", "complexity", "supports"):
+            table.add_column(col, overflow="fold")
         for spec in REGISTRY.specs():
             caps = spec.capabilities
-            table.add_row(
-                spec.name, ", ".join(spec.aliases), REGISTRY.provider(spec.name),
-                caps.complexity, *(_yes(getattr(caps, c)) for c in _KEY_CAPS),
-            )
+            supports = " ".join(c for c in _KEY_CAPS if getattr(caps, c))
+            table.add_row(spec.name, ", ".join(spec.aliases), REGISTRY.provider(spec.name),
+                          caps.complexity, supports)
         console.print(table)
         failed = [r for r in attnreg.plugin_records() if r.status == "failed"]
         for r in failed:
