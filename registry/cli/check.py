@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -118,7 +119,8 @@ def check_cmd(
                               "--dtype)")
             raise typer.Exit(EXIT_USAGE)
         # A pipe or CI log is not limited to 80 columns; a real terminal keeps its own width.
-        console.print(_table(report, GROUPS), width=None if console.is_terminal else 160)
+        wide = console if console.is_terminal else Console(width=max(console.width, 150))
+        wide.print(_table(report, GROUPS))
         for r in report.failed:
             console.print(f"\n[bold red]{r.outcome.upper()}[/] {r.variant} / {r.check} [{r.dtype}]",
                           highlight=False)

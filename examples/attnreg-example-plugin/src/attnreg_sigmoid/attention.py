@@ -1,0 +1,61 @@
+"""Sigmoid attention: config and module."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from attnreg.core import Attention, AttentionConfig, Capabilities, Masks, dot_product_logits
+
+
+class SigmoidConfig(AttentionConfig):
+    """Config of ``sigmoid``: the shared fields and the logit bias ``b``."""
+
+    variant: Literal["sigmoid"] = Field("sigmoid", description="Variant name.")
+    bias: float | None = Field(
+        None, description="Logit bias b added before the sigmoid; None means -log(Lk), the paper's "
+        "choice, which keeps the initial sum of a row of weights near 1.",
+    )
+
+
+class SigmoidAttention(Attention):
+    """w_ij = sigmoid(scale * q_i . k_j + b) where allowed, else 0; out = w @ V.
+
+    Rows are NOT normalised (``normalized=False``): each weight is independent of the others in
+    its row. Attention dropout is not implemented (``dropout=False``: a config with dropout > 0 is
+    refused with ``UnsupportedFeatureError`` instead of being silently ignored).
+    """
+
+    variant = "sigmoid"
+    capabilities = Capabilities(
+        causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
+        dropout=False, normalized=False, permutation_invariant=True, learnable=False,
+        complexity="O(Lq*Lk*E)",
+    )
+
+    def __init__(self, config: SigmoidConfig) -> None:
+        super().__init__(config)
+        self.bias = config.bias
+
+    def _weights_acc(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
+        """Weights (B, H, Lq, Lk) in the accumulation dtype (float32 for half inputs)."""
+        acc = self._accum_dtype(query)
+        b = self.bias if self.bias is not None else -math.log(key.shape[2])
+        logits = dot_product_logits(query.to(acc), key.to(acc), self.scale) + b  # (B, H, Lq, Lk)
+        if masks.float_mask is not None:
+            logits = logits + masks.float_mask.to(acc)  # -inf -> sigmoid 0, gradient 0
+        w = torch.sigmoid(logits)
+        allowed = masks.allowed(query.device)  # (B|1, H|1, Lq, Lk) or None
+        # masked_fill (not multiply): masked entries are exactly 0 and get no gradient.
+        return w if allowed is None else w.masked_fill(~allowed, 0.0)
+
+    def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
+        return self._weights_acc(query, key, masks).to(query.dtype)
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        w = self._weights_acc(query, key, masks)  # (B, H, Lq, Lk)
+        return (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)

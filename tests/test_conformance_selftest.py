@@ -1,0 +1,261 @@
+"""Self-test of the conformance suite: a suite that cannot fail is worthless.
+
+One textbook softmax attention must pass every check; deliberately broken copies of it, each
+breaking one rule of the contract, must each be caught by the check named for that rule.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import Field, create_model
+from torch import Tensor
+
+import attnreg
+from attnreg.conformance import CHECKS, CheckFailure, NotApplicable, build_cases, run_check
+from attnreg.core import (
+    Attention,
+    AttentionConfig,
+    Capabilities,
+    Masks,
+    VariantSpec,
+    dot_product_logits,
+    masked_softmax,
+)
+
+ALL = Capabilities(causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
+                   dropout=True, complexity="O(Lq*Lk*E)")
+
+
+class Textbook(Attention):
+    """softmax(scale * Q K^T + mask) V, straight from the formula: must pass every check."""
+
+    variant = "selftest_textbook"
+    capabilities = ALL
+
+    def _allowed(self, masks: Masks, device: torch.device) -> Tensor | None:
+        return masks.allowed(device)
+
+    def _logits(self, q: Tensor, k: Tensor, masks: Masks) -> Tensor:
+        acc = self._accum_dtype(q)
+        logits = dot_product_logits(q.to(acc), k.to(acc), self.scale)  # (B, H, Lq, Lk)
+        if masks.float_mask is not None:
+            logits = logits + masks.float_mask.to(acc)
+        return logits
+
+    def _softmax(self, logits: Tensor, allowed: Tensor | None) -> Tensor:
+        return masked_softmax(logits, allowed)
+
+    def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
+        w = self._softmax(self._logits(query, key, masks), self._allowed(masks, query.device))
+        return w.to(query.dtype)
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        w = self._softmax(self._logits(query, key, masks), self._allowed(masks, query.device))
+        w = F.dropout(w, self.active_dropout)  # (B, H, Lq, Lk)
+        return (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)
+
+
+class LeaksFuture(Textbook):
+    """Under is_causal, query i also sees key i + 1."""
+
+    variant = "selftest_leaks_future"
+
+    def _allowed(self, masks: Masks, device: torch.device) -> Tensor | None:
+        no_causal = Masks(masks.batch, masks.heads, masks.q_len, masks.k_len, masks.attn_mask, masks.key_mask)
+        allowed = no_causal.allowed(device)
+        if masks.is_causal:
+            peek = torch.ones(masks.q_len, masks.k_len, dtype=torch.bool, device=device).tril(1)
+            allowed = peek if allowed is None else allowed & peek
+        return allowed
+
+
+class IgnoresKeyMask(Textbook):
+    """Accepts key_mask (declared) and then ignores it."""
+
+    variant = "selftest_ignores_key_mask"
+
+    def _allowed(self, masks: Masks, device: torch.device) -> Tensor | None:
+        return Masks(masks.batch, masks.heads, masks.q_len, masks.k_len, masks.attn_mask,
+                     None, masks.is_causal).allowed(device)
+
+
+class NoCausal(Textbook):
+    """Honestly declares causal=False (the base class then refuses is_causal=True)."""
+
+    variant = "selftest_no_causal"
+    capabilities = Capabilities(key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
+                                dropout=True, complexity="O(Lq*Lk*E)")
+
+
+class SilentCausal(NoCausal):
+    """Declares causal=False, but overrides forward and silently drops is_causal=True."""
+
+    variant = "selftest_silent_causal"
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Tensor | None = None,
+                key_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return super().forward(query, key, value, attn_mask=attn_mask, key_mask=key_mask)
+
+    def attention_weights(self, query: Tensor, key: Tensor, *, attn_mask: Tensor | None = None,
+                          key_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return super().attention_weights(query, key, attn_mask=attn_mask, key_mask=key_mask)
+
+
+class NaNOnEmptyRows(Textbook):
+    """Plain softmax over -inf: a row with nothing to attend becomes NaN."""
+
+    variant = "selftest_nan_rows"
+
+    def _softmax(self, logits: Tensor, allowed: Tensor | None) -> Tensor:
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+
+class ForwardDisagrees(Textbook):
+    """forward forgets the 1/sqrt(E) scale that attention_weights applies."""
+
+    variant = "selftest_forward_disagrees"
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        logits = self._logits(query, key, masks) * query.shape[-1] ** 0.5  # undoes the scale
+        w = self._softmax(logits, self._allowed(masks, query.device))
+        return (w @ value.to(w.dtype)).to(query.dtype)
+
+
+def spec_for(cls: type[Textbook], **extra: Any) -> VariantSpec:
+    """A ``VariantSpec`` (with its own config model) for one of the classes above."""
+    name = cls.variant
+    config = create_model(
+        f"{cls.__name__}Config", __base__=AttentionConfig,
+        variant=(Literal[name], Field(name, description="Variant name.")),  # type: ignore[valid-type]
+    )
+    return VariantSpec(name=name, config=config, factory=cls, capabilities=cls.capabilities,
+                       summary=cls.__doc__ or name, reference="attnreg conformance self-test", **extra)
+
+
+# broken class -> (the check that must catch it, a correct variant with the same capabilities)
+BROKEN = {
+    LeaksFuture: ("causal_no_future_leak", Textbook),
+    IgnoresKeyMask: ("mask_key_padding", Textbook),
+    SilentCausal: ("unsupported_features_raise", NoCausal),
+    NaNOnEmptyRows: ("fully_masked_rows", Textbook),
+    ForwardDisagrees: ("forward_matches_weights", Textbook),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests: each broken variant is caught by the check named for it; the textbook one is not.
+
+@pytest.fixture(scope="module")
+def registered() -> Iterator[dict[str, VariantSpec]]:
+    """Register the textbook variant and every broken one for this module only."""
+    specs = {cls.variant: spec_for(cls) for cls in (Textbook, NoCausal, *BROKEN)}
+    for spec in specs.values():
+        attnreg.register(spec)
+    try:
+        yield specs
+    finally:
+        for name in specs:
+            attnreg.unregister(name)
+
+
+@pytest.mark.parametrize("cls", list(BROKEN), ids=lambda c: c.variant)
+def test_broken_variant_is_caught_by_its_check(registered: dict[str, VariantSpec],
+                                               cls: type[Textbook]) -> None:
+    check, control = BROKEN[cls]
+    with pytest.raises(CheckFailure) as caught:
+        run_check(cls.variant, check)
+    msg = str(caught.value)
+    assert "B=" in msg or "Lq" in msg or "declared" in msg, msg  # names the sizes or the feature
+    # A correct variant with the same manifest passes the same check: the bug fails it, not the check.
+    run_check(control.variant, check)
+
+
+def test_failure_messages_report_the_max_error(registered: dict[str, VariantSpec]) -> None:
+    with pytest.raises(CheckFailure, match=r"max \|error\| = [0-9.e+-]+"):
+        run_check(ForwardDisagrees.variant, "forward_matches_weights")
+    with pytest.raises(CheckFailure, match=r"max \|difference\| = [0-9.e+-]+"):
+        run_check(LeaksFuture.variant, "causal_no_future_leak")
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_textbook_variant_passes_every_check(registered: dict[str, VariantSpec], check: str) -> None:
+    for cls in (Textbook, NoCausal):
+        for dtype in CHECKS[check].dtypes_for(cls.capabilities):
+            try:
+                run_check(cls.variant, check, dtype)
+            except NotApplicable:
+                pass
+
+
+def test_cli_reports_variant_check_sizes_and_error(registered: dict[str, VariantSpec],
+                                                   tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from attnreg.cli import app
+
+    out_json = tmp_path / "report.json"
+    args = ["check", NaNOnEmptyRows.variant, "-k", "fully_masked_rows or spec_metadata",
+            "--json", str(out_json)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert "selftest_nan_rows" in res.output and "fully_masked_rows" in res.output
+    assert "B=2" in res.output and "non-finite" in res.output, res.output
+    report = json.loads(out_json.read_text())
+    outcomes = {r["check"]: r["outcome"] for r in report["results"]}
+    assert outcomes == {"fully_masked_rows": "failed", "spec_metadata": "passed"}
+    assert report["ok"] is False and report["distinct_checks"] == len(CHECKS)
+
+
+def test_expected_failures_are_strict_and_need_a_reason(registered: dict[str, VariantSpec]) -> None:
+    from attnreg.conformance.runner import run
+
+    # A known gap with a reason: reported as xfailed, and the run passes.
+    rep = run([IgnoresKeyMask.variant], keyword="mask_key_padding",
+              xfails=[f"{IgnoresKeyMask.variant}:mask_key_padding=ignores padding (self-test)"])
+    assert [r.outcome for r in rep.results] == ["xfailed"] and rep.ok
+    # A declared gap that does not fail is reported (strict xfail).
+    rep = run([Textbook.variant], keyword="mask_key_padding", xfails=["mask_key_padding=not really broken"])
+    assert [r.outcome for r in rep.results] == ["xpassed"] and not rep.ok
+    with pytest.raises(ValueError, match="needs a reason"):
+        run([Textbook.variant], xfails=["mask_key_padding"])
+    with pytest.raises(ValueError, match="unknown check"):
+        run([Textbook.variant], xfails=["no_such_check=typo"])
+
+
+def test_spec_expected_failures_mark_strict_xfail(registered: dict[str, VariantSpec]) -> None:
+    spec = spec_for(NaNOnEmptyRows, expected_failures={"fully_masked_rows": "softmax of -inf (self-test)"})
+    name = NaNOnEmptyRows.variant
+    attnreg.unregister(name)
+    attnreg.register(spec)
+    try:
+        cases = {c.check: c for c in build_cases([name])}
+        assert cases["fully_masked_rows"].xfail == "softmax of -inf (self-test)"
+        assert cases["spec_metadata"].xfail is None
+    finally:
+        attnreg.unregister(name)
+        attnreg.register(registered[name])
+
+
+def test_pytest_plugin_is_inert_without_the_option(tmp_path: Path) -> None:
+    """The pytest11 module loads in every pytest run: without --attnreg-variants it must not import
+    torch or load plugins, and must not add tests."""
+    (tmp_path / "test_other.py").write_text(
+        "import sys\n\ndef test_other():\n    assert 'torch' not in sys.modules\n"
+        "    assert 'attnreg._plugins' not in sys.modules\n"
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout
