@@ -259,3 +259,9 @@ def test_pytest_plugin_is_inert_without_the_option(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
+
+
+def test_docs_describe_every_check() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "conformance.md").read_text()
+    missing = [name for name in CHECKS if f"`{name}`" not in text]
+    assert not missing, f"docs/conformance.md does not describe {missing}"
