@@ -216,3 +216,45 @@ def test_plan_is_cached_per_length():
     attn(q, k, v)
     assert attn._plans[(100, 2, False, "cpu")] is plan
     assert attn.layout(100, 2) is layout
+
+
+def _reference(attn, q, k, v, **kw):
+    masks = check_inputs("sparse", attn.capabilities, q, k, v, kw.get("attn_mask"), kw.get("key_mask"),
+                         kw.get("is_causal", False))
+    return sparse_reference(q, k, v, masks, attn.pattern_mask(q.shape[2], q.shape[1]), attn.scale)[0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_inference_path_reuses_scratch_correctly(layout):
+    # Without autograd the gathers go to reused buffers: lengths that shrink and grow must not mix.
+    attn = make(layout, 16, 100)
+    for length in (100, 37, 100):
+        if layout == "custom":
+            attn = make(layout, 16, length)
+        q, k, v = (t.detach() for t in inputs(2, 3, length, seed=length))
+        key_mask = torch.rand(2, length, generator=torch.Generator().manual_seed(length)) < 0.7
+        with torch.no_grad():
+            out = attn(q, k, v, key_mask=key_mask, is_causal=length == 37)
+        want = _reference(attn, q, k, v, key_mask=key_mask, is_causal=length == 37)
+        torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
+
+
+def test_many_groups_with_attn_mask():
+    attn = make("strided", 16, 300)  # many distinct active-block counts -> many groups
+    q, k, v = inputs(2, 2, 300, seed=14)
+    mask = torch.rand(2, 1, 300, 300, generator=torch.Generator().manual_seed(15)) < 0.8
+    check_against_reference(attn, q, k, v, attn_mask=mask, is_causal=True)
+    check_against_reference(attn, q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 40, 40), (1, 3, 40, 40), (2, 1, 1, 40), (40, 1)])
+def test_full_rows_differing_per_head_with_attn_mask(shape):
+    # Each head has one query block that sees every block, a different one per head.
+    layout = torch.eye(3, dtype=torch.bool).repeat(3, 1, 1)  # (3, 3, 3)
+    for h in range(3):
+        layout[h, h] = True
+    attn = SparseAttention.from_layout(layout, block_size=14)
+    q, k, v = inputs(2, 3, 40, seed=16)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(17)) < 0.6
+    check_against_reference(attn, q, k, v, attn_mask=mask)
+    check_against_reference(attn, q, k, v, attn_mask=mask.double().log(), key_mask=torch.rand(2, 40) < 0.8)

@@ -29,7 +29,6 @@ from .plan import FullGroup, Group, Plan, make_plan
 __all__ = ["SparseAttention", "BigBirdAttention"]
 
 _CACHE_SIZE = 16  # layouts / plans kept per module (one per length, heads, causal, device)
-_CHUNK_ELEMS = 1 << 24  # gathered key elements per SDPA call (64 MB in float32): bounds scratch
 
 
 class SparseAttention(Attention):
@@ -168,33 +167,36 @@ class SparseAttention(Attention):
             key_mask = F.pad(key_mask, (0, pad), value=False)  # (B, Lp)
         km = None if key_mask is None else key_mask.reshape(bsz, plan.nb, b)  # (B, nb, b)
         scale = self.softmax_scale(e)
-        alloc = query.new_zeros if plan.has_empty else query.new_empty  # empty rows stay 0
-        out = alloc(rows_total, bsz, b, ev)  # (H*nb, B, b, Ev): every row written once below
-        if plan.full is not None:
-            og = self._attend_full(plan, query, key, value, masks, key_mask, scale, length)
-            out.index_copy_(0, plan.full.rows, og)
-        # One flat row per (batch, head, block): index_select on dim 0 copies whole blocks.
+        outs = []
+        # One flat row per (batch, head, block): index_select on dim 0 copies whole blocks. All
+        # groups gather at once, so that backward is one index_add per input.
         q3 = query.reshape(bsz * rows_total, b, e)  # (B*H*nb, b, E)
         k3 = key.reshape(bsz * rows_total, b, e)  # (B*H*nb, b, E)
         v3 = value.reshape(bsz * rows_total, b, ev)  # (B*H*nb, b, Ev)
-        batch_off = torch.arange(bsz, device=query.device) * rows_total  # (B,)
-        for group in plan.groups:
-            c = group.kv_rows.shape[1]
-            step = max(1, _CHUNK_ELEMS // (bsz * c * b * max(e, ev)))  # bounds the gathered size
-            for g in _chunks(group, step):
-                n = g.rows.shape[0]
-                qi = (g.rows[:, None] + batch_off).reshape(-1)  # (n*B,)
-                ki = (g.kv_rows[:, None, :] + batch_off[:, None]).reshape(-1)  # (n*B*c,)
-                qg = scratch.gather("q", q3, qi).view(n, bsz, b, e)  # (n, B, b, E)
-                kg = scratch.gather("k", k3, ki).view(n, bsz, c * b, e)  # (n, B, c*b, E) key blocks
-                vg = scratch.gather("v", v3, ki).view(n, bsz, c * b, ev)  # (n, B, c*b, Ev)
+        if plan.groups:
+            batch_off = torch.arange(bsz, device=query.device) * rows_total  # (B,)
+            qi = torch.cat([(g.rows[:, None] + batch_off).reshape(-1) for g in plan.groups])
+            ki = torch.cat([(g.kv_rows[:, None, :] + batch_off[:, None]).reshape(-1) for g in plan.groups])
+            q_all = scratch.gather("q", q3, qi)  # (sum n*B, b, E)
+            k_all = scratch.gather("k", k3, ki)  # (sum n*B*c, b, E)
+            v_all = scratch.gather("v", v3, ki)  # (sum n*B*c, b, Ev)
+            q_off = k_off = 0
+            for g in plan.groups:
+                n, c = g.kv_rows.shape
+                qg = q_all[q_off : q_off + n * bsz].view(n, bsz, b, e)  # (n, B, b, E)
+                kg = k_all[k_off : k_off + n * bsz * c].view(n, bsz, c * b, e)  # (n, B, c*b, E)
+                vg = v_all[k_off : k_off + n * bsz * c].view(n, bsz, c * b, ev)  # (n, B, c*b, Ev)
+                q_off, k_off = q_off + n * bsz, k_off + n * bsz * c
                 mask, dead = self._group_mask(g, masks, km, plan, length, query.dtype)
                 og = F.scaled_dot_product_attention(
                     qg, kg, vg, attn_mask=mask, dropout_p=self.active_dropout, scale=scale
                 )  # (n, B, b, Ev)
-                if dead is not None:
-                    og = og.masked_fill(dead, 0.0)
-                out.index_copy_(0, g.rows, og)  # (H*nb, B, b, Ev)
+                outs.append(og.masked_fill(dead, 0.0) if dead is not None else og)
+        if plan.full is not None:
+            outs.append(self._attend_full(plan, query, key, value, masks, key_mask, scale, length))
+        if plan.has_empty:
+            outs.append(query.new_zeros(1, bsz, b, ev))  # read by rows with no key block
+        out = _gather_rows(torch.cat(outs), plan.inverse)  # (H*nb, B, b, Ev) in row order
         out = out.view(heads, plan.nb, bsz, b, ev).permute(2, 0, 1, 3, 4)  # (B, H, nb, b, Ev)
         return out.reshape(bsz, heads, plan.padded_len, ev)[:, :, :length]  # (B, H, L, Ev)
 
@@ -337,7 +339,7 @@ class _Scratch:
     def gather(self, name: str, src: Tensor, index: Tensor) -> Tensor:
         """``src.index_select(0, index)``, into a reused buffer where allowed."""
         if not self.reuse or src.device.type != "cpu":  # CUDA has its own caching allocator
-            return src.index_select(0, index)
+            return _gather_rows(src, index)
         shape = (index.shape[0], *src.shape[1:])
         need = math.prod(shape)
         store = self._local.__dict__.setdefault("buffers", {})
@@ -370,16 +372,26 @@ def _full_rows_attn_mask(m: Tensor, full: FullGroup, plan: Plan, b: int, length:
     return sel.reshape(bm, hm, rows.shape[1] * b, m.shape[-1])
 
 
-def _chunks(g: Group, step: int) -> list[Group]:
-    """``g`` split into consecutive runs of at most ``step`` rows (views, no copies)."""
-    n = g.rows.shape[0]
-    if n <= step:
-        return [g]
-    return [
-        Group(g.rows[i : i + step], g.kv_rows[i : i + step], g.key_blocks[i : i + step],
-              g.heads[i : i + step], g.query_blocks[i : i + step], g.struct_mask)
-        for i in range(0, n, step)
-    ]
+class _GatherRows(torch.autograd.Function):
+    """``src.index_select(0, index)`` whose backward is one ``index_add_`` (autograd's default
+    backward of index_select takes a much slower scatter path on CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, src: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = src.shape[0]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.rows, *grad.shape[1:]))
+        return out.index_add_(0, index, grad), None  # differentiable: double backward works
+
+
+def _gather_rows(src: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` of ``src`` (dim 0), with a fast backward."""
+    return _GatherRows.apply(src, index)
 
 
 class BigBirdAttention(SparseAttention):

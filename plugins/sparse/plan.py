@@ -49,6 +49,7 @@ class Plan:
     padded_len: int
     groups: tuple[Group, ...]
     full: FullGroup | None
+    inverse: Tensor  # (H * nb,) long: where row r sits in [group outputs | full outputs | 0 block]
     active_pairs: int  # number of (h, I, J) blocks computed
     has_empty: bool  # some row attends to no block (its output is 0)
 
@@ -104,8 +105,14 @@ def make_plan(layout: Tensor, block: int, length: int, causal: bool, device: tor
                 struct_mask=_struct_mask(c, block, tail, causal).to(device) if s else None,
             )
         )
-    active = int(layout.sum())
-    return Plan(nb, nb * block, tuple(groups), full, active, bool((counts == 0).any()))
+    # Outputs are concatenated as [group rows..., full rows..., one zero block]: invert that order.
+    order = [g.rows.cpu() for g in groups] + ([full.rows.cpu()] if full is not None else [])
+    inverse = torch.full((heads * nb,), sum(int(o.numel()) for o in order), dtype=torch.long)
+    if order:
+        cat = torch.cat(order)
+        inverse[cat] = torch.arange(cat.numel())
+    has_empty = bool((counts == 0).any())
+    return Plan(nb, nb * block, tuple(groups), full, inverse.to(device), int(layout.sum()), has_empty)
 
 
 def _struct_mask(c: int, block: int, tail: int, causal: bool) -> Tensor:
