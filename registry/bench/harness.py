@@ -35,7 +35,9 @@ class _Run:
         self.choices = choices
         self.out = out
         self.progress = progress or (lambda desc, done, total: None)
-        self.prober = prober or Prober(settings.threads, settings.max_memory, settings.max_call_s)
+        preload = tuple(m for c in choices for m in (getattr(c.spec.factory, "__module__", None),
+                                                     type(c.config).__module__) if m)
+        self.prober = prober or Prober(settings.threads, settings.max_memory, settings.max_call_s, preload)
         self.history: dict[str, list[tuple[int, float, float]]] = {}  # series -> (L, bytes, first s)
         self.dead: dict[str, str] = {}  # series -> why its larger lengths are skipped
         self.modules: dict[str, Any] = {}
@@ -75,8 +77,8 @@ class _Run:
         if len(history) < 2 and job.length > _CALIBRATE_ABOVE:
             for n in (max(8, job.length // 8), max(16, job.length // 4)):
                 cal = self.prober.run(job.at_length(n), s.target_s, s.slow_s, repeat=False)
-                if cal.status == "ok" and cal.total_bytes is not None and cal.first_s is not None:
-                    history.append((n, float(cal.total_bytes), cal.first_s))
+                if cal.status == "ok" and cal.total_bytes is not None and cal.samples:
+                    history.append((n, float(cal.total_bytes), median(cal.samples)))
         est_mem = extrapolate([(n, b) for n, b, _ in history], job.length, 1.0, 2.5, floor=2**20)
         est_time = extrapolate([(n, t) for n, _, t in history], job.length, 1.0, 3.0, floor=1e-4)
         point["estimate"] = {"bytes": est_mem, "call_s": est_time}
@@ -94,8 +96,8 @@ class _Run:
         if res.status != "ok":
             point.update(status="error", reason=res.reason)
             return point
-        if res.total_bytes is not None and res.first_s is not None:
-            history.append((job.length, float(res.total_bytes), res.first_s))
+        if res.total_bytes is not None and res.samples:
+            history.append((job.length, float(res.total_bytes), median(res.samples)))
         point["time"] = {"median_s": median(res.samples), "iqr_s": iqr(res.samples),
                          "min_s": min(res.samples), "repeats": len(res.samples),
                          "warmup_excluded": res.warmup, "samples_s": res.samples}

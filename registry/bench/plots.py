@@ -54,8 +54,12 @@ def plot_results(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     paths = []
     metrics = (("time", "seconds", "time_exponent"), ("memory", "peak MiB", "memory_exponent"))
     for metric, unit, fit_key in metrics:
-        fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.8), squeeze=False)
-        for ax, (mode, causal) in zip(axes[0], panels, strict=True):
+        ncols = min(2, len(panels))
+        nrows = -(-len(panels) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, 5.5 * nrows), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (mode, causal) in zip(axes.flat, panels, strict=False):
             for series, pts in _series_points(doc, mode, causal, metric).items():
                 kind, variant = kinds[series]
                 fit = (fits.get((series, mode, causal)) or {}).get(fit_key)
@@ -73,7 +77,7 @@ def plot_results(doc: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_title(f"{metric}: {mode}{' causal' if causal else ''}")
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=6, ncol=2 if len(ax.get_lines()) > 12 else 1)
         m = doc.get("machine", {})
         s = doc.get("settings", {})
         fig.suptitle(f"attnreg bench ({doc.get('status')}): B={s.get('batch')} H={s.get('heads')} "

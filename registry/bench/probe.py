@@ -137,16 +137,22 @@ def _child(job: Job, threads: int, target_s: float, slow_s: float, repeat: bool,
 class Prober:
     """Runs jobs in fresh processes with a memory watchdog and a time limit."""
 
-    def __init__(self, threads: int, max_memory: int, max_call_s: float) -> None:
+    def __init__(self, threads: int, max_memory: int, max_call_s: float,
+                 preload: tuple[str, ...] = ()) -> None:
         self.threads = threads
         self.max_memory = max_memory
         self.max_call_s = max_call_s
+        # Modules imported once by the fork server, not in every child: the variants' plugins, and
+        # what torch imports lazily on first use (~1-2 s each): sympy on the first backward with a
+        # non-scalar gradient, torch._dynamo on the first torch.utils.checkpoint call.
+        self.preload = ("torch", "torch.fx.experimental.symbolic_shapes", "torch._dynamo",
+                        "attnreg.bench.cases", *preload)
         self._ctx: Any = None
 
     def _context(self) -> Any:
         if self._ctx is None:
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["torch", "attnreg.bench.cases"])
+            ctx.set_forkserver_preload(list(dict.fromkeys(self.preload)))
             self._ctx = ctx
         return self._ctx
 
