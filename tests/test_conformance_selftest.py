@@ -132,6 +132,48 @@ class ForwardDisagrees(Textbook):
         return (w @ value.to(w.dtype)).to(query.dtype)
 
 
+class MixesHeads(Textbook):
+    """Adds a little of the mean over heads to every head's logits."""
+
+    variant = "selftest_mixes_heads"
+
+    def _logits(self, q: Tensor, k: Tensor, masks: Masks) -> Tensor:
+        logits = super()._logits(q, k, masks)
+        return logits + 0.1 * logits.mean(dim=1, keepdim=True)
+
+
+class DropoutInEval(Textbook):
+    """Applies dropout in eval mode too."""
+
+    variant = "selftest_dropout_in_eval"
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        w = self._softmax(self._logits(query, key, masks), self._allowed(masks, query.device))
+        w = F.dropout(w, self.dropout_p)  # ignores self.training
+        return (w @ value.to(w.dtype)).to(query.dtype)
+
+
+class PositionBiased(Textbook):
+    """Adds a key-position bias, yet declares permutation_invariant=True."""
+
+    variant = "selftest_position_biased"
+
+    def _logits(self, q: Tensor, k: Tensor, masks: Masks) -> Tensor:
+        pos = torch.arange(k.shape[2], device=k.device, dtype=q.dtype)  # (Lk,)
+        return super()._logits(q, k, masks) + 0.05 * pos
+
+
+class NeedsContiguous(Textbook):
+    """Reshapes with .view, which breaks on transposed inputs."""
+
+    variant = "selftest_needs_contiguous"
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        b, h, lq, e = query.shape
+        flat = query.view(b * h, lq, e)  # (B*H, Lq, E): fails on non-contiguous input
+        return super()._attend(flat.view(b, h, lq, e), key, value, masks)
+
+
 def spec_for(cls: type[Textbook], **extra: Any) -> VariantSpec:
     """A ``VariantSpec`` (with its own config model) for one of the classes above."""
     name = cls.variant
@@ -150,6 +192,11 @@ BROKEN = {
     SilentCausal: ("unsupported_features_raise", NoCausal),
     NaNOnEmptyRows: ("fully_masked_rows", Textbook),
     ForwardDisagrees: ("forward_matches_weights", Textbook),
+    # Beyond the five the issue asks for: more rules, each with its catching check.
+    MixesHeads: ("head_independence", Textbook),
+    DropoutInEval: ("dropout", Textbook),
+    PositionBiased: ("permutation_invariance", Textbook),
+    NeedsContiguous: ("non_contiguous_inputs", Textbook),
 }
 
 
@@ -173,6 +220,12 @@ def registered() -> Iterator[dict[str, VariantSpec]]:
 def test_broken_variant_is_caught_by_its_check(registered: dict[str, VariantSpec],
                                                cls: type[Textbook]) -> None:
     check, control = BROKEN[cls]
+    if cls is NeedsContiguous:  # a crash, not a finding: reported with the sizes of the inputs
+        with pytest.raises(RuntimeError) as crashed:
+            run_check(cls.variant, check)
+        assert "inputs: B=" in "".join(getattr(crashed.value, "__notes__", [])), crashed.value
+        run_check(control.variant, check)
+        return
     with pytest.raises(CheckFailure) as caught:
         run_check(cls.variant, check)
     msg = str(caught.value)

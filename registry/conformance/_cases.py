@@ -13,7 +13,7 @@ from attnreg.core import VariantSpec
 
 from . import _checks_contract, _checks_masking, _checks_numeric  # noqa: F401 - registers the checks
 from ._checks_contract import split_check_key
-from ._framework import CHECKS, NotApplicable, Subject, dtype_name, parse_dtype
+from ._framework import CHECKS, CheckFailure, NotApplicable, Subject, dtype_name, parse_dtype
 
 __all__ = ["Case", "build_cases", "parse_xfail", "pytest_params", "run_case", "run_check", "select_specs"]
 
@@ -115,8 +115,17 @@ def run_check(variant: str | VariantSpec, check: str, dtype: str | torch.dtype =
     if na:
         raise NotApplicable(na)
     dt = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype)
+    subject = Subject(spec, dt, torch.device(device))
     with torch.random.fork_rng(devices=[]):
-        chk.fn(Subject(spec, dt, torch.device(device)))
+        try:
+            chk.fn(subject)
+        except (CheckFailure, NotApplicable):
+            raise
+        except Exception as err:
+            # A crash inside the variant: name the inputs it was given (kept in the traceback).
+            if subject.last_sizes and hasattr(err, "add_note"):
+                err.add_note(f"inputs: {subject.last_sizes}")
+            raise
 
 
 def run_case(case: Case) -> None:

@@ -54,7 +54,9 @@ class ConformanceItem(pytest.Item):
         excinfo.traceback = tb[start:].filter(
             lambda e: not str(e.path).endswith("torch/nn/modules/module.py"))
         text = str(excinfo.getrepr(style="short", chain=False))
-        return format_failure(self.case, f"raised {excinfo.type.__name__}: {excinfo.value}") + f"\n{text}"
+        notes = "; ".join(getattr(excinfo.value, "__notes__", []))
+        what = f"raised {excinfo.type.__name__}: {excinfo.value}" + (f" ({notes})" if notes else "")
+        return format_failure(self.case, what) + f"\n{text}"
 
     def reportinfo(self) -> tuple[Any, int, str]:
         return self.path, 0, f"attnreg conformance: {self.case.id}"

@@ -143,6 +143,7 @@ class Subject:
     spec: VariantSpec
     dtype: torch.dtype
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    last_sizes: str = ""  # sizes of the latest inputs made, named when the variant crashes
 
     @property
     def caps(self) -> Capabilities:
@@ -187,6 +188,7 @@ class Subject:
         q = self.randn(b, h, lq, e, seed=seed, dtype=dtype)  # (B, H, Lq, E)
         k = self.randn(b, h, lk, e, seed=seed + 1, dtype=dtype)  # (B, H, Lk, E)
         v = self.randn(b, h, lk, ev, seed=seed + 2, dtype=dtype)  # (B, H, Lk, Ev)
+        self.last_sizes = sizes_of(q, k, v)
         return tuple(t.requires_grad_(grad) for t in (q, k, v))  # type: ignore[return-value]
 
     def bool_mask(self, *shape: int, seed: int, keep: float = 0.7) -> Tensor:
