@@ -82,10 +82,10 @@ def bench_cmd(
         bar, update = _progress_bar()
         with bar:
             doc = run_bench(settings, choices, out=out, progress=update)
-        print_report(doc, console)
+        print_report(doc, _wide())
         if previous is not None:
             table, _ = compare_runs(doc, previous)
-            console.print(table)
+            _wide().print(table)
         if plots:
             _plot(doc, out)
         console.print(f"results: {out / 'results.json'}")
@@ -96,6 +96,13 @@ def bench_cmd(
     if failed:
         err_console.print(f"[red]failed the correctness gate (not timed):[/] {', '.join(failed)}")
         raise typer.Exit(EXIT_FAILURE)
+
+
+def _wide() -> Any:
+    """The shared console, or a wide one when output is not a terminal (logs keep every column)."""
+    from rich.console import Console
+
+    return console if console.is_terminal else Console(width=220, highlight=False)
 
 
 def _plot(doc: dict[str, Any], out: Path) -> None:
@@ -120,5 +127,5 @@ def plot_cmd(
         target = out if out is not None else results.parent
         target.mkdir(parents=True, exist_ok=True)
         if tables:
-            print_report(doc, console)
+            print_report(doc, _wide())
         _plot(doc, target)
