@@ -15,6 +15,8 @@ versions and kernels): they are opened and their output is zeroed afterwards, so
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -78,99 +80,124 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, 
                     scale: float, dropout_p: float = 0.0) -> Tensor:
     """Sliding-window softmax attention, ``(B, H, L, E) x 3 -> (B, H, L, Ev)``; O(L*(block+2w)) work."""
     length = q.shape[2]
-    span = block + window * (1 if masks.is_causal else 2)
-    if length <= block or span >= length:  # blocking cannot beat one dense call here
+    right = 0 if masks.is_causal else window
+    interior = (length - right) // block - -(-window // block)  # blocks with their whole window in [0, L)
+    if interior < 1 or block + window + right >= length:  # blocking cannot beat one dense call here
         return _dense(q, k, v, masks, window, dropout_p, scale)
     return _blocked(q, k, v, masks, window, block, scale, dropout_p)
+
+
+@functools.lru_cache(maxsize=64)
+def _band_bias(block: int, window: int, is_causal: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``block_band`` as SDPA's additive mask ``(1, 1, block, span)`` (0 / -inf), built once per shape."""
+    band = block_band(block, window, is_causal, device)  # (block, span)
+    return torch.zeros(band.shape, dtype=dtype, device=device).masked_fill_(~band, float("-inf"))[None, None]
 
 
 def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
              scale: float, dropout_p: float) -> Tensor:
     b_, h_, length, e_ = q.shape
     ev = v.shape[-1]
-    causal = masks.is_causal
-    dev = q.device
-    nb = -(-length // blk)  # number of query blocks
-    lq = nb * blk  # padded query length
-    right = 0 if causal else w  # keys a block may see beyond its own rows
+    # Contiguous inputs let the block views below fold (B, H) together without copying.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    right = 0 if masks.is_causal else w  # keys a block may see beyond its own rows
     span = blk + w + right
-    qp = F.pad(q, (0, 0, 0, lq - length))  # (B, H, Lq, E)
-    kp = F.pad(k, (0, 0, w, lq - length + right))  # (B, H, Lq + w + right, E); zeros are masked below
-    vp = F.pad(v, (0, 0, w, lq - length + right))  # (B, H, Lq + w + right, Ev)
-    kwin = kp.unfold(2, span, blk).transpose(-1, -2)  # (B, H, nb, span, E): overlapping view, no copy
-    vwin = vp.unfold(2, span, blk).transpose(-1, -2)  # (B, H, nb, span, Ev)
-    band = block_band(blk, w, causal, dev)  # (blk, span)
+    lo = -(-w // blk)  # first block whose window starts at a key >= 0
+    hi = (length - right) // blk  # blocks [lo, hi) are "interior": whole window inside [0, L)
+    n = hi - lo
+    s0 = lo * blk - w  # first key of block lo's window
+    q_run = q.narrow(2, lo * blk, n * blk).reshape(b_, h_, n, blk, e_)  # (B, H, n, blk, E) view
+    k_run = k.narrow(2, s0, (n - 1) * blk + span).unfold(2, span, blk).transpose(-1, -2)  # (B, H, n, span, E)
+    v_run = v.narrow(2, s0, (n - 1) * blk + span).unfold(2, span, blk).transpose(-1, -2)  # overlapping views
 
-    # Which keys are real, in padded coordinates; and which (batch, block) pairs see a non-real one.
-    pos = torch.arange(lq + w + right, device=dev) - w  # (Lk_pad,): key index j
-    valid = ((pos >= 0) & (pos < length))[None]  # (1, Lk_pad)
+    # Interior (batch, block) pairs that a shared band cannot serve: padded keys in the window, or an
+    # attn_mask (it differs per block). They get their own 4-D mask in a second call.
+    dirty = empty = None  # (B, n) bool
+    kmw = None
     if masks.key_mask is not None:
-        valid = valid & F.pad(masks.key_mask, (w, lq - length + right))  # (B, Lk_pad)
-    # A causal block's keys past L are only reachable by its padding rows: they do not make it dirty.
-    reach = valid | (pos >= length) if causal else valid  # (B|1, Lk_pad)
-    valid_win = valid.unfold(-1, span, blk)  # (B|1, nb, span)
-    dirty = (~reach.unfold(-1, span, blk)).any(-1).expand(b_, nb)  # (B, nb)
-    if masks.attn_mask is not None:  # a dense mask differs per block: no block can share the band
-        dirty = torch.ones(b_, nb, dtype=torch.bool, device=dev)
-    empty = (~valid_win.any(-1)).expand(b_, nb)  # (B, nb): no real key at all -> output 0
-    fix = dirty & ~empty  # (B, nb): pairs computed with their own mask
-    clean_cols = (~dirty).any(0).nonzero().flatten()  # blocks clean in at least one batch item
+        kmw = masks.key_mask.narrow(1, s0, (n - 1) * blk + span).unfold(1, span, blk)  # (B, n, span)
+        dirty, empty = ~kmw.all(-1), ~kmw.any(-1)
+    if masks.attn_mask is not None:
+        dirty = torch.ones(b_, n, dtype=torch.bool, device=q.device)
+        empty = empty if empty is not None else torch.zeros_like(dirty)
 
-    if clean_cols.numel():
-        lo, hi = int(clean_cols[0]), int(clean_cols[-1]) + 1
-        main = F.scaled_dot_product_attention(
-            qp.reshape(b_ * h_, nb, blk, e_)[:, lo:hi],
-            kwin.reshape(b_ * h_, nb, span, e_)[:, lo:hi],
-            vwin.reshape(b_ * h_, nb, span, ev)[:, lo:hi],
-            attn_mask=band[None, None], dropout_p=dropout_p, scale=scale,
-        )  # (B*H, hi-lo, blk, Ev)
-        out = F.pad(main.reshape(b_, h_, hi - lo, blk, ev), (0, 0, 0, 0, lo, nb - hi))  # (B, H, nb, blk, Ev)
-        in_main = torch.zeros(nb, dtype=torch.bool, device=dev)
-        in_main[lo:hi] = True
-        zero = empty & in_main  # (B, nb): empty pairs the clean call gave a (wrong) non-zero output
+    if dirty is not None and bool(dirty.all()):
+        main = q.new_zeros(b_, h_, n * blk, ev)  # every pair is recomputed below
     else:
-        out = qp.new_zeros(b_, h_, nb, blk, ev)  # (B, H, nb, blk, Ev)
-        zero = torch.zeros_like(dirty)
+        main = F.scaled_dot_product_attention(
+            q_run.reshape(b_ * h_, n, blk, e_), k_run.reshape(b_ * h_, n, span, e_),
+            v_run.reshape(b_ * h_, n, span, ev),  # blocks folded into SDPA's head dim: views, no copy
+            attn_mask=_band_bias(blk, w, masks.is_causal, q.dtype, q.device),
+            dropout_p=dropout_p, scale=scale,
+        ).reshape(b_, h_, n * blk, ev)  # (B, H, n*blk, Ev)
 
-    bi, bk = fix.nonzero(as_tuple=True)  # (P,), (P,)
-    zi, zk = zero.nonzero(as_tuple=True)  # (Z,), (Z,)
-    if bi.numel() == 0 and zi.numel() == 0:
-        return out.reshape(b_, h_, lq, ev)[:, :, :length]
-    pieces = []
-    if bi.numel():
-        qf = qp.reshape(b_, h_, nb, blk, e_)[bi, :, bk]  # (P, H, blk, E)
-        kf = kwin[bi, :, bk]  # (P, H, span, E)
-        vf = vwin[bi, :, bk]  # (P, H, span, Ev)
-        vb = bi if valid_win.shape[0] > 1 else torch.zeros_like(bi)
-        allowed = band[None, None] & valid_win[vb, bk][:, None, None, :]  # (P, 1, blk, span)
-        bias = None
-        if masks.attn_mask is not None:
-            am = _gather_blocks(masks.attn_mask, bi, bk, blk, w, span, length)  # (P, H|1, blk, span)
-            if am.dtype == torch.bool:
-                allowed = allowed & am
-            else:
-                allowed, bias = allowed & (am != float("-inf")), am
-        pieces.append(_sdpa_masked(qf, kf, vf, allowed, bias, dropout_p, scale))  # (P, H, blk, Ev)
-    if zi.numel():
-        pieces.append(out.new_zeros(zi.numel(), h_, blk, ev))
-        bi, bk = torch.cat([bi, zi]), torch.cat([bk, zk])
-    fixed = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (P + Z, H, blk, Ev)
-    out = out.transpose(1, 2).index_put((bi, bk), fixed).transpose(1, 2)  # (B, H, nb, blk, Ev)
-    return out.reshape(b_, h_, lq, ev)[:, :, :length]
+    pieces = [main]
+    if lo > 0:  # left edge: queries [0, lo*blk) see keys [0, lo*blk + right)
+        pieces.insert(0, _edge(q, k, v, masks, (0, lo * blk), (0, min(length, lo * blk + right)),
+                               w, scale, dropout_p))
+    if hi * blk < length:  # right edge: queries [hi*blk, L) see keys [hi*blk - w, L)
+        pieces.append(_edge(q, k, v, masks, (hi * blk, length), (hi * blk - w, length), w, scale, dropout_p))
+    out = torch.cat(pieces, dim=2)  # (B, H, L, Ev); a fresh tensor, safe to write into below
+
+    if dirty is not None:
+        inner = out.narrow(2, lo * blk, n * blk).view(b_, h_, n, blk, ev).transpose(1, 2)  # (B,n,H,blk,Ev)
+        bi, bk = (dirty & ~empty).nonzero(as_tuple=True)  # (P,), (P,)
+        if bi.numel():
+            allowed = block_band(blk, w, masks.is_causal, q.device)[None, None]  # (1, 1, blk, span)
+            if kmw is not None:
+                allowed = allowed & kmw[bi, bk][:, None, None, :]  # (P, 1, blk, span)
+            bias = None
+            if masks.attn_mask is not None:
+                rows = (lo + bk[:, None]) * blk + torch.arange(blk, device=q.device)  # (P, blk): query i
+                cols = (lo + bk[:, None]) * blk - w + torch.arange(span, device=q.device)  # (P, span): key j
+                am = _gather_blocks(masks.attn_mask, bi, rows, cols)  # (P, H|1, blk, span)
+                if am.dtype == torch.bool:
+                    allowed = allowed & am
+                else:
+                    allowed, bias = allowed & (am != float("-inf")), am
+            inner.index_put_((bi, bk), _sdpa_masked(
+                q_run[bi, :, bk], k_run[bi, :, bk], v_run[bi, :, bk],  # (P, H, blk|span, E) gathered copies
+                allowed, bias, dropout_p, scale,
+            ))
+        zi, zk = empty.nonzero(as_tuple=True)  # pairs with no real key: output 0
+        if zi.numel():
+            inner.index_put_((zi, zk), out.new_zeros(()))
+    return out
 
 
-def _gather_blocks(mask: Tensor, bi: Tensor, bk: Tensor, blk: int, w: int, span: int,
-                   length: int) -> Tensor:
-    """The ``(P, H|1, blk, span)`` pieces of a 4-D (broadcast) mask seen by pairs (bi, bk).
+def _edge(q: Tensor, k: Tensor, v: Tensor, masks: Masks, rows: tuple[int, int], cols: tuple[int, int],
+          w: int, scale: float, dropout_p: float) -> Tensor:
+    """Queries ``rows`` against keys ``cols`` (small, at a sequence end) with a dense rectangular band."""
+    (i0, i1), (j0, j1) = rows, cols
+    i = torch.arange(i0, i1, device=q.device)[:, None]  # (li, 1)
+    j = torch.arange(j0, j1, device=q.device)[None, :]  # (1, lj)
+    allowed = (i - j).abs() <= w  # (li, lj)
+    if masks.is_causal:
+        allowed = allowed & (j <= i)
+    qs, ks, vs = q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1]  # slices: views
+    if masks.key_mask is None and masks.attn_mask is None:  # key i is in cols: no row is empty
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
+    allowed = allowed[None, None]  # (1, 1, li, lj)
+    if masks.key_mask is not None:
+        allowed = allowed & masks.key_mask[:, None, None, j0:j1]  # (B, 1, li, lj)
+    bias = None
+    if masks.attn_mask is not None:
+        m = masks.attn_mask  # (B|1, H|1, L|1, L|1)
+        full = slice(None)  # size-1 (broadcast) dims are kept whole
+        m = m[:, :, slice(i0, i1) if m.shape[2] > 1 else full, slice(j0, j1) if m.shape[3] > 1 else full]
+        if m.dtype == torch.bool:
+            allowed = allowed & m
+        else:
+            allowed, bias = allowed & (m != float("-inf")), m
+    return _sdpa_masked(qs, ks, vs, allowed, bias, dropout_p, scale)
 
-    Indices outside ``[0, L)`` are clamped; those rows / keys are masked or discarded elsewhere.
-    """
+
+def _gather_blocks(mask: Tensor, bi: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """The ``(P, H|1, blk, span)`` pieces of a 4-D (broadcast) mask at query ``rows`` (P, blk) and
+    key ``cols`` (P, span) of batch items ``bi`` (P,)."""
     mb, _, mq, mk = mask.shape  # (B|1, H|1, L|1, L|1)
-    dev = mask.device
-    rows = bk[:, None] * blk + torch.arange(blk, device=dev)  # (P, blk): query index i
-    cols = bk[:, None] * blk - w + torch.arange(span, device=dev)  # (P, span): key index j
-    rows = rows.clamp(max=length - 1) if mq > 1 else torch.zeros_like(rows)
-    cols = cols.clamp(0, length - 1) if mk > 1 else torch.zeros_like(cols)
+    rows = rows if mq > 1 else torch.zeros_like(rows)
+    cols = cols if mk > 1 else torch.zeros_like(cols)
     batch = bi if mb > 1 else torch.zeros_like(bi)
     picked = mask.permute(0, 2, 3, 1)[batch[:, None, None], rows[:, :, None], cols[:, None, :]]
     return picked.permute(0, 3, 1, 2)  # (P, H|1, blk, span)
