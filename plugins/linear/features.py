@@ -80,7 +80,7 @@ def feature_pair(
     if key_allowed is not None:
         key = key.masked_fill(~key_allowed, 0.0)  # (B, H, Lk, E): padding values never reach math
     if feature_map == "elu":
-        phi_q, phi_k = F.elu(query) + 1.0, F.elu(key) + 1.0  # (B, H, L, E)
+        phi_q, phi_k = F.elu(query).add_(1.0), F.elu(key).add_(1.0)  # (B, H, L, E)
     elif feature_map == "relu":
         phi_q, phi_k = F.relu(query), F.relu(key)  # (B, H, L, E)
     elif feature_map == "favor":
