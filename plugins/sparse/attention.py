@@ -180,13 +180,15 @@ class SparseAttention(Attention):
             q_all = scratch.gather("q", q3, qi)  # (sum n*B, b, E)
             k_all = scratch.gather("k", k3, ki)  # (sum n*B*c, b, E)
             v_all = scratch.gather("v", v3, ki)  # (sum n*B*c, b, Ev)
-            q_off = k_off = 0
-            for g in plan.groups:
+            # split (not slicing): its backward assembles the gradient in one pass.
+            q_parts = q_all.split([g.rows.shape[0] * bsz for g in plan.groups])
+            k_parts = k_all.split([g.kv_rows.numel() * bsz for g in plan.groups])
+            v_parts = v_all.split([g.kv_rows.numel() * bsz for g in plan.groups])
+            for g, qp, kp, vp in zip(plan.groups, q_parts, k_parts, v_parts, strict=True):
                 n, c = g.kv_rows.shape
-                qg = q_all[q_off : q_off + n * bsz].view(n, bsz, b, e)  # (n, B, b, E)
-                kg = k_all[k_off : k_off + n * bsz * c].view(n, bsz, c * b, e)  # (n, B, c*b, E)
-                vg = v_all[k_off : k_off + n * bsz * c].view(n, bsz, c * b, ev)  # (n, B, c*b, Ev)
-                q_off, k_off = q_off + n * bsz, k_off + n * bsz * c
+                qg = qp.view(n, bsz, b, e)  # (n, B, b, E)
+                kg = kp.view(n, bsz, c * b, e)  # (n, B, c*b, E)
+                vg = vp.view(n, bsz, c * b, ev)  # (n, B, c*b, Ev)
                 mask, dead = self._group_mask(g, masks, km, plan, length, query.dtype)
                 og = F.scaled_dot_product_attention(
                     qg, kg, vg, attn_mask=mask, dropout_p=self.active_dropout, scale=scale
