@@ -77,12 +77,13 @@ def spec_metadata(s: Subject) -> None:
 def learnable_parameters(s: Subject) -> None:
     """``learnable`` verified both ways. True: the config has ``num_heads`` and ``head_dim``,
     the module has trainable parameters, each gets a non-zero gradient, and the seed changes the
-    initialisation. False: the module has no parameters (buffers are allowed)."""
+    initialisation. False: the module has no trainable parameters (buffers are allowed)."""
     m = s.build()
     params = dict(m.named_parameters())
     if not s.caps.learnable:
-        if params:
-            raise CheckFailure(f"declares learnable=False but has parameters {sorted(params)}")
+        trainable = sorted(n for n, p in params.items() if p.requires_grad)
+        if trainable:
+            raise CheckFailure(f"declares learnable=False but has trainable parameters {trainable}")
         return
     missing = [f for f in ("num_heads", "head_dim") if f not in s.spec.config.model_fields]
     if missing:
