@@ -118,7 +118,8 @@ class FakeProber:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
 
-    def run(self, job: Job, target_s: float, slow_s: float, repeat: bool = True) -> ProbeResult:
+    def run(self, job: Job, target_s: float, slow_s: float, repeat: bool = True,
+            max_call_s: float | None = None) -> ProbeResult:
         self.calls.append((job.kind, job.length))
         t = 1e-3 * (job.length / 64) ** 2
         return ProbeResult("ok", samples=[t, t, t], first_s=t, warmup=True,
@@ -146,17 +147,21 @@ def test_memory_and_time_estimates_skip_points_with_reason() -> None:
     s = _quick(lengths=(64, 128, 256, 512), max_memory=1000 * 200**2)  # 1000 * 256^2 is over
     fake = FakeProber()
     doc = run_bench(s, [parse_variant("dot_product", s.heads, s.head_dim)], prober=fake)  # type: ignore[arg-type]
-    by_len = {p["length"]: p for p in doc["points"] if p["series"] == "sdpa"}
+    by_len = {p["length"]: p for p in doc["points"] if p["series"] == "dot_product"}
     assert by_len[128]["status"] == "ok"
     assert by_len[256]["status"] == "skipped" and "--max-memory" in by_len[256]["reason"]
     assert by_len[256]["estimate"]["bytes"] == pytest.approx(1000 * 256**2)
-    assert "already" not in by_len[256]["reason"] and "at L=256" in by_len[512]["reason"]
-    assert ("sdpa", 256) not in fake.calls and ("sdpa", 512) not in fake.calls
-    s = _quick(lengths=(64, 128, 256), max_call_s=0.010)  # 4 ms at 128 -> 16 ms at 256
+    assert "at L=256" not in by_len[256]["reason"] and "at L=256" in by_len[512]["reason"]
+    assert not {("variant", 256), ("variant", 512), ("sdpa", 256), ("sdpa", 512)} & set(fake.calls)
+    # The baseline is only measured where a variant was: nothing to compare with otherwise.
+    sdpa = {p["length"]: p for p in doc["points"] if p["series"] == "sdpa"}
+    assert sdpa[128]["status"] == "ok" and "not needed" in sdpa[256]["reason"]
+    s = _quick(lengths=(64, 128, 256), max_call_s=0.010, max_baseline_call_s=1.0)  # 4 ms at 128 -> 16 ms
     doc = run_bench(s, [parse_variant("dot_product", s.heads, s.head_dim)], prober=FakeProber())  # type: ignore[arg-type]
     skipped = [p for p in doc["points"] if p["status"] == "skipped"]
-    assert skipped and all("per-point budget" in p["reason"] and p["length"] == 256 for p in skipped)
-    row = next(r for r in doc["summary"] if r["series"] == "sdpa")
+    assert [p["series"] for p in skipped] == ["dot_product", "sdpa"]
+    assert "per-point budget 0.01 s" in skipped[0]["reason"] and skipped[0]["length"] == 256
+    row = next(r for r in doc["summary"] if r["series"] == "dot_product")
     assert row["time_exponent"]["exponent"] == pytest.approx(2.0)
     assert row["skipped"] == {"256": skipped[0]["reason"]}
 
@@ -195,4 +200,4 @@ def test_unpicklable_variant_is_timed_in_process_without_memory() -> None:
     doc = run_bench(s, [local])
     p = next(p for p in doc["points"] if p["series"] == "local_factory")
     assert p["status"] == "ok" and p["memory"]["peak_bytes"] is None and "memory not measured" in p["note"]
-    assert derive(doc)["points"][1]["speedup"]["sdpa"] > 0
+    assert derive(doc)["points"][0]["speedup"]["sdpa"] > 0  # variants first, then baselines

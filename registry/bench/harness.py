@@ -40,6 +40,7 @@ class _Run:
         self.prober = prober or Prober(settings.threads, settings.max_memory, settings.max_call_s, preload)
         self.history: dict[str, list[tuple[int, float, float]]] = {}  # series -> (L, bytes, first s)
         self.dead: dict[str, str] = {}  # series -> why its larger lengths are skipped
+        self.ok: set[tuple[str, str, bool, int]] = set()  # (series, mode, causal, L) measured
         self.modules: dict[str, Any] = {}
         self.doc: dict[str, Any] = {
             "schema": SCHEMA,
@@ -72,6 +73,9 @@ class _Run:
         point: dict[str, Any] = {**meta, "series": series, "mode": job.mode, "causal": job.causal,
                                  "length": job.length, "status": "ok", "reason": None}
         history = self.history.setdefault(series, [])
+        needs = point.pop("needs", None)
+        if needs is not None and not any((n, job.mode, job.causal, job.length) in self.ok for n in needs):
+            return self.skip(point, "not needed: no variant to compare with was measured at this length")
         if series in self.dead:
             return self.skip(point, self.dead[series])
         if len(history) < 2 and job.length > _CALIBRATE_ABOVE:
@@ -85,10 +89,11 @@ class _Run:
         if est_mem is not None and est_mem > s.max_memory:
             return self.skip(point, f"estimated {est_mem / 2**30:.1f} GiB > --max-memory "
                                     f"{s.max_memory / 2**30:.1f} GiB", series)
-        if est_time is not None and est_time > s.max_call_s:
+        budget = s.max_call_s if job.kind == "variant" else s.max_baseline_call_s
+        if est_time is not None and est_time > budget:
             return self.skip(point, f"estimated {est_time:.0f} s per call > per-point budget "
-                                    f"{s.max_call_s:g} s", series)
-        res = self.prober.run(job, s.target_s, s.slow_s)
+                                    f"{budget:g} s", series)
+        res = self.prober.run(job, s.target_s, s.slow_s, max_call_s=budget)
         if res.status == "unpicklable":
             res = self.in_process(job, res.reason or "")
         if res.status in ("memory", "timeout"):
@@ -106,6 +111,7 @@ class _Run:
             point["note"] = res.reason
         if flops is not None:
             point["flops"] = flops * (3.0 if job.mode == "fwdbwd" else 1.0)
+        self.ok.add((series, job.mode, job.causal, job.length))
         return point
 
     def skip(self, point: dict[str, Any], reason: str, series: str | None = None) -> dict[str, Any]:
@@ -162,33 +168,46 @@ class _Run:
                 self.modules[choice.label] = module
                 entry["pattern_mask"] = callable(getattr(module, "pattern_mask", None))
                 baselines = getattr(module, "benchmark_baselines", None)
-                entry["baselines"] = sorted(baselines()) if callable(baselines) else []
+                own = sorted(baselines()) if callable(baselines) else []
+                # The bench itself times SDPA with pattern_mask (sdpa_masked[...]): a variant's own
+                # "sdpa_dense..." baseline would be the same measurement twice.
+                dup = [b for b in own if entry["pattern_mask"] and b.startswith("sdpa_dense")]
+                entry["baselines"] = [b for b in own if b not in dup]
+                if dup:
+                    entry["baselines_not_run"] = {b: "same as the bench's sdpa_masked baseline" for b in dup}
                 entry["flops"] = callable(getattr(module, "flops", None)) or choice.is_dense_sdpa
                 passed.append(choice)
         return passed
 
     def plan(self, passed: list[VariantChoice]) -> list[tuple[str, Job, float | None, dict[str, Any]]]:
+        """Per (L, mode, causal): the variants, then the baselines. A baseline point ``needs`` a
+        measured variant point at the same (L, mode, causal): baselines are only there to be
+        compared with, and the dense ones are the slowest points of a run."""
         s, plan = self.s, []
         for length in s.lengths:
             for mode in s.modes:
                 for causal in s.causal_flags(True):
-                    plan.append(("sdpa", self.job("sdpa", length, mode, causal),
-                                 sdpa_flops(s.batch, s.heads, length, s.head_dim, causal),
-                                 {"kind": "sdpa", "variant": None}))
-                    for c in passed:
-                        if causal not in s.causal_flags(c.spec.capabilities.causal):
-                            continue
+                    group = [c for c in passed if causal in s.causal_flags(c.spec.capabilities.causal)]
+                    baselines = []
+                    for c in group:
                         entry, module = self.doc["variants"][c.label], self.modules[c.label]
                         job = self.job("variant", length, mode, causal, c)
                         plan.append((c.label, job, variant_flops(module, job, c.is_dense_sdpa),
                                      {"kind": "variant", "variant": c.label}))
+                        meta = {"variant": c.label, "needs": [c.label]}
                         if entry["pattern_mask"]:
-                            masked = self.job("sdpa_masked", length, mode, causal, c)
-                            plan.append((f"sdpa_masked[{c.label}]", masked, None,
-                                         {"kind": "sdpa_masked", "variant": c.label}))
+                            job = self.job("sdpa_masked", length, mode, causal, c)
+                            meta_m = {**meta, "kind": "sdpa_masked"}
+                            baselines.append((f"sdpa_masked[{c.label}]", job, None, meta_m))
                         for b in entry["baselines"]:
-                            plan.append((f"{c.label}:{b}", self.job("baseline", length, mode, causal, c, b),
-                                         None, {"kind": "baseline", "variant": c.label, "baseline": b}))
+                            job = self.job("baseline", length, mode, causal, c, b)
+                            meta_b = {**meta, "kind": "baseline", "baseline": b}
+                            baselines.append((f"{c.label}:{b}", job, None, meta_b))
+                    needs = [c.label for c in group] if passed else None
+                    plan.append(("sdpa", self.job("sdpa", length, mode, causal),
+                                 sdpa_flops(s.batch, s.heads, length, s.head_dim, causal),
+                                 {"kind": "sdpa", "variant": None, "needs": needs}))
+                    plan.extend(baselines)
         return plan
 
     def run(self) -> dict[str, Any]:

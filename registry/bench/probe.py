@@ -156,8 +156,10 @@ class Prober:
             self._ctx = ctx
         return self._ctx
 
-    def run(self, job: Job, target_s: float, slow_s: float, repeat: bool = True) -> ProbeResult:
-        """Measure ``job`` in a fresh process (``repeat=False``: one call, for estimates)."""
+    def run(self, job: Job, target_s: float, slow_s: float, repeat: bool = True,
+            max_call_s: float | None = None) -> ProbeResult:
+        """Measure ``job`` in a fresh process (``repeat=False``: one call, for estimates).
+        ``max_call_s`` overrides the prober's per-call budget for this job."""
         try:
             pickle.dumps(job)
         except Exception as exc:  # noqa: BLE001 - e.g. a factory defined in a notebook
@@ -169,18 +171,18 @@ class Prober:
         proc.start()
         send.close()
         try:
-            return self._watch(proc, recv, target_s, slow_s)
+            return self._watch(proc, recv, target_s, slow_s, max_call_s or self.max_call_s)
         finally:
             if proc.is_alive():
                 proc.kill()
             proc.join(5)
             recv.close()
 
-    def _watch(self, proc: Any, recv: Any, target_s: float, slow_s: float) -> ProbeResult:
+    def _watch(self, proc: Any, recv: Any, target_s: float, slow_s: float, budget: float) -> ProbeResult:
         start_rss = None
         input_bytes = None
         # Building inputs (and a dense mask) gets a generous allowance; the call gets the budget.
-        deadline = time.monotonic() + 60.0 + self.max_call_s
+        deadline = time.monotonic() + 60.0 + budget
         while True:
             if recv.poll(_POLL_S):
                 try:
@@ -189,7 +191,7 @@ class Prober:
                     return self._died(proc)
                 if tag == "ready":
                     input_bytes = payload
-                    deadline = time.monotonic() + self.max_call_s + slow_s + 2 * target_s + 10.0
+                    deadline = time.monotonic() + budget + slow_s + 2 * target_s + 10.0
                 elif tag == "done":
                     return ProbeResult("ok", **payload)
                 else:
@@ -208,7 +210,7 @@ class Prober:
             if time.monotonic() > deadline:
                 proc.kill()
                 return ProbeResult(
-                    "timeout", f"killed: one call ran past the per-point budget of {self.max_call_s:g} s",
+                    "timeout", f"killed: one call ran past the per-point budget of {budget:g} s",
                     input_bytes=input_bytes,
                 )
 

@@ -132,8 +132,9 @@ class BenchSettings:
     modes: tuple[str, ...] = MODES
     causal: bool | None = None  # None: both where the variant supports causal
     max_memory: int = field(default_factory=default_max_memory)  # bytes, per point (whole process)
-    max_call_s: float = 30.0  # per-point budget: skip points whose single call would take longer
-    target_s: float = 1.0  # time spent on repeats per point
+    max_call_s: float = 30.0  # per-point budget: skip variant points whose single call would take longer
+    max_baseline_call_s: float = 20.0  # the same for baseline points (dense SDPA, naive formulas)
+    target_s: float = 0.5  # time spent on repeats per point
     slow_s: float = 3.0  # a first call slower than this is the only sample
     fit_min: int = 4096  # scaling exponents fit over lengths >= this (all when fewer than 2)
     gate_length: int = 300  # longer than default windows/blocks, not a multiple of them
@@ -152,7 +153,7 @@ class BenchSettings:
             raise ConfigError(f"--modes {','.join(self.modes)!r}: expected a subset of {','.join(MODES)}")
         if not self.lengths or any(n < 1 for n in self.lengths):
             raise ConfigError(f"lengths must be positive, got {self.lengths}")
-        if self.max_memory <= 0 or self.max_call_s <= 0 or self.target_s <= 0:
+        if min(self.max_memory, self.max_call_s, self.max_baseline_call_s, self.target_s) <= 0:
             raise ConfigError("--max-memory, the per-point time budget and the repeat target must be > 0")
 
     @classmethod
@@ -160,7 +161,7 @@ class BenchSettings:
         """Tiny sizes and short budgets: a smoke test that finishes in seconds."""
         base: dict[str, Any] = dict(
             lengths=QUICK_LENGTHS, heads=2, head_dim=16, target_s=0.01, slow_s=0.5, threads=1,
-            max_call_s=10.0, fit_min=1, gate_length=100, quick=True,
+            max_call_s=10.0, max_baseline_call_s=10.0, fit_min=1, gate_length=100, quick=True,
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
