@@ -317,3 +317,18 @@ def test_docs_describe_every_check() -> None:
     text = (Path(__file__).resolve().parents[1] / "docs" / "conformance.md").read_text()
     missing = [name for name in CHECKS if f"`{name}`" not in text]
     assert not missing, f"docs/conformance.md does not describe {missing}"
+
+
+def test_pytest_plugin_runs_the_suite_with_the_option(tmp_path: Path) -> None:
+    """``pytest --attnreg-variants``: the suite's items join the run, -k selects among them, and an
+    expected failure that passes fails the run (strict)."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", str(tmp_path),
+           "--attnreg-variants=sdpa", "-k", "spec_metadata or mask_causal",
+           "--attnreg-xfail=dot_product:mask_causal=not really broken"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "PASSED attnreg-conformance::spec_metadata[dot_product-float64]" in out, out
+    assert "FAILED attnreg-conformance::mask_causal[dot_product-float64]" in out, out
+    assert "XPASS(strict)" in out, out
