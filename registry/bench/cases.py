@@ -114,7 +114,12 @@ def _attention_fn(job: Job) -> tuple[Callable[[Tensor, Tensor, Tensor], Tensor],
         mask = pattern_of(module, job.length, causal)
         if mask is None:
             raise ValueError(f"variant {module.variant!r} has no pattern_mask(L)")
-        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), (module, mask)
+        scale = module.softmax_scale(job.head_dim)
+
+        def masked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, H, L, Ev)
+
+        return masked, (module, mask)
     if job.kind == "baseline":
         baselines = module.benchmark_baselines()  # type: ignore[operator]
         fn = baselines[job.baseline]

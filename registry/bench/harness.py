@@ -138,9 +138,10 @@ class _Run:
         for n in QUICK_GEMM_SIZES if self.s.quick else GEMM_SIZES:
             res = self.prober.run(self.job("gemm", n, "fwd", False), max(self.s.target_s, 0.2), 1e9)
             if res.status == "ok":
-                gflops = 2.0 * n**3 / median(res.samples) / 1e9
+                # The roof is what the machine CAN do: the fastest repeat, not the median.
+                gflops = 2.0 * n**3 / min(res.samples) / 1e9
                 self.doc["roof"]["gemm"].append({"n": n, "when": when, "gflops": gflops,
-                                                 "median_s": median(res.samples)})
+                                                 "median_s": median(res.samples), "min_s": min(res.samples)})
         rates = [g["gflops"] for g in self.doc["roof"]["gemm"]]
         self.doc["roof"]["gflops"] = max(rates) if rates else None
 

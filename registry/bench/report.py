@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from attnreg.core import ConfigError
@@ -98,14 +99,14 @@ def results_table(doc: dict[str, Any]) -> Table:
     for p in doc["points"]:
         mode = p["mode"] + (" causal" if p["causal"] else "")
         if p.get("status") != "ok":
-            table.add_row(p["series"], mode, str(p["length"]), *["-"] * 9,
-                          f"[yellow]{p['status']}[/]: {p.get('reason')}")
+            table.add_row(escape(p["series"]), mode, str(p["length"]), *["-"] * 9,
+                          f"[yellow]{p['status']}[/]: {escape(str(p.get('reason')))}")
             continue
         t, sp = p["time"], p.get("speedup", {})
-        own = ", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if k not in ("sdpa", "sdpa_masked"))
+        own = escape(", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if k not in ("sdpa", "sdpa_masked")))
         style = "bold" if p["kind"] == "variant" else "dim"
         table.add_row(
-            f"[{style}]{p['series']}[/]", mode, str(p["length"]), _ms(t["median_s"]), _ms(t["iqr_s"]),
+            f"[{style}]{escape(p['series'])}[/]", mode, str(p["length"]), _ms(t["median_s"]), _ms(t["iqr_s"]),
             str(t["repeats"]), f"{p['tokens_per_s'] / 1e6:.3g}", _mb(_peak(p)),
             "-" if p.get("gflops") is None else f"{p['gflops']:.1f}",
             "-" if p.get("roof_ratio") is None else f"{p['roof_ratio']:.0%}",
@@ -137,16 +138,17 @@ def summary_table(doc: dict[str, Any]) -> Table:
                 "faster than masked SDPA from", "skipped"):
         table.add_column(col)
     for row in doc.get("summary", []):
-        table.add_row(row["series"], row["mode"] + (" causal" if row["causal"] else ""),
+        table.add_row(escape(row["series"]), row["mode"] + (" causal" if row["causal"] else ""),
                       _exp(row["time_exponent"]), _exp(row["memory_exponent"]),
                       _cross(row.get("crossover_vs_sdpa")), _cross(row.get("crossover_vs_sdpa_masked")),
-                      ", ".join(row["skipped"]) or "")
+                      escape(", ".join(row["skipped"])) or "")
     for label, v in doc.get("variants", {}).items():
         if v.get("status") == "failed":
-            table.add_row(f"[red]{label}[/]", "-", "-", "-", "-", "-",
-                          f"[red]failed the correctness gate, not timed[/]: {v.get('reason')}")
+            table.add_row(f"[red]{escape(label)}[/]", "-", "-", "-", "-", "-",
+                          f"[red]failed the correctness gate, not timed[/]: {escape(str(v.get('reason')))}")
         elif v.get("status") == "unsupported":
-            table.add_row(f"[yellow]{label}[/]", "-", "-", "-", "-", "-", f"not measured: {v.get('reason')}")
+            table.add_row(f"[yellow]{escape(label)}[/]", "-", "-", "-", "-", "-",
+                          f"not measured: {escape(str(v.get('reason')))}")
     return table
 
 
@@ -173,7 +175,7 @@ def compare(doc: dict[str, Any], previous: dict[str, Any]) -> tuple[Table, list[
     for r in rows:
         t = r["time_ratio"]
         color = "green" if t < 0.9 else "red" if t > 1.1 else "white"
-        table.add_row(r["series"], r["mode"] + (" causal" if r["causal"] else ""), str(r["length"]),
+        table.add_row(escape(r["series"]), r["mode"] + (" causal" if r["causal"] else ""), str(r["length"]),
                       f"[{color}]{t:.2f}[/]", _x(r["memory_ratio"]), _x(r["speedup_vs_sdpa_ratio"]))
     return table, rows
 
