@@ -166,6 +166,13 @@ def test_memory_and_time_estimates_skip_points_with_reason() -> None:
     assert row["skipped"] == {"256": skipped[0]["reason"]}
 
 
+def test_time_limit_skips_the_rest_with_reason() -> None:
+    s = _quick(lengths=(64, 128), time_limit_s=0.0)
+    doc = run_bench(s, [parse_variant("dot_product", s.heads, s.head_dim)], prober=FakeProber())  # type: ignore[arg-type]
+    assert doc["status"] == "complete" and doc["time_limit_reached"]
+    assert doc["points"] and all("time limit" in p["reason"] for p in doc["points"])
+
+
 def test_watchdog_kills_a_point_over_the_memory_budget() -> None:
     prober = Prober(threads=1, max_memory=48 * 2**20, max_call_s=30)
     res = prober.run(Job("gemm", 4096, 1, 1, 1, "float32"), 0.01, 1.0)  # 3 x 64 MiB

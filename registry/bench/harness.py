@@ -222,6 +222,14 @@ class _Run:
             for i, (series, job, flops, meta) in enumerate(plan):
                 self.progress(f"{series} {job.mode}{' causal' if job.causal else ''} L={job.length}",
                               i, len(plan))
+                limit = self.s.time_limit_s
+                if limit is not None and time.monotonic() - t0 > limit:
+                    point = {**meta, "series": series, "mode": job.mode, "causal": job.causal,
+                             "length": job.length}
+                    point.pop("needs", None)
+                    self.doc["time_limit_reached"] = True
+                    self.doc["points"].append(self.skip(point, f"run time limit of {limit:g} s reached"))
+                    continue
                 self.doc["points"].append(self.measure(series, job, flops, meta))
                 derive(self.doc)
                 self.save()

@@ -135,6 +135,7 @@ class BenchSettings:
     max_call_s: float = 30.0  # per-point budget: skip variant points whose single call would take longer
     max_baseline_call_s: float = 20.0  # the same for baseline points (dense SDPA, naive formulas)
     target_s: float = 0.5  # time spent on repeats per point
+    time_limit_s: float | None = None  # whole run: points after this are skipped (None: no limit)
     slow_s: float = 3.0  # a first call slower than this is the only sample
     fit_min: int = 4096  # scaling exponents fit over lengths >= this (all when fewer than 2)
     gate_length: int = 300  # longer than default windows/blocks, not a multiple of them

@@ -47,9 +47,15 @@ def bench_cmd(
         None, "--max-memory", help="Per-point memory budget, e.g. 8G (default: half the RAM)."
     ),
     point_budget: float = typer.Option(
-        None, "--point-budget", help="Skip points whose single call takes longer, in s (default 30)."
+        None, "--point-budget", help="Skip variant points whose single call takes longer, in s (default 30)."
     ),
-    repeat_time: float = typer.Option(None, "--repeat-time", help="Seconds of repeats per point (def. 1)."),
+    baseline_budget: float = typer.Option(
+        None, "--baseline-budget", help="The same for baseline points (dense SDPA, naive forms; default 20)."
+    ),
+    repeat_time: float = typer.Option(None, "--repeat-time", help="Seconds of repeats per point (def. 0.5)."),
+    time_limit: float = typer.Option(
+        None, "--time-limit", help="Minutes for the whole run; later points are skipped (default: none)."
+    ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write time.png and memory.png."),
 ) -> None:
     """Correctness-gate, then time and measure memory of variants against SDPA baselines."""
@@ -67,12 +73,14 @@ def bench_cmd(
             modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
             lengths=parse_lengths(lengths) if lengths else None,
             max_memory=parse_bytes(max_memory) if max_memory else None,
-            max_call_s=point_budget, target_s=repeat_time,
+            max_call_s=point_budget, max_baseline_call_s=baseline_budget, target_s=repeat_time,
+            time_limit_s=None if time_limit is None else time_limit * 60.0,
         )
         if quick:
             settings = BenchSettings.quick_settings(**opts)
         else:
-            settings = BenchSettings(**{k: v for k, v in opts.items() if v is not None or k == "causal"})
+            keep = ("causal", "time_limit_s")
+            settings = BenchSettings(**{k: v for k, v in opts.items() if v is not None or k in keep})
         torch.set_num_threads(settings.threads)
         if not names:
             import attnreg
