@@ -125,7 +125,7 @@ class LinearAttention(Attention):
             e = query.shape[-1]
             proj = self.projection(e, query.device, acc)  # (m, E)
             scale = self.softmax_scale(e)
-        return feature_pair(self.feature_map, q, k, allowed, self.eps, proj, scale)
+        return feature_pair(self.feature_map, q, k, allowed, self.eps, proj, scale, masks.is_causal)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         fp = self._features(query, key, masks)

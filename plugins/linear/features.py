@@ -71,11 +71,13 @@ def feature_pair(
     eps: float,
     projection: Tensor | None = None,
     scale: float = 1.0,
+    is_causal: bool = False,
 ) -> FeaturePair:
     """Compute the features of ``query`` (B, H, Lq, E) and ``key`` (B, H, Lk, E).
 
     ``key_allowed`` (B, 1, Lk, 1) bool marks real keys; masked keys get features 0 and no
     gradient, whatever they hold (poisoned padding cannot leak into the result or make NaN).
+    ``is_causal`` picks a FAVOR+ key stabiliser that depends on no future key (see below).
     """
     if key_allowed is not None:
         key = key.masked_fill(~key_allowed, 0.0)  # (B, H, Lk, E): padding values never reach math
@@ -84,7 +86,7 @@ def feature_pair(
     elif feature_map == "relu":
         phi_q, phi_k = F.relu(query), F.relu(key)  # (B, H, L, E)
     elif feature_map == "favor":
-        return _favor_pair(query, key, key_allowed, eps, projection, scale)
+        return _favor_pair(query, key, key_allowed, eps, projection, scale, is_causal)
     else:
         raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {FEATURE_MAPS}")
     if key_allowed is not None:
@@ -94,7 +96,7 @@ def feature_pair(
 
 def _favor_pair(
     query: Tensor, key: Tensor, key_allowed: Tensor | None, eps: float,
-    projection: Tensor | None, scale: float,
+    projection: Tensor | None, scale: float, is_causal: bool,
 ) -> FeaturePair:
     if projection is None:
         raise ValueError("feature_map 'favor' needs its projection matrix (m, E)")
@@ -105,12 +107,43 @@ def _favor_pair(
         arg_k = arg_k.masked_fill(~key_allowed, float("-inf"))  # exp -> 0 with zero gradient
     # Stabilisers are constants of the math (they cancel exactly), hence detached.
     c_q = arg_q.amax(dim=-1, keepdim=True).detach()  # (B, H, Lq, 1)
-    c_k = arg_k.amax(dim=(-2, -1), keepdim=True).detach()  # (B, H, 1, 1), over real keys only
-    c_k = torch.where(torch.isfinite(c_k), c_k, torch.zeros_like(c_k))  # no real key at all
+    c_k = _key_stabiliser(arg_k, key_allowed, projection, is_causal)  # (B, H, 1, 1)
     phi_q = torch.exp(arg_q - c_q)  # (B, H, Lq, m), max 1 per row
-    phi_k = torch.exp(arg_k - c_k)  # (B, H, Lk, m), max 1 per (B, H)
+    phi_k = torch.exp(arg_k - c_k)  # (B, H, Lk, m)
     # True features are exp(arg) / sqrt(m): den_true = den * exp(c_q + c_k) / m, so
     # max(den_true, eps) corresponds to max(den, eps * m * exp(-c_q - c_k)) here.
     log_thr = math.log(eps * m) - c_q - c_k  # (B, H, Lq, 1)
     thr = torch.exp(log_thr).clamp_min(torch.finfo(arg_q.dtype).tiny)  # (B, H, Lq, 1), > 0
     return FeaturePair(phi_q, phi_k, thr)
+
+
+# Largest exponent a key feature may get relative to the causal stabiliser: e^60 ~ 1e26 leaves
+# float32 room for sums over ~1e10 keys * |v| without overflow.
+_CAUSAL_HEADROOM = 60.0
+
+
+def _key_stabiliser(
+    arg_k: Tensor, key_allowed: Tensor | None, projection: Tensor, is_causal: bool
+) -> Tensor:
+    """One constant per (batch, head) subtracted from every key exponent (cancels exactly).
+
+    Non-causal: the maximum over real keys and features (all key features <= 1).
+    Causal: the maximum must not depend on future keys, or outputs would change (in the last
+    bits) when later tokens change. Every query that has a real key sees the FIRST real key, so
+    its own maximum is a causal anchor; it is raised to at least ``bound - 60``, where
+    ``bound = max_r |w_r|^2 / 2`` bounds every exponent (w.x - |x|^2/2 <= |w|^2/2), so no key
+    feature can exceed e^60.
+    """
+    arg_k = arg_k.detach()
+    if not is_causal:
+        c_k = arg_k.amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1), over real keys only
+        return torch.where(torch.isfinite(c_k), c_k, torch.zeros_like(c_k))  # no real key at all
+    b, h = arg_k.shape[:2]
+    if key_allowed is None:
+        first = arg_k[:, :, :1].amax(dim=-1, keepdim=True)  # (B, H, 1, 1)
+    else:
+        idx = key_allowed[:, 0, :, 0].to(torch.int8).argmax(dim=-1)  # (B,): first real key (0 if none)
+        idx = idx[:, None, None, None].expand(b, h, 1, arg_k.shape[-1])  # (B, H, 1, m)
+        first = arg_k.gather(2, idx).amax(dim=-1, keepdim=True)  # (B, H, 1, 1); -inf if none
+    bound = 0.5 * projection.detach().square().sum(dim=-1).max()  # scalar
+    return torch.maximum(first, bound - _CAUSAL_HEADROOM)  # (B, H, 1, 1), finite
