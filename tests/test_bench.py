@@ -166,6 +166,16 @@ def test_memory_and_time_estimates_skip_points_with_reason() -> None:
     assert row["skipped"] == {"256": skipped[0]["reason"]}
 
 
+def test_one_point_estimate_over_budget_calibrates_before_skipping() -> None:
+    # From L=64 alone the pessimistic slope 2.5 predicts 741 MB at 512; the true slope is 2 (262 MB).
+    s = _quick(lengths=(64, 512), max_memory=400 * 2**20)
+    fake = FakeProber()
+    doc = run_bench(s, [parse_variant("dot_product", s.heads, s.head_dim)], prober=fake)  # type: ignore[arg-type]
+    p512 = next(p for p in doc["points"] if p["series"] == "dot_product" and p["length"] == 512)
+    assert p512["status"] == "ok" and p512["estimate"]["bytes"] == pytest.approx(1000 * 512**2)
+    assert ("variant", 128) in fake.calls and fake.calls.count(("variant", 64)) == 1
+
+
 def test_time_limit_skips_the_rest_with_reason() -> None:
     s = _quick(lengths=(64, 128), time_limit_s=0.0)
     doc = run_bench(s, [parse_variant("dot_product", s.heads, s.head_dim)], prober=FakeProber())  # type: ignore[arg-type]

@@ -78,18 +78,21 @@ class _Run:
             return self.skip(point, "not needed: no variant to compare with was measured at this length")
         if series in self.dead:
             return self.skip(point, self.dead[series])
-        if len(history) < 2 and job.length > _CALIBRATE_ABOVE:
-            for n in (max(8, job.length // 8), max(16, job.length // 4)):
+        budget = s.max_call_s if job.kind == "variant" else s.max_baseline_call_s
+        est_mem, est_time = self.estimate(history, job.length)
+        over = (est_mem or 0) > s.max_memory or (est_time or 0) > budget
+        # Fewer than two measured lengths: the slope is a guess. Measure two small lengths first
+        # (one call each) for long points, and before skipping on a one-point extrapolation.
+        if len(history) < 2 and (job.length > _CALIBRATE_ABOVE or over):
+            for n in sorted({max(8, job.length // 8), max(16, job.length // 4)} - {h[0] for h in history}):
                 cal = self.prober.run(job.at_length(n), s.target_s, s.slow_s, repeat=False)
                 if cal.status == "ok" and cal.total_bytes is not None and cal.samples:
                     history.append((n, float(cal.total_bytes), median(cal.samples)))
-        est_mem = extrapolate([(n, b) for n, b, _ in history], job.length, 1.0, 2.5, floor=2**20)
-        est_time = extrapolate([(n, t) for n, _, t in history], job.length, 1.0, 3.0, floor=1e-4)
+            est_mem, est_time = self.estimate(history, job.length)
         point["estimate"] = {"bytes": est_mem, "call_s": est_time}
         if est_mem is not None and est_mem > s.max_memory:
             return self.skip(point, f"estimated {est_mem / 2**30:.1f} GiB > --max-memory "
                                     f"{s.max_memory / 2**30:.1f} GiB", series)
-        budget = s.max_call_s if job.kind == "variant" else s.max_baseline_call_s
         if est_time is not None and est_time > budget:
             return self.skip(point, f"estimated {est_time:.0f} s per call > per-point budget "
                                     f"{budget:g} s", series)
@@ -113,6 +116,12 @@ class _Run:
             point["flops"] = flops * (3.0 if job.mode == "fwdbwd" else 1.0)
         self.ok.add((series, job.mode, job.causal, job.length))
         return point
+
+    @staticmethod
+    def estimate(history: list[tuple[int, float, float]], length: int) -> tuple[float | None, float | None]:
+        """(bytes, seconds per call) at ``length`` from the series' measured lengths."""
+        return (extrapolate([(n, b) for n, b, _ in history], length, 1.0, 2.5, floor=2**20),
+                extrapolate([(n, t) for n, _, t in history], length, 1.0, 3.0, floor=1e-4))
 
     def skip(self, point: dict[str, Any], reason: str, series: str | None = None) -> dict[str, Any]:
         if series is not None:
