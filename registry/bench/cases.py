@@ -111,9 +111,13 @@ def _attention_fn(job: Job) -> tuple[Callable[[Tensor, Tensor, Tensor], Tensor],
     if job.kind == "variant":
         return (lambda q, k, v: module(q, k, v, is_causal=causal)), (module,)
     if job.kind == "sdpa_masked":
-        mask = pattern_of(module, job.length, causal)
-        if mask is None:
+        allowed = pattern_of(module, job.length, causal)
+        if allowed is None:
             raise ValueError(f"variant {module.variant!r} has no pattern_mask(L)")
+        # SDPA's own fast form of a mask: additive 0 / -inf, precomputed. A bool mask is converted
+        # to exactly this inside every call (more time, and memory for both copies).
+        mask = torch.full(allowed.shape, float("-inf"), dtype=DTYPES[job.dtype]).masked_fill_(allowed, 0.0)
+        del allowed  # (1, 1|H, L, L) float
         scale = module.softmax_scale(job.head_dim)
 
         def masked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
