@@ -77,6 +77,10 @@ def test_parsers_give_clear_errors() -> None:
     assert choice.label == "sdpa(dropout=0.0,scale=0.5)"
     with pytest.raises(ConfigError, match="field=value"):
         parse_variant("dot_product:scale", 8, 64)
+    capped = parse_variant("sdpa:scale=0.5@2K", 8, 64)
+    assert capped.max_length == 2048 and capped.config.scale == 0.5 and capped.label == "sdpa(scale=0.5)"
+    with pytest.raises(ConfigError, match="MAXLEN"):
+        parse_variant("sdpa@big", 8, 64)
 
 
 # -- a deliberately wrong variant ---------------------------------------------------------------
@@ -131,13 +135,14 @@ def _quick(**kw: Any) -> BenchSettings:
 
 
 def test_failed_variant_is_reported_and_never_timed(wrong_variant: Any) -> None:
-    s = _quick(lengths=(64, 128))
+    s = _quick(lengths=(64, 128, 256))
     fake = FakeProber()
-    doc = run_bench(s, [parse_variant(n, s.heads, s.head_dim) for n in ("wrong_bench", "dot_product")],
-                    prober=fake)  # type: ignore[arg-type]
+    names = ("wrong_bench", "dot_product@128")
+    doc = run_bench(s, [parse_variant(n, s.heads, s.head_dim) for n in names], prober=fake)  # type: ignore[arg-type]
     assert doc["variants"]["wrong_bench"]["status"] == "failed"
     assert doc["variants"]["dot_product"]["status"] == "passed"
     assert {p["series"] for p in doc["points"]} == {"sdpa", "dot_product"}
+    assert max(p["length"] for p in doc["points"]) == 128  # dot_product@128: nothing planned above
     assert ("variant", 64) in fake.calls and len([c for c in fake.calls if c[0] == "variant"]) == 2
     sp = [p["speedup"]["sdpa"] for p in doc["points"] if p["kind"] == "variant"]
     assert sp == [pytest.approx(1.0), pytest.approx(1.0)]

@@ -158,7 +158,7 @@ class _Run:
         s, passed = self.s, []
         for choice in self.choices:
             caps = choice.spec.capabilities
-            entry: dict[str, Any] = {"name": choice.spec.name,
+            entry: dict[str, Any] = {"name": choice.spec.name, "max_length": choice.max_length,
                                      "config": choice.config.model_dump(mode="json"),
                                      "capabilities": caps.flags(), "complexity": caps.complexity}
             self.doc["variants"][choice.label] = entry
@@ -197,7 +197,8 @@ class _Run:
         for length in s.lengths:
             for mode in s.modes:
                 for causal in s.causal_flags(True):
-                    group = [c for c in passed if causal in s.causal_flags(c.spec.capabilities.causal)]
+                    group = [c for c in passed if causal in s.causal_flags(c.spec.capabilities.causal)
+                             and (c.max_length is None or length <= c.max_length)]
                     baselines = []
                     for c in group:
                         entry, module = self.doc["variants"][c.label], self.modules[c.label]
@@ -213,6 +214,8 @@ class _Run:
                             job = self.job("baseline", length, mode, causal, c, b)
                             meta_b = {**meta, "kind": "baseline", "baseline": b}
                             baselines.append((f"{c.label}:{b}", job, None, meta_b))
+                    if passed and not group:
+                        continue  # every variant is capped below this length (NAME@MAXLEN)
                     needs = [c.label for c in group] if passed else None
                     plan.append(("sdpa", self.job("sdpa", length, mode, causal),
                                  sdpa_flops(s.batch, s.heads, length, s.head_dim, causal),

@@ -82,6 +82,7 @@ class VariantChoice:
     label: str
     spec: VariantSpec
     config: AttentionConfig
+    max_length: int | None = None  # ``NAME@4K``: lengths above this are not planned for it
 
     @property
     def is_dense_sdpa(self) -> bool:
@@ -95,13 +96,21 @@ def _value(text: str) -> Any:
 
 
 def parse_variant(text: str, heads: int, head_dim: int) -> VariantChoice:
-    """``"local"`` or ``"local:window=256,dropout=0"`` -> a validated ``VariantChoice``.
+    """``"local"``, ``"local:window=256,dropout=0"`` or ``"additive@4K"`` (measured up to L=4096
+    only) -> a validated ``VariantChoice``.
 
     Learnable variants get ``num_heads`` / ``head_dim`` from the benchmark sizes unless given.
     """
     import attnreg
 
-    name, _, rest = text.partition(":")
+    spec_text, at, cap = text.partition("@")
+    max_length = None
+    if at:
+        try:
+            (max_length,) = parse_lengths(cap)
+        except (ConfigError, ValueError):
+            raise ConfigError(f"variant {text!r}: expected NAME[:fields]@MAXLEN, e.g. additive@4K") from None
+    name, _, rest = spec_text.partition(":")
     fields: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, val = item.partition("=")
@@ -116,7 +125,7 @@ def parse_variant(text: str, heads: int, head_dim: int) -> VariantChoice:
     config = attnreg.validate_config({**sized, "variant": spec.name})
     shown = ",".join(f"{k}={v}" for k, v in fields.items())
     label = name.strip() + (f"({shown})" if shown else "")
-    return VariantChoice(label=label, spec=spec, config=config)
+    return VariantChoice(label=label, spec=spec, config=config, max_length=max_length)
 
 
 @dataclass(frozen=True)
