@@ -261,7 +261,7 @@ def test_cli_reports_variant_check_sizes_and_error(registered: dict[str, Variant
             "--json", str(out_json)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 1, res.output
-    assert "selftest_nan_rows" in res.output and "fully_masked_rows" in res.output
+    assert "FAILED selftest_nan_rows / fully_masked_rows [float64]" in res.output, res.output
     assert "B=2" in res.output and "non-finite" in res.output, res.output
     report = json.loads(out_json.read_text())
     outcomes = {r["check"]: r["outcome"] for r in report["results"]}

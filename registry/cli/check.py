@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -122,14 +123,14 @@ def check_cmd(
         wide = console if console.is_terminal else Console(width=max(console.width, 150))
         wide.print(_table(report, GROUPS))
         for r in report.failed:
-            console.print(f"\n[bold red]{r.outcome.upper()}[/] {r.variant} / {r.check} [{r.dtype}]",
-                          highlight=False)
-            console.print(r.message, highlight=False, markup=False)
+            wide.print(f"\n[bold red]{r.outcome.upper()}[/] {escape(f'{r.variant} / {r.check} [{r.dtype}]')}",
+                       highlight=False)
+            wide.print(r.message, highlight=False, markup=False)
         counts = report.counts()
         summary = ", ".join(f"[{_STYLE.get(k, '')}]{v} {k}[/]" for k, v in sorted(counts.items()))
-        console.print(f"\n{len(report.results)} results of {len({r.check for r in report.results})} distinct "
-                      f"checks on {len(report.variants)} variant(s): {summary} in {report.duration_s:.1f} s "
-                      f"(torch {torch.__version__}, {torch.get_num_threads()} threads)", highlight=False)
+        wide.print(f"\n{len(report.results)} results of {len({r.check for r in report.results})} distinct "
+                   f"checks on {len(report.variants)} variant(s): {summary} in {report.duration_s:.1f} s "
+                   f"(torch {torch.__version__}, {torch.get_num_threads()} threads)", highlight=False)
         if json_path:
             console.print(f"JSON report: {json_path}")
         if junit_path:
