@@ -26,6 +26,11 @@ __all__ = ["LinearAttention", "LinearConfig", "PerformerAttention", "PerformerCo
 class _LinearFields(AttentionConfig):
     """Fields shared by ``linear`` and ``performer``."""
 
+    scale: float | None = Field(
+        None, gt=0.0,
+        description="feature_map='favor' only: x' = x * sqrt(scale), so the features approximate "
+        "softmax(scale * q.k); None = 1/sqrt(E). Must stay unset for elu / relu (no logit scale).",
+    )
     num_features: int = Field(
         256, ge=1, le=65536,
         description="m, the number of FAVOR+ random features (feature_map='favor' only).",
