@@ -87,11 +87,37 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, 
     return _blocked(q, k, v, masks, window, block, scale, dropout_p)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _band_bias(block: int, window: int, is_causal: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``block_band`` as SDPA's additive mask ``(1, 1, block, span)`` (0 / -inf), built once per shape."""
     band = block_band(block, window, is_causal, device)  # (block, span)
     return torch.zeros(band.shape, dtype=dtype, device=device).masked_fill_(~band, float("-inf"))[None, None]
+
+
+def _rect_band(rows: int, cols: int, offset: int, window: int, is_causal: bool, dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+    """Band of queries ``offset + r`` against keys ``c`` (``(rows, cols)``): bool, or SDPA's 0/-inf bias.
+
+    Small ones (the usual edge blocks) are cached: rebuilding them every call costs more than the
+    edge attention itself on a busy CPU.
+    """
+    make = _rect_band_cached if rows * cols <= 1 << 20 else _make_rect_band
+    return make(rows, cols, offset, window, is_causal, dtype, device)
+
+
+def _make_rect_band(rows: int, cols: int, offset: int, window: int, is_causal: bool,
+                    dtype: torch.dtype, device: torch.device) -> Tensor:
+    i = torch.arange(rows, device=device)[:, None] + offset  # (rows, 1)
+    j = torch.arange(cols, device=device)[None, :]  # (1, cols)
+    allowed = (i - j).abs() <= window  # (rows, cols)
+    if is_causal:
+        allowed = allowed & (j <= i)
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+_rect_band_cached = functools.lru_cache(maxsize=32)(_make_rect_band)
 
 
 def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
@@ -169,15 +195,11 @@ def _edge(q: Tensor, k: Tensor, v: Tensor, masks: Masks, rows: tuple[int, int], 
           w: int, scale: float, dropout_p: float) -> Tensor:
     """Queries ``rows`` against keys ``cols`` (small, at a sequence end) with a dense rectangular band."""
     (i0, i1), (j0, j1) = rows, cols
-    i = torch.arange(i0, i1, device=q.device)[:, None]  # (li, 1)
-    j = torch.arange(j0, j1, device=q.device)[None, :]  # (1, lj)
-    allowed = (i - j).abs() <= w  # (li, lj)
-    if masks.is_causal:
-        allowed = allowed & (j <= i)
     qs, ks, vs = q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1]  # slices: views
     if masks.key_mask is None and masks.attn_mask is None:  # key i is in cols: no row is empty
-        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
-    allowed = allowed[None, None]  # (1, 1, li, lj)
+        bias = _rect_band(i1 - i0, j1 - j0, i0 - j0, w, masks.is_causal, q.dtype, q.device)  # (li, lj)
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    allowed = _rect_band(i1 - i0, j1 - j0, i0 - j0, w, masks.is_causal, torch.bool, q.device)[None, None]
     if masks.key_mask is not None:
         allowed = allowed & masks.key_mask[:, None, None, j0:j1]  # (B, 1, li, lj)
     bias = None
