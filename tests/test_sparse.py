@@ -239,6 +239,21 @@ def test_inference_path_reuses_scratch_correctly(layout):
         torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
 
 
+def test_release_scratch_frees_the_inference_buffers():
+    from attnreg.plugins.sparse import release_scratch
+    from attnreg.plugins.sparse.gather import Scratch
+
+    attn = attnreg.build("bigbird", block_size=16)
+    q, k, v = (t.detach() for t in inputs(1, 2, 200))
+    with torch.no_grad():
+        first = attn(q, k, v)
+    assert Scratch._local.buffers, "inference must use the scratch buffers"
+    release_scratch()
+    assert not getattr(Scratch._local, "buffers", None)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(q, k, v), first, atol=0, rtol=0)
+
+
 def test_many_groups_with_attn_mask():
     attn = make("strided", 16, 300)  # many distinct active-block counts -> many groups
     q, k, v = inputs(2, 2, 300, seed=14)

@@ -14,6 +14,7 @@ from attnreg.core import VariantSpec, hookimpl
 
 from .attention import BigBirdAttention, SparseAttention
 from .config import BigBirdConfig, SparseConfig
+from .gather import release_scratch
 from .reference import sparse_reference
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "SparseAttention",
     "SparseConfig",
     "attnreg_variants",
+    "release_scratch",
     "sparse_reference",
 ]
 

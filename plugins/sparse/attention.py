@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +14,7 @@ from torch import Tensor
 from attnreg.core import Attention, Capabilities, Masks, dot_product_logits, masked_softmax
 
 from .config import BigBirdConfig, SparseConfig
+from .gather import Scratch, finish_mask, full_rows_attn_mask, gather_attn_mask, gather_rows
 from .layouts import (
     bigbird_layout,
     custom_layout_tensor,
@@ -24,7 +24,7 @@ from .layouts import (
     parse_custom_layout,
     strided_layout,
 )
-from .plan import FullGroup, Group, Plan, make_plan
+from .plan import Group, Plan, make_plan
 
 __all__ = ["SparseAttention", "BigBirdAttention"]
 
@@ -160,7 +160,7 @@ class SparseAttention(Attention):
             query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
         # Autograd keeps the gathered blocks for backward; without it they are scratch space and
         # reuse one buffer (fresh multi-MB buffers cost page faults that rival the copy itself).
-        scratch = _Scratch(not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+        scratch = Scratch(not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                                              or value.requires_grad)))
         key_mask = masks.key_mask
         if key_mask is not None and pad:
@@ -198,7 +198,7 @@ class SparseAttention(Attention):
             outs.append(self._attend_full(plan, query, key, value, masks, key_mask, scale, length))
         if plan.has_empty:
             outs.append(query.new_zeros(1, bsz, b, ev))  # read by rows with no key block
-        out = _gather_rows(torch.cat(outs), plan.inverse)  # (H*nb, B, b, Ev) in row order
+        out = gather_rows(torch.cat(outs), plan.inverse)  # (H*nb, B, b, Ev) in row order
         out = out.view(heads, plan.nb, bsz, b, ev).permute(2, 0, 1, 3, 4)  # (B, H, nb, b, Ev)
         return out.reshape(bsz, heads, plan.padded_len, ev)[:, :, :length]  # (B, H, L, Ev)
 
@@ -224,14 +224,14 @@ class SparseAttention(Attention):
             allowed = kmf if allowed is None else allowed & kmf
         bias = None
         if masks.attn_mask is not None:
-            am = _full_rows_attn_mask(masks.attn_mask, full, plan, b, length)  # (B|1, H|1, m*b|1, Lp|1)
+            am = full_rows_attn_mask(masks.attn_mask, full, plan, b, length)  # (B|1, H|1, m*b|1, Lp|1)
             if am.dtype == torch.bool:
                 allowed = am if allowed is None else allowed & am
             else:
                 bias = am
                 finite = am != float("-inf")
                 allowed = finite if allowed is None else allowed & finite
-        mask, dead = _finish_mask(allowed, bias, query.dtype)
+        mask, dead = finish_mask(allowed, bias, query.dtype)
         og = F.scaled_dot_product_attention(
             qf, key, value, attn_mask=mask, dropout_p=self.active_dropout, scale=scale
         )  # (B, H, m*b, Ev)
@@ -256,14 +256,14 @@ class SparseAttention(Attention):
             allowed = kmg if allowed is None else allowed & kmg
         bias = None
         if masks.attn_mask is not None:
-            am = _gather_attn_mask(masks.attn_mask, g, plan, b, length)  # (n, B|1, b|1, c*b)
+            am = gather_attn_mask(masks.attn_mask, g, plan, b, length)  # (n, B|1, b|1, c*b)
             if am.dtype == torch.bool:
                 allowed = am if allowed is None else allowed & am
             else:
                 bias = am
                 finite = am != float("-inf")
                 allowed = finite if allowed is None else allowed & finite
-        return _finish_mask(allowed, bias, dtype)
+        return finish_mask(allowed, bias, dtype)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         bsz, heads, length, _ = query.shape
@@ -312,90 +312,6 @@ class SparseAttention(Attention):
         return {"sdpa_dense_pattern": sdpa_dense_pattern}
 
 
-def _finish_mask(
-    allowed: Tensor | None, bias: Tensor | None, dtype: torch.dtype
-) -> tuple[Tensor | None, Tensor | None]:
-    """SDPA mask from the allowed pattern (and a float bias), and the rows with nothing allowed.
-
-    SDPA's result on an empty row is NaN or undefined: such rows are opened here and the caller
-    zeroes their output (which also zeroes their gradients).
-    """
-    if allowed is None:
-        return None, None
-    dead = ~allowed.any(dim=-1, keepdim=True)  # (..., rows|1, 1)
-    has_dead = bool(dead.any())
-    if bias is None:
-        return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
-    bias = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (..., rows|1, keys)
-    return (bias.masked_fill(dead, 0.0) if has_dead else bias), (dead if has_dead else None)
-
-
-class _Scratch:
-    """Reused gather buffers (one per name and thread) when autograd does not keep the result."""
-
-    _local = threading.local()
-
-    def __init__(self, reuse: bool) -> None:
-        self.reuse = reuse
-
-    def gather(self, name: str, src: Tensor, index: Tensor) -> Tensor:
-        """``src.index_select(0, index)``, into a reused buffer where allowed."""
-        if not self.reuse or src.device.type != "cpu":  # CUDA has its own caching allocator
-            return _gather_rows(src, index)
-        shape = (index.shape[0], *src.shape[1:])
-        need = math.prod(shape)
-        store = self._local.__dict__.setdefault("buffers", {})
-        key = (name, src.dtype)
-        buf = store.get(key)
-        if buf is None or buf.numel() < need:
-            buf = store[key] = torch.empty(need, dtype=src.dtype)
-        return torch.index_select(src, 0, index, out=buf[:need].view(shape))
-
-
-def _full_rows_attn_mask(m: Tensor, full: FullGroup, plan: Plan, b: int, length: int) -> Tensor:
-    """The rows of a 4-D ``attn_mask`` (B|1, H|1, L|1, L|1) read by the full group.
-
-    Returns (B|1, H|1, m*b or 1, Lp or 1); padded keys read True / 0 (masked by ``key_valid``).
-    """
-    bm, hm, lq, lk = m.shape
-    pad = plan.padded_len - length
-    fill = True if m.dtype == torch.bool else 0.0
-    if pad:
-        m = F.pad(m, (0, pad if lk != 1 else 0, 0, pad if lq != 1 else 0), value=fill)
-    if lq == 1:
-        return m  # (B|1, H|1, 1, Lp|1) broadcasts over the query rows
-    qb = full.query_blocks  # (H, m)
-    if hm == 1 and not bool((qb == qb[:1]).all()):
-        m = m.expand(bm, qb.shape[0], *m.shape[2:])  # heads read different rows
-    hm = m.shape[1]
-    rows = qb if hm != 1 else qb[:1]  # (H|1, m)
-    hh = torch.arange(hm, device=m.device)[:, None]  # (H|1, 1)
-    sel = m.view(bm, hm, plan.nb, b, m.shape[-1])[:, hh, rows]  # (B|1, H|1, m, b, Lp|1)
-    return sel.reshape(bm, hm, rows.shape[1] * b, m.shape[-1])
-
-
-class _GatherRows(torch.autograd.Function):
-    """``src.index_select(0, index)`` whose backward is one ``index_add_`` (autograd's default
-    backward of index_select takes a much slower scatter path on CPU)."""
-
-    @staticmethod
-    def forward(ctx: Any, src: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.rows = src.shape[0]
-        return src.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (index,) = ctx.saved_tensors
-        out = grad.new_zeros((ctx.rows, *grad.shape[1:]))
-        return out.index_add_(0, index, grad), None  # differentiable: double backward works
-
-
-def _gather_rows(src: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index`` of ``src`` (dim 0), with a fast backward."""
-    return _GatherRows.apply(src, index)
-
-
 class BigBirdAttention(SparseAttention):
     """``sparse`` with the layout defaulting to BigBird (the ``bigbird`` variant)."""
 
@@ -403,27 +319,3 @@ class BigBirdAttention(SparseAttention):
 
     def __init__(self, config: BigBirdConfig) -> None:
         super().__init__(config)
-
-
-def _gather_attn_mask(m: Tensor, g: Group, plan: Plan, b: int, length: int) -> Tensor:
-    """The entries of a 4-D ``attn_mask`` (B|1, H|1, L|1, L|1) that one group reads.
-
-    Returns (n, B|1, b|1, c*b), same dtype; padded tokens read True / 0 (the structural mask
-    already keeps padded keys out, and padded queries are discarded).
-    """
-    bm, hm, lq, lk = m.shape
-    n, c = g.kv_rows.shape
-    pad = plan.padded_len - length
-    fill = True if m.dtype == torch.bool else 0.0
-    if pad and (lq != 1 or lk != 1):
-        m = F.pad(m, (0, pad if lk != 1 else 0, 0, pad if lq != 1 else 0), value=fill)
-    nq, bq = (plan.nb, b) if lq != 1 else (1, 1)
-    nk, bk = (plan.nb, b) if lk != 1 else (1, 1)
-    m6 = m.reshape(bm, hm, nq, bq, nk, bk)
-    zeros = torch.zeros_like(g.heads)
-    hi = (g.heads if hm != 1 else zeros)[:, None]  # (n, 1)
-    qi = (g.query_blocks if nq != 1 else zeros)[:, None]  # (n, 1)
-    ki = g.key_blocks if nk != 1 else torch.zeros_like(g.key_blocks)  # (n, c)
-    sel = m6[:, hi, qi, :, ki, :]  # (n, c, B|1, bq, bk): advanced indices first
-    sel = sel.permute(0, 2, 3, 1, 4).expand(n, bm, bq, c, b)  # (n, B|1, bq, c, b)
-    return sel.reshape(n, bm, bq, c * b)

@@ -1,0 +1,140 @@
+"""Gathering blocks and mask entries for the block-sparse fast path.
+
+``gather_rows`` is ``index_select`` on dim 0 with a one-pass ``index_add_`` backward;
+``Scratch`` reuses the gather buffers when autograd does not keep them; the mask helpers pick
+out of a 4-D ``attn_mask`` exactly the entries that one group of query blocks reads.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .plan import FullGroup, Group, Plan
+
+__all__ = [
+    "Scratch", "finish_mask", "full_rows_attn_mask", "gather_attn_mask", "gather_rows", "release_scratch",
+]
+
+
+def finish_mask(
+    allowed: Tensor | None, bias: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor | None]:
+    """SDPA mask from the allowed pattern (and a float bias), and the rows with nothing allowed.
+
+    SDPA's result on an empty row is NaN or undefined: such rows are opened here and the caller
+    zeroes their output (which also zeroes their gradients).
+    """
+    if allowed is None:
+        return None, None
+    dead = ~allowed.any(dim=-1, keepdim=True)  # (..., rows|1, 1)
+    has_dead = bool(dead.any())
+    if bias is None:
+        return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
+    bias = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (..., rows|1, keys)
+    return (bias.masked_fill(dead, 0.0) if has_dead else bias), (dead if has_dead else None)
+
+
+class Scratch:
+    """Reused gather buffers (one per name and thread) when autograd does not keep the result.
+
+    The buffers (the gathered queries, keys and values of the largest inference call so far, e.g.
+    about 560 MB for bigbird defaults at B=1, H=8, L=16K, E=64 fp32) stay allocated per thread
+    until ``release_scratch()``.
+    """
+
+    _local = threading.local()
+
+    def __init__(self, reuse: bool) -> None:
+        self.reuse = reuse
+
+    def gather(self, name: str, src: Tensor, index: Tensor) -> Tensor:
+        """``src.index_select(0, index)``, into a reused buffer where allowed."""
+        if not self.reuse or src.device.type != "cpu":  # CUDA has its own caching allocator
+            return gather_rows(src, index)
+        shape = (index.shape[0], *src.shape[1:])
+        need = math.prod(shape)
+        store = self._local.__dict__.setdefault("buffers", {})
+        key = (name, src.dtype)
+        buf = store.get(key)
+        if buf is None or buf.numel() < need:
+            buf = store[key] = torch.empty(need, dtype=src.dtype)
+        return torch.index_select(src, 0, index, out=buf[:need].view(shape))
+
+
+def full_rows_attn_mask(m: Tensor, full: FullGroup, plan: Plan, b: int, length: int) -> Tensor:
+    """The rows of a 4-D ``attn_mask`` (B|1, H|1, L|1, L|1) read by the full group.
+
+    Returns (B|1, H|1, m*b or 1, Lp or 1); padded keys read True / 0 (masked by ``key_valid``).
+    """
+    bm, hm, lq, lk = m.shape
+    pad = plan.padded_len - length
+    fill = True if m.dtype == torch.bool else 0.0
+    if pad:
+        m = F.pad(m, (0, pad if lk != 1 else 0, 0, pad if lq != 1 else 0), value=fill)
+    if lq == 1:
+        return m  # (B|1, H|1, 1, Lp|1) broadcasts over the query rows
+    qb = full.query_blocks  # (H, m)
+    if hm == 1 and not bool((qb == qb[:1]).all()):
+        m = m.expand(bm, qb.shape[0], *m.shape[2:])  # heads read different rows
+    hm = m.shape[1]
+    rows = qb if hm != 1 else qb[:1]  # (H|1, m)
+    hh = torch.arange(hm, device=m.device)[:, None]  # (H|1, 1)
+    sel = m.view(bm, hm, plan.nb, b, m.shape[-1])[:, hh, rows]  # (B|1, H|1, m, b, Lp|1)
+    return sel.reshape(bm, hm, rows.shape[1] * b, m.shape[-1])
+
+
+def release_scratch() -> None:
+    """Free this thread's inference scratch buffers (they are re-created on demand)."""
+    Scratch._local.__dict__.pop("buffers", None)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``src.index_select(0, index)`` whose backward is one ``index_add_`` (autograd's default
+    backward of index_select takes a much slower scatter path on CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, src: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = src.shape[0]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.rows, *grad.shape[1:]))
+        return out.index_add_(0, index, grad), None  # differentiable: double backward works
+
+
+def gather_rows(src: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` of ``src`` (dim 0), with a fast backward."""
+    return _GatherRows.apply(src, index)
+
+
+def gather_attn_mask(m: Tensor, g: Group, plan: Plan, b: int, length: int) -> Tensor:
+    """The entries of a 4-D ``attn_mask`` (B|1, H|1, L|1, L|1) that one group reads.
+
+    Returns (n, B|1, b|1, c*b), same dtype; padded tokens read True / 0 (the structural mask
+    already keeps padded keys out, and padded queries are discarded).
+    """
+    bm, hm, lq, lk = m.shape
+    n, c = g.kv_rows.shape
+    pad = plan.padded_len - length
+    fill = True if m.dtype == torch.bool else 0.0
+    if pad and (lq != 1 or lk != 1):
+        m = F.pad(m, (0, pad if lk != 1 else 0, 0, pad if lq != 1 else 0), value=fill)
+    nq, bq = (plan.nb, b) if lq != 1 else (1, 1)
+    nk, bk = (plan.nb, b) if lk != 1 else (1, 1)
+    m6 = m.reshape(bm, hm, nq, bq, nk, bk)
+    zeros = torch.zeros_like(g.heads)
+    hi = (g.heads if hm != 1 else zeros)[:, None]  # (n, 1)
+    qi = (g.query_blocks if nq != 1 else zeros)[:, None]  # (n, 1)
+    ki = g.key_blocks if nk != 1 else torch.zeros_like(g.key_blocks)  # (n, c)
+    sel = m6[:, hi, qi, :, ki, :]  # (n, c, B|1, bq, bk): advanced indices first
+    sel = sel.permute(0, 2, 3, 1, 4).expand(n, bm, bq, c, b)  # (n, B|1, bq, c, b)
+    return sel.reshape(n, bm, bq, c * b)
