@@ -194,3 +194,16 @@ def test_config_errors(fields, match):
 def test_config_defaults_are_documented():
     for name, field in SparseConfig.model_fields.items():
         assert field.description, name
+
+
+def test_custom_layout_from_yaml_file(tmp_path):
+    pairs = tmp_path / "pairs.yaml"
+    pairs.write_text("variant: block_sparse\nlayout: custom\nblock_size: 4\n"
+                     "custom_layout: [[0, 0], [1, 0], [1, 1]]\n")
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text("variant: sparse\nlayout: custom\nblock_size: 4\n"
+                      "custom_layout:\n  - [true, false]\n  - [true, true]\n")
+    want = torch.tensor([[True, False], [True, True]])
+    for path in (pairs, matrix):
+        attn = attnreg.build(attnreg.load_config(path))
+        assert torch.equal(attn.layout(8, 1)[0], want)

@@ -64,7 +64,8 @@ class SparseAttention(Attention):
 
     # ------------------------------------------------------------------ layouts
     def layout(self, length: int, num_heads: int) -> Tensor:
-        """The block layout ``(H, nb, nb)`` bool (CPU) for ``length`` tokens; built once, cached."""
+        """The block layout ``(H, nb, nb)`` bool (CPU) for ``length`` tokens; built once, cached
+        (the cached tensor is returned: do not modify it in place)."""
         if length < 1 or num_heads < 1:
             raise ValueError(f"layout needs length >= 1 and num_heads >= 1, got {length}, {num_heads}")
         key = (length, num_heads)
