@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnreg.core import Masks, masked_softmax
 
-__all__ = ["chunk_allowed", "chunk_bias", "chunk_scores", "chunked_attention", "chunked_scores"]
+__all__ = ["chunk_allowed", "chunk_scores", "chunked_attention", "chunked_scores"]
 
 
 def chunk_scores(qp: Tensor, kp: Tensor, w_v: Tensor, scale: float) -> Tensor:
@@ -43,7 +43,7 @@ def chunk_allowed(masks: Masks, start: int, stop: int, k_stop: int, device: torc
     """Bool allowed mask (B|1, H|1, c|1, k_stop) for query rows [start, stop) and keys [0, k_stop).
 
     Built per chunk so that no dense (Lq, Lk) mask is ever materialised. A float attn_mask is
-    not included: its -inf entries are added to the scores instead (see ``chunk_bias``).
+    not included: it is added to the scores instead, where -inf gives weight 0.
     """
     out: Tensor | None = None
     m = masks.attn_mask
@@ -60,12 +60,6 @@ def chunk_allowed(masks: Masks, start: int, stop: int, k_stop: int, device: torc
     return out
 
 
-def chunk_bias(masks: Masks, start: int, stop: int, k_stop: int) -> Tensor | None:
-    """The float attn_mask (B|1, H|1, c|1, k_stop|1) of the chunk, or None."""
-    m = masks.float_mask
-    return None if m is None else _slice_mask(m, start, stop, k_stop)
-
-
 def _slice_mask(m: Tensor, start: int, stop: int, k_stop: int) -> Tensor:
     """Rows [start, stop) and keys [0, k_stop) of a 4-D mask whose broadcast dims have size 1."""
     if m.shape[2] != 1:
@@ -80,59 +74,102 @@ def _key_stop(masks: Masks, stop: int) -> int:
     return min(stop, masks.k_len) if masks.is_causal else masks.k_len
 
 
-class _ChunkAttention(torch.autograd.Function):
-    """One query chunk of additive attention whose backward RECOMPUTES the chunk (checkpointing
-    by hand): forward saves only the small inputs, never the (B, H, c, Lk, d_a) tanh tensor.
+class _ChunkedAdditive(torch.autograd.Function):
+    """Additive attention over query chunks, with activation checkpointing written by hand.
 
-    Written as a Function rather than ``torch.utils.checkpoint`` around autograd ops because the
-    hand-written backward needs ONE (B, H, c, Lk, d_a) buffer (updated in place) where autograd's
-    needs three, and runs one tanh per element instead of two (measured in docs/variants/additive.md).
+    Forward saves only the small inputs (projections, V, masks), never a pairwise tensor; backward
+    recomputes each chunk's tanh tensor. All chunks share ONE workspace of (B, H, chunk, Lk, d_a)
+    floats per pass, updated in place: autograd around the same ops (``torch.utils.checkpoint``)
+    needs three such buffers per chunk, runs tanh twice in backward, and allocating a fresh buffer
+    per chunk fragments glibc's heap (RSS grew to 2 GB at L=1024, chunk 8). Measured in
+    docs/variants/additive.md.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, qp: Tensor, kp: Tensor, w_v: Tensor, value: Tensor,
-        bias: Tensor | None, allowed: Tensor | None, scale: float, dropout_p: float,
+        bias: Tensor | None, masks: Masks, scale: float, dropout_p: float, chunk: int,
     ) -> Tensor:
-        p = masked_softmax(_biased(chunk_scores(qp, kp, w_v, scale), bias), allowed)  # (B, H, c, Lk)
-        keep = None
-        if dropout_p > 0:
-            keep = torch.empty_like(p, dtype=torch.bool).bernoulli_(1.0 - dropout_p)  # (B, H, c, Lk)
-            p = p * keep / (1.0 - dropout_p)
-        ctx.save_for_backward(qp, kp, w_v, value, bias, allowed, keep)
-        ctx.scale, ctx.dropout_p = scale, dropout_p
-        return p @ value  # (B, H, c, Ev)
+        b, h, lq, d_a = qp.shape
+        out = value.new_empty(b, h, lq, value.shape[-1])  # (B, H, Lq, Ev)
+        ws = qp.new_empty(b * h * min(chunk, lq) * kp.shape[2] * d_a)  # flat workspace
+        keeps: list[Tensor | None] = []
+        for start, stop, k_stop in _chunks(masks, chunk):
+            t = _tanh_into(ws, qp[:, :, start:stop], kp[:, :, :k_stop])  # (B, H, c, k_stop, d_a)
+            p = _softmax(t, w_v, scale, bias, masks, start, stop, k_stop)  # (B, H, c, k_stop)
+            keep = None
+            if dropout_p > 0:
+                keep = torch.empty_like(p, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+                p = p * keep / (1.0 - dropout_p)
+            keeps.append(keep)
+            out[:, :, start:stop] = p @ value[:, :, :k_stop]  # (B, H, c, Ev)
+        ctx.save_for_backward(qp, kp, w_v, value, bias)
+        ctx.masks, ctx.keeps, ctx.scale, ctx.dropout_p, ctx.chunk = masks, keeps, scale, dropout_p, chunk
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, d_out: Tensor) -> tuple[Tensor | None, ...]:
-        qp, kp, w_v, value, bias, allowed, keep = ctx.saved_tensors
-        b, h, c, d_a = qp.shape
-        lk = kp.shape[2]
-        t = torch.tanh_(qp.unsqueeze(3) + kp.unsqueeze(2))  # (B, H, c, Lk, d_a): recomputed
-        s = (t.view(b, h, c * lk, d_a) @ w_v.unsqueeze(-1)).view(b, h, c, lk)  # (B, H, c, Lk)
-        p = masked_softmax(_biased(s * ctx.scale, bias), allowed)  # (B, H, c, Lk)
-        p_used = p if keep is None else p * keep / (1.0 - ctx.dropout_p)  # weights applied to V
-        d_value = p_used.transpose(-2, -1) @ d_out  # (B, H, Lk, Ev)
-        d_p = d_out @ value.transpose(-2, -1)  # (B, H, c, Lk)
-        if keep is not None:
-            d_p = d_p * keep / (1.0 - ctx.dropout_p)
-        # Softmax backward; masked entries have p = 0, so they get no gradient (empty rows: 0).
-        d_s = p * (d_p - (p * d_p).sum(-1, keepdim=True))  # (B, H, c, Lk)
-        d_bias = d_s.sum_to_size(bias.shape) if bias is not None and ctx.needs_input_grad[4] else None
-        g = d_s * ctx.scale  # (B, H, c, Lk): d loss / d (v_h . tanh(...))
-        d_w_v = (g.view(b, h, 1, c * lk) @ t.view(b, h, c * lk, d_a)).sum(0).view(h, d_a)  # (H, d_a)
-        # d pre-activation = g * v_h * (1 - t^2); the sums over keys/queries give d qp / d kp.
-        # (1 - t^2) is split as g - g*t^2 so that t is reused in place: no second big buffer.
-        t.square_().mul_(g.unsqueeze(-1))  # (B, H, c, Lk, d_a): g * t^2
+        qp, kp, w_v, value, bias = ctx.saved_tensors
+        masks, scale, p_drop = ctx.masks, ctx.scale, ctx.dropout_p
+        b, h, lq, d_a = qp.shape
+        d_qp = torch.empty_like(qp)  # (B, H, Lq, d_a): every row is written once
+        d_kp = torch.zeros_like(kp)  # (B, H, Lk, d_a): accumulated over chunks
+        d_w_v = torch.zeros_like(w_v)  # (H, d_a)
+        d_value = torch.zeros_like(value)  # (B, H, Lk, Ev)
+        d_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[4] else None
+        ws = qp.new_empty(b * h * min(ctx.chunk, lq) * kp.shape[2] * d_a)
         v_b = w_v[None, :, None, :]  # (1, H, 1, d_a)
-        d_qp = (g.sum(-1, keepdim=True) - t.sum(3)) * v_b  # (B, H, c, d_a)
-        d_kp = (g.sum(-2).unsqueeze(-1) - t.sum(2)) * v_b  # (B, H, Lk, d_a)
-        return d_qp, d_kp, d_w_v, d_value, d_bias, None, None, None
+        for (start, stop, k_stop), keep in zip(_chunks(masks, ctx.chunk), ctx.keeps, strict=True):
+            c = stop - start
+            t = _tanh_into(ws, qp[:, :, start:stop], kp[:, :, :k_stop])  # recomputed (B, H, c, k_stop, d_a)
+            p = _softmax(t, w_v, scale, bias, masks, start, stop, k_stop)  # (B, H, c, k_stop)
+            p_used = p if keep is None else p * keep / (1.0 - p_drop)  # the weights applied to V
+            d_o = d_out[:, :, start:stop]  # (B, H, c, Ev)
+            v_c = value[:, :, :k_stop]  # (B, H, k_stop, Ev)
+            d_value[:, :, :k_stop] += p_used.transpose(-2, -1) @ d_o
+            d_p = d_o @ v_c.transpose(-2, -1)  # (B, H, c, k_stop)
+            if keep is not None:
+                d_p = d_p * keep / (1.0 - p_drop)
+            # Softmax backward; masked entries have p = 0 and get no gradient (empty rows: all 0).
+            d_s = p * (d_p - (p * d_p).sum(-1, keepdim=True))  # (B, H, c, k_stop)
+            if d_bias is not None:
+                _slice_mask(d_bias, start, stop, k_stop).add_(d_s.sum_to_size(
+                    _slice_mask(bias, start, stop, k_stop).shape))
+            g = d_s * scale  # (B, H, c, k_stop): d loss / d (v_h . tanh(...))
+            d_w_v += (g.reshape(b, h, 1, c * k_stop) @ t.view(b, h, c * k_stop, d_a)).sum(0).view(h, d_a)
+            # d pre-activation = g * v_h * (1 - t^2), summed over keys (d qp) and queries (d kp);
+            # written as g - g * t^2 so that t is reused in place (no second pairwise buffer).
+            t.square_().mul_(g.unsqueeze(-1))  # (B, H, c, k_stop, d_a): g * t^2
+            d_qp[:, :, start:stop] = (g.sum(-1, keepdim=True) - t.sum(3)) * v_b
+            d_kp[:, :, :k_stop] += (g.sum(-2).unsqueeze(-1) - t.sum(2)) * v_b
+        return d_qp, d_kp, d_w_v, d_value, d_bias, None, None, None, None
 
 
-def _biased(s: Tensor, bias: Tensor | None) -> Tensor:
-    return s if bias is None else s + bias
+def _chunks(masks: Masks, chunk: int) -> list[tuple[int, int, int]]:
+    """(start, stop, k_stop) of every query chunk; k_stop = keys the chunk can see."""
+    return [(s, min(s + chunk, masks.q_len), _key_stop(masks, min(s + chunk, masks.q_len)))
+            for s in range(0, masks.q_len, chunk)]
+
+
+def _tanh_into(ws: Tensor, qp: Tensor, kp: Tensor) -> Tensor:
+    """tanh(qp_i + kp_j) written into the workspace ``ws``: (B, H, c, Lk, d_a)."""
+    b, h, c, d_a = qp.shape
+    t = ws[: b * h * c * kp.shape[2] * d_a].view(b, h, c, kp.shape[2], d_a)
+    torch.add(qp.unsqueeze(3), kp.unsqueeze(2), out=t)
+    return t.tanh_()
+
+
+def _softmax(
+    t: Tensor, w_v: Tensor, scale: float, bias: Tensor | None, masks: Masks, start: int, stop: int,
+    k_stop: int,
+) -> Tensor:
+    """Masked softmax of ``scale * t @ v_h (+ float mask)`` for one chunk: (B, H, c, k_stop)."""
+    b, h, c, lk, d_a = t.shape
+    s = (t.view(b, h, c * lk, d_a) @ w_v.unsqueeze(-1)).view(b, h, c, lk) * scale  # (B, H, c, Lk)
+    if bias is not None:
+        s = s + _slice_mask(bias, start, stop, k_stop)
+    return masked_softmax(s, chunk_allowed(masks, start, stop, k_stop, t.device))
 
 
 def chunked_attention(
@@ -144,23 +181,13 @@ def chunked_attention(
     Args:
         qp: (B, H, Lq, d_a) = Q W_q + b;  kp: (B, H, Lk, d_a) = K W_k;  w_v: (H, d_a);
         value: (B, H, Lk, Ev), all in the compute dtype.
-    Every chunk recomputes its pairwise tensor in backward (see ``_ChunkAttention``), so
-    forward and backward peak at one (B, H, chunk, Lk, d_a) tensor. Dropout keep-masks are
-    saved (bool, (B, H, chunk, Lk) per chunk) so that backward uses exactly the forward's masks.
+    Forward and backward peak at one (B, H, chunk, Lk, d_a) workspace. With dropout, the
+    bool keep-masks ((B, H, Lq, Lk) in all) are kept for backward so that it uses the same ones.
     """
-    outs = []
-    for i, qp_c in enumerate(qp.split(chunk, dim=2)):  # split: one cat in backward, not n scatters
-        start = i * chunk
-        stop = start + qp_c.shape[2]
-        k_stop = _key_stop(masks, stop)
-        kp_c = kp if k_stop == masks.k_len else kp[:, :, :k_stop]  # (B, H, k_stop, d_a)
-        v_c = value if k_stop == masks.k_len else value[:, :, :k_stop]  # (B, H, k_stop, Ev)
-        allowed = chunk_allowed(masks, start, stop, k_stop, qp.device)
-        bias = chunk_bias(masks, start, stop, k_stop)
-        if bias is not None:
-            bias = bias.to(qp.dtype)
-        outs.append(_ChunkAttention.apply(qp_c, kp_c, w_v, v_c, bias, allowed, scale, dropout_p))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, Lq, Ev)
+    bias = masks.float_mask
+    if bias is not None:
+        bias = bias.to(qp.dtype)  # (B|1, H|1, Lq|1, Lk|1)
+    return _ChunkedAdditive.apply(qp, kp, w_v, value, bias, masks, scale, dropout_p, chunk)
 
 
 def chunked_scores(qp: Tensor, kp: Tensor, w_v: Tensor, scale: float, chunk: int) -> Tensor:
