@@ -23,6 +23,8 @@ from torch import Tensor
 
 from attnreg.core import Masks
 
+from ._views import views
+
 __all__ = ["band_mask", "block_band", "local_attention"]
 
 
@@ -124,17 +126,21 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
              scale: float, dropout_p: float) -> Tensor:
     b_, h_, length, e_ = q.shape
     ev = v.shape[-1]
-    # Contiguous inputs let the block views below fold (B, H) together without copying.
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     right = 0 if masks.is_causal else w  # keys a block may see beyond its own rows
     span = blk + w + right
     lo = -(-w // blk)  # first block whose window starts at a key >= 0
     hi = (length - right) // blk  # blocks [lo, hi) are "interior": whole window inside [0, L)
     n = hi - lo
     s0 = lo * blk - w  # first key of block lo's window
-    q_run = q.narrow(2, lo * blk, n * blk).reshape(b_, h_, n, blk, e_)  # (B, H, n, blk, E) view
-    k_run = k.narrow(2, s0, (n - 1) * blk + span).unfold(2, span, blk).transpose(-1, -2)  # (B, H, n, span, E)
-    v_run = v.narrow(2, s0, (n - 1) * blk + span).unfold(2, span, blk).transpose(-1, -2)  # overlapping views
+    # Pure views (no copies): interior query blocks, their overlapping key/value windows, and the
+    # rows of the two edges; one gradient buffer per input in backward (see _views).
+    left = (0, lo * blk), (0, min(length, lo * blk + right))  # edge queries [0, lo*blk) and their keys
+    right_edge = (hi * blk, length), (hi * blk - w, length)  # edge queries [hi*blk, L) and their keys
+    edge_q = ("rows", *left[0]), ("rows", *right_edge[0])
+    edge_k = ("rows", *left[1]), ("rows", *right_edge[1])
+    q_run, q_left, q_right = views(q, ("blocks", lo * blk, n, blk), *edge_q)  # (B*H, n, blk, E), edges
+    k_run, k_left, k_right = views(k, ("windows", s0, n, span, blk), *edge_k)  # (B*H, n, span, E), edges
+    v_run, v_left, v_right = views(v, ("windows", s0, n, span, blk), *edge_k)
 
     # Interior (batch, block) pairs that a shared band cannot serve: padded keys in the window, or an
     # attn_mask (it differs per block). They get their own 4-D mask in a second call.
@@ -151,18 +157,16 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
         main = q.new_zeros(b_, h_, n * blk, ev)  # every pair is recomputed below
     else:
         main = F.scaled_dot_product_attention(
-            q_run.reshape(b_ * h_, n, blk, e_), k_run.reshape(b_ * h_, n, span, e_),
-            v_run.reshape(b_ * h_, n, span, ev),  # blocks folded into SDPA's head dim: views, no copy
+            q_run, k_run, v_run,  # (B*H, n, blk|span, E): blocks folded into SDPA's head dim
             attn_mask=_band_bias(blk, w, masks.is_causal, q.dtype, q.device),
             dropout_p=dropout_p, scale=scale,
         ).reshape(b_, h_, n * blk, ev)  # (B, H, n*blk, Ev)
 
     pieces = [main]
-    if lo > 0:  # left edge: queries [0, lo*blk) see keys [0, lo*blk + right)
-        pieces.insert(0, _edge(q, k, v, masks, (0, lo * blk), (0, min(length, lo * blk + right)),
-                               w, scale, dropout_p))
-    if hi * blk < length:  # right edge: queries [hi*blk, L) see keys [hi*blk - w, L)
-        pieces.append(_edge(q, k, v, masks, (hi * blk, length), (hi * blk - w, length), w, scale, dropout_p))
+    if lo > 0:
+        pieces.insert(0, _edge(q_left, k_left, v_left, masks, *left, w, scale, dropout_p))
+    if hi * blk < length:
+        pieces.append(_edge(q_right, k_right, v_right, masks, *right_edge, w, scale, dropout_p))
     out = torch.cat(pieces, dim=2)  # (B, H, L, Ev); a fresh tensor, safe to write into below
 
     if dirty is not None:
@@ -182,7 +186,9 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
                 else:
                     allowed, bias = allowed & (am != float("-inf")), am
             inner.index_put_((bi, bk), _sdpa_masked(
-                q_run[bi, :, bk], k_run[bi, :, bk], v_run[bi, :, bk],  # (P, H, blk|span, E) gathered copies
+                q_run.view(b_, h_, n, blk, e_)[bi, :, bk],  # (P, H, blk, E) gathered copies
+                k_run.view(b_, h_, n, span, e_)[bi, :, bk],  # (P, H, span, E)
+                v_run.view(b_, h_, n, span, ev)[bi, :, bk],
                 allowed, bias, dropout_p, scale,
             ))
         zi, zk = empty.nonzero(as_tuple=True)  # pairs with no real key: output 0
@@ -191,11 +197,12 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
     return out
 
 
-def _edge(q: Tensor, k: Tensor, v: Tensor, masks: Masks, rows: tuple[int, int], cols: tuple[int, int],
+def _edge(qs: Tensor, ks: Tensor, vs: Tensor, masks: Masks, rows: tuple[int, int], cols: tuple[int, int],
           w: int, scale: float, dropout_p: float) -> Tensor:
-    """Queries ``rows`` against keys ``cols`` (small, at a sequence end) with a dense rectangular band."""
+    """Query rows ``rows`` (``qs``) against key rows ``cols`` (``ks``, ``vs``), small, at a sequence end,
+    with a dense rectangular band."""
     (i0, i1), (j0, j1) = rows, cols
-    qs, ks, vs = q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1]  # slices: views
+    q = qs
     if masks.key_mask is None and masks.attn_mask is None:  # key i is in cols: no row is empty
         bias = _rect_band(i1 - i0, j1 - j0, i0 - j0, w, masks.is_causal, q.dtype, q.device)  # (li, lj)
         return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, dropout_p=dropout_p, scale=scale)
