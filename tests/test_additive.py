@@ -18,7 +18,7 @@ B, H, E, EV = 2, 2, 8, 5
 
 
 def _module(
-    chunk: int, hidden: int | None = 6, scale: float | None = None, seed: int = 0
+    chunk: int | None, hidden: int | None = 6, scale: float | None = None, seed: int = 0
 ) -> AdditiveAttention:
     torch.manual_seed(seed)
     cfg = AdditiveConfig(num_heads=H, head_dim=E, hidden_dim=hidden, chunk_size=chunk, scale=scale)
@@ -251,3 +251,18 @@ def test_float_mask_gradient_matches_reference() -> None:
     (want,) = torch.autograd.grad(ref, [fm], upstream)
     assert want.abs().max() > 0
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+def test_auto_chunk_size_fits_the_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    import attnreg.plugins.additive.attention as attention_mod
+
+    big = attnreg.build("additive", num_heads=8, head_dim=64)
+    assert big.config.chunk_size is None
+    assert big.chunk_rows(1, 2048) == 64  # 2**26 / (1 * 8 * 2048 * 64)
+    assert big.chunk_rows(64, 2**16) == 1  # never below one row
+    m = _module(chunk=None)
+    assert m.chunk_rows(B, 9) > 9  # small inputs: one chunk
+    _check_against_reference(m, *_inputs(9, 9), is_causal=True)
+    monkeypatch.setattr(attention_mod, "WORKSPACE_ELEMENTS", B * H * 9 * 6 * 4)  # 4 rows (d_a=6)
+    assert m.chunk_rows(B, 9) == 4
+    _check_against_reference(m, *_inputs(9, 9), key_mask=_bool_mask((B, 9), seed=8))

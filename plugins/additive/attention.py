@@ -15,11 +15,13 @@ from attnreg.core import Attention, AttentionConfig, Capabilities, Masks, causal
 from .chunked import chunked_attention, chunked_scores
 from .reference import additive_logits
 
-__all__ = ["AdditiveAttention", "AdditiveConfig", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["AdditiveAttention", "AdditiveConfig", "WORKSPACE_ELEMENTS"]
 
-# Chosen by measurement (docs/variants/additive.md): at B=1, H=8, d_a=64 chunks of 16-64 rows
-# run at the same speed, and 32 keeps forward+backward at L=2048 near 300 MB.
-DEFAULT_CHUNK_SIZE = 32
+# Chosen by measurement (docs/variants/additive.md): the chunk's pairwise workspace
+# (B*H*chunk*Lk*d_a elements) is what costs memory, while many small chunks cost time (each op
+# is a parallel region; on a loaded 2-core machine 16-row chunks ran 4x slower than 64-row ones).
+# 2**26 elements = 256 MB in fp32 gives 64-row chunks at B=1, H=8, Lk=2048, d_a=64.
+WORKSPACE_ELEMENTS = 2**26
 
 
 class AdditiveConfig(AttentionConfig):
@@ -31,9 +33,10 @@ class AdditiveConfig(AttentionConfig):
     hidden_dim: int | None = Field(
         None, ge=1, description="Size d_a of the additive hidden layer; None means head_dim."
     )
-    chunk_size: int = Field(
-        DEFAULT_CHUNK_SIZE, ge=1,
-        description="Query rows per chunk of the fast path: peak memory ~ B*H*chunk_size*Lk*d_a floats.",
+    chunk_size: int | None = Field(
+        None, ge=1,
+        description="Query rows per chunk of the fast path (peak memory ~ B*H*chunk_size*Lk*d_a floats); "
+        "None picks the most rows whose workspace fits 2**26 elements (256 MB in fp32).",
     )
     scale: float | None = Field(
         None, gt=0.0,
@@ -80,6 +83,13 @@ class AdditiveAttention(Attention):
             self.b.uniform_(-bound_e, bound_e)
             self.v.uniform_(-bound_a, bound_a)
 
+    def chunk_rows(self, batch: int, k_len: int) -> int:
+        """Query rows per chunk: ``chunk_size``, or the most whose (B, H, rows, Lk, d_a) workspace
+        fits ``WORKSPACE_ELEMENTS`` (at least 1)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, WORKSPACE_ELEMENTS // (batch * self.num_heads * k_len * self.hidden_dim))
+
     @property
     def score_scale(self) -> float:
         """The configured ``scale``, or 1."""
@@ -104,15 +114,17 @@ class AdditiveAttention(Attention):
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         self._check_sizes(query)
         qp, kp, v, acc = self._project(query, key)
+        chunk = self.chunk_rows(query.shape[0], key.shape[2])
         out = chunked_attention(
-            qp, kp, v, value.to(acc), masks, self.score_scale, self.active_dropout, self.chunk_size
+            qp, kp, v, value.to(acc), masks, self.score_scale, self.active_dropout, chunk
         )  # (B, H, Lq, Ev)
         return out.to(query.dtype)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         self._check_sizes(query)
         qp, kp, v, _ = self._project(query, key)
-        scores = chunked_scores(qp, kp, v, self.score_scale, self.chunk_size)  # (B, H, Lq, Lk)
+        chunk = self.chunk_rows(query.shape[0], key.shape[2])
+        scores = chunked_scores(qp, kp, v, self.score_scale, chunk)  # (B, H, Lq, Lk)
         if masks.float_mask is not None:
             scores = scores + masks.float_mask.to(scores.dtype)
         return masked_softmax(scores, masks.allowed(query.device)).to(query.dtype)
