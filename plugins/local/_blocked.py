@@ -1,16 +1,19 @@
 """Blocked sliding-window attention over ``F.scaled_dot_product_attention``.
 
 Queries are cut into blocks of ``block`` rows. Block ``b`` can only reach keys
-``[b*block - w, b*block + block + w)`` (``+ block`` only, when causal), so its keys and values are a
-strided ``unfold`` view of the zero-padded sequence, folded into SDPA's head dim: no L x L tensor is
-ever built. Every block with nothing but real keys in its window ("clean") goes through ONE SDPA call
-with ONE shared ``(1, 1, block, span)`` band mask, which keeps SDPA on its fused (flash) CPU kernel.
-The few other (batch, block) pairs -- sequence edges, padded keys, or every block when an
-``attn_mask`` is given -- are gathered into a second call with their own 4-D ``(P, H|1, block, span)``
-mask, and their outputs replace the clean call's ones.
+``[b*block - w, b*block + block + w)`` (``+ block`` only when causal), its window of ``span`` keys.
 
-Rows with nothing to attend are never given to SDPA as empty rows (its result there differs across
-versions and kernels): they are opened and their output is zeroed afterwards, so gradients stay 0.
+- Interior blocks (window inside ``[0, L)``): keys/values are an overlapping ``unfold`` view folded
+  into SDPA's head dim, ``(B*H, n, span, E)``, no copy; ONE SDPA call with ONE shared
+  ``(1, 1, block, span)`` band mask keeps SDPA on its fused (flash) CPU kernel.
+- The two sequence edges: two small sliced SDPA calls with a rectangular band.
+- (batch, block) pairs a shared band cannot serve (padded keys in the window; every pair when an
+  ``attn_mask`` is given) are gathered into one more call with their own 4-D
+  ``(P, 1|H, block, span)`` mask and written over the interior output.
+
+No L x L tensor is ever built (except by ``_dense``, for sequences too short to block). Rows with
+nothing to attend are never given to SDPA as empty rows (its result there differs across versions
+and kernels): they are opened and their output zeroed, so their gradients are exactly 0.
 """
 
 from __future__ import annotations
