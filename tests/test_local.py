@@ -67,7 +67,7 @@ def test_block_sizes_agree(block: int, causal: bool) -> None:
 
 @pytest.mark.parametrize("where", ["end", "middle"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("window,length", [(0, 129), (3, 129), (3, 1000), (64, 1000), (200, 129)])
+@pytest.mark.parametrize("window,length", [(0, 129), (3, 129), (64, 1000), (200, 129)])
 def test_key_mask(window: int, length: int, causal: bool, where: str) -> None:
     _check(window, length, key_mask=_key_mask(length, where), is_causal=causal)
 
