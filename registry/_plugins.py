@@ -38,7 +38,7 @@ class PluginRecord:
     name: str
     provider: str  # distribution name and version, or "runtime"
     target: str  # "module:attr" of the entry point, or the registered object's repr
-    status: str = "pending"  # loaded | failed | filtered
+    status: str = "pending"  # loaded | failed | filtered | unregistered
     variants: tuple[str, ...] = ()
     error: str | None = None
 
@@ -77,7 +77,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._loaded = False
+        self._loaded = False  # True only once loading has finished
+        self._loading = False  # True while this registry's entry points are being imported
         self._strict_error: PluginLoadError | None = None
         self._state = _State()
         self._pm = pluggy.PluginManager(PROJECT_NAME)
@@ -85,15 +86,20 @@ class Registry:
 
     # -- loading ---------------------------------------------------------------------------
     def ensure_loaded(self) -> None:
-        """Load entry points on first use (once, under a lock)."""
+        """Load entry points on first use, once. Other threads wait on the lock until loading has
+        finished; only a plugin calling back into attnreg from its own import (same thread,
+        re-entrant lock) sees the partly filled registry instead of recursing."""
         if not self._loaded:
             with self._lock:
-                if not self._loaded:
-                    self._loaded = True  # first: a plugin calling into attnreg must not recurse
+                if not self._loaded and not self._loading:
+                    self._loading = True
                     try:
                         self._load_entry_points()
                     except PluginLoadError as exc:
                         self._strict_error = exc
+                    finally:
+                        self._loading = False
+                        self._loaded = True
         if self._strict_error is not None:  # strict mode: every later use fails the same way
             raise self._strict_error
 
@@ -230,20 +236,26 @@ class Registry:
             self._state.providers.pop(canonical)
             for n in spec.names:
                 self._state.names.pop(n, None)
+            for record in self._state.records:
+                if canonical in record.variants:
+                    record.variants = tuple(v for v in record.variants if v != canonical)
+                    record.status = record.status if record.variants else "unregistered"
 
     def resolve(self, name: str) -> str:
         """Canonical name of a variant name or alias; ``UnknownVariantError`` otherwise."""
         from ._errors import unknown_variant
 
         self.ensure_loaded()
-        canonical = self._state.names.get(name) if isinstance(name, str) else None
+        with self._lock:
+            canonical = self._state.names.get(name) if isinstance(name, str) else None
         if canonical is None:
             raise unknown_variant(name, sorted(self._state.names))
         return canonical
 
     def get(self, name: str) -> VariantSpec:
         """The spec of a variant name or alias."""
-        return self._state.specs[self.resolve(name)]
+        with self._lock:
+            return self._state.specs[self.resolve(name)]
 
     def specs(self) -> list[VariantSpec]:
         """All registered specs, sorted by name."""
@@ -253,7 +265,8 @@ class Registry:
 
     def provider(self, name: str) -> str:
         """Distribution (and version) that provided a variant."""
-        return self._state.providers[self.resolve(name)]
+        with self._lock:
+            return self._state.providers[self.resolve(name)]
 
     def records(self) -> list[PluginRecord]:
         """One record per plugin seen: loaded, failed or filtered."""

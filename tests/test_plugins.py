@@ -148,3 +148,43 @@ def test_spec_validation_errors_are_clear() -> None:
         attnreg.VariantSpec(name="Bad Name", **kwargs)
     with pytest.raises(ValueError, match="needs a non-empty reason"):
         attnreg.VariantSpec(name="dot_product", expected_failures={"check": ""}, **kwargs)
+
+
+def test_concurrent_first_use_waits_for_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second thread must never see a half-filled registry while the first one loads."""
+    import threading
+    import time
+
+    class SlowRegistry(Registry):
+        def _add_entry_point(self, obj, record, strict):  # type: ignore[no-untyped-def]
+            time.sleep(0.05)
+            super()._add_entry_point(obj, record, strict)
+
+    reg = SlowRegistry()
+    results: dict[str, object] = {}
+    loader = threading.Thread(target=lambda: results.setdefault("a", reg.specs()))
+    loader.start()
+    time.sleep(0.01)  # the loader now holds the lock and is importing
+    try:
+        results["b"] = reg.resolve("sdpa")
+    except Exception as exc:  # noqa: BLE001 - recorded for the assertion below
+        results["b"] = exc
+    loader.join()
+    assert results["b"] == "dot_product"
+
+
+def test_unregister_updates_the_record() -> None:
+    attnreg.register(DOT_SPEC.__class__(**{**DOT_SPEC.__dict__, "name": "dp_copy", "aliases": (),
+                                          "config": _copy_config("dp_copy")}), name="copy")
+    attnreg.unregister("dp_copy")
+    record = [r for r in attnreg.plugin_records() if r.name == "copy"][-1]
+    assert record.status == "unregistered" and record.variants == ()
+
+
+def _copy_config(name: str):  # type: ignore[no-untyped-def]
+    from typing import Literal
+
+    from attnreg.plugins.dot_product import DotProductConfig
+
+    return type("CopyConfig", (DotProductConfig,), {"__annotations__": {"variant": Literal[name]},
+                                                    "variant": name})
