@@ -1,7 +1,7 @@
 """pytest-benchmark cases over the registry, on the same harness code as ``attnreg bench``.
 
     pytest benchmarks/ --benchmark-only                                  # every variant, L=1024,4096
-    pytest benchmarks/ --benchmark-only --bench-variants local:window=256,linear --bench-lengths 4K,16K
+    pytest benchmarks/ --benchmark-only --bench-variants 'local:window=256;linear' --bench-lengths 4K,16K
 
 Not collected by a plain ``pytest`` (``testpaths = ["tests"]``). Options:
 ``--bench-variants`` (names, aliases or ``name:field=value``; ``;`` separates specs that contain

@@ -36,7 +36,7 @@ def bench_cmd(
     head_dim: int = typer.Option(None, "--head-dim", help="Head dim E = Ev (default 64)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float64, bfloat16 or float16."),
     threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's default)."),
-    modes: str = typer.Option("fwd,fwdbwd", "--modes", help="fwd, fwdbwd or both."),
+    modes: str = typer.Option("fwd,fwdbwd", "--modes", help="Comma list of fwd, fwdbwd."),
     causal: bool | None = typer.Option(
         None, "--causal/--no-causal", help="Only causal / only non-causal (default: both)."
     ),
