@@ -70,6 +70,11 @@ class VariantSpec:
 
     ``factory(config)`` must return an ``attnreg.core.Attention``. ``expected_failures`` maps
     conformance check names to the reason the variant is known to fail them (strict xfail).
+    ``check_configs`` are extra config overrides (e.g. ``{"window": 2, "block_size": 4}``) the
+    conformance suite also runs its numeric checks against, each reported as its own subject
+    ``name[window=2,block_size=4]``: small blocks/chunks make the tiny test inputs reach the fast
+    paths (several blocks, a ragged last one) that the default config only takes at long lengths.
+    Each must validate with ``config`` (checked here; a ``ValueError`` names the variant).
     """
 
     name: str
@@ -80,6 +85,7 @@ class VariantSpec:
     reference: str
     aliases: tuple[str, ...] = ()
     expected_failures: Mapping[str, str] = field(default_factory=dict)
+    check_configs: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         where = f"VariantSpec(name={self.name!r})"
@@ -113,6 +119,32 @@ class VariantSpec:
                     f"{where}: expected failure {check!r} needs a non-empty reason string"
                 )
         object.__setattr__(self, "expected_failures", MappingProxyType(xfail))
+        object.__setattr__(self, "check_configs", self._validated_check_configs(where))
+
+    def _validated_check_configs(self, where: str) -> tuple[Mapping[str, Any], ...]:
+        """Each override validated with ``config`` now, so a typo fails at registration."""
+        if isinstance(self.check_configs, Mapping):
+            raise TypeError(f"{where}: check_configs must be a tuple of mappings, got one mapping")
+        out = []
+        for i, overrides in enumerate(self.check_configs):
+            if not isinstance(overrides, Mapping) or not overrides:
+                raise TypeError(f"{where}: check_configs[{i}] must be a non-empty mapping of config "
+                                f"fields, got {overrides!r}")
+            if "variant" in overrides:
+                raise ValueError(f"{where}: check_configs[{i}] must not set 'variant'")
+            try:
+                self.config(**{**overrides, "variant": self.name})
+            except Exception as err:  # pydantic ValidationError or a model validator's error
+                # Required fields the suite fills per test (num_heads, head_dim) are not the
+                # overrides' fault: then the build at check time validates the whole config.
+                errs = err.errors() if hasattr(err, "errors") else [{"type": "other"}]
+                if all(e["type"] == "missing" and e["loc"][0] not in overrides for e in errs):
+                    out.append(MappingProxyType(dict(overrides)))
+                    continue
+                raise ValueError(f"{where}: check_configs[{i}] = {dict(overrides)!r} is not a valid "
+                                 f"{self.config.__name__}: {err}") from None
+            out.append(MappingProxyType(dict(overrides)))
+        return tuple(out)
 
     @property
     def names(self) -> tuple[str, ...]:

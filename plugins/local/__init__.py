@@ -18,6 +18,7 @@ SPEC = VariantSpec(
     reference="Beltagy et al. 2020, 'Longformer: The Long-Document Transformer', arXiv:2004.05150 "
     "(sliding-window attention); Child et al. 2019 (local attention)",
     aliases=("sliding_window", "window"),
+    check_configs=({"window": 2, "block_size": 4}, {"window": 3, "block_size": 5}),  # blocked path at L>=13
 )
 
 

@@ -39,6 +39,7 @@ SPEC = VariantSpec(
     reference="Child et al. 2019, 'Generating Long Sequences with Sparse Transformers', "
     "arXiv:1904.10509; Zaheer et al. 2020, 'Big Bird', arXiv:2007.14062",
     aliases=("block_sparse",),
+    check_configs=({"block_size": 4}, {"block_size": 3, "layout": "strided"}),  # several blocks at L>=7
 )
 
 BIGBIRD_SPEC = VariantSpec(
@@ -49,6 +50,7 @@ BIGBIRD_SPEC = VariantSpec(
     summary="block-sparse softmax attention with the BigBird layout (window + global + seeded "
     "random blocks)",
     reference="Zaheer et al. 2020, 'Big Bird: Transformers for Longer Sequences', arXiv:2007.14062",
+    check_configs=({"block_size": 2, "num_global_blocks": 1, "num_random_blocks": 1},),  # nb >= 4 at L>=7
 )
 
 

@@ -40,18 +40,18 @@ def _cell(results: list[Any]) -> str:
 
 def _table(report: Any, groups: tuple[str, ...]) -> Table:
     table = Table(title="attnreg conformance", show_lines=False)
-    table.add_column("variant", style="bold")
+    table.add_column("variant", style="bold", overflow="fold")  # keep check_configs labels whole
     for g in groups:
         table.add_column(g, justify="center")
     table.add_column("total", justify="right")
-    for variant in report.variants:
-        mine = [r for r in report.results if r.variant == variant]
+    for variant in report.subjects:  # each variant, then its check_configs subjects
+        mine = [r for r in report.results if r.subject == variant]
         if not mine:
             continue
         by_group = [_cell([r for r in mine if r.group == g]) for g in groups]
         ok = sum(r.outcome == "passed" for r in mine)
         ran = sum(r.outcome != "n.a." for r in mine)
-        table.add_row(variant, *by_group, f"{ok}/{ran}")
+        table.add_row(escape(variant), *by_group, f"{ok}/{ran}")  # "[k=v]" is not rich markup
     return table
 
 
@@ -101,7 +101,7 @@ def check_cmd(
         task = progress.add_task("collecting", total=None)
 
         def on_result(r: Any) -> None:
-            progress.update(task, advance=1, description=f"{r.variant}: {r.check}")
+            progress.update(task, advance=1, description=escape(f"{r.subject}: {r.check}"))
 
         try:
             with progress:
@@ -123,7 +123,7 @@ def check_cmd(
         wide = console if console.is_terminal else Console(width=max(console.width, 150))
         wide.print(_table(report, GROUPS))
         for r in report.failed:
-            wide.print(f"\n[bold red]{r.outcome.upper()}[/] {escape(f'{r.variant} / {r.check} [{r.dtype}]')}",
+            wide.print(f"\n[bold red]{r.outcome.upper()}[/] {escape(f'{r.subject} / {r.check} [{r.dtype}]')}",
                        highlight=False)
             wide.print(r.message, highlight=False, markup=False)
         counts = report.counts()

@@ -13,7 +13,16 @@ from attnreg.core import VariantSpec
 
 from . import _checks_contract, _checks_masking, _checks_numeric  # noqa: F401 - registers the checks
 from ._checks_contract import split_check_key
-from ._framework import CHECKS, CheckFailure, NotApplicable, Subject, dtype_name, parse_dtype
+from ._framework import (
+    CHECKS,
+    CONFIG_GROUPS,
+    CheckFailure,
+    NotApplicable,
+    Subject,
+    config_label,
+    dtype_name,
+    parse_dtype,
+)
 
 __all__ = ["Case", "build_cases", "parse_xfail", "pytest_params", "run_case", "run_check", "select_specs"]
 
@@ -29,11 +38,17 @@ class Case:
     na: str | None = None  # why the check does not apply (reported as n.a.)
     xfail: str | None = None  # reason of a declared expected failure (strict)
     device: str = "cpu"
+    overrides: tuple[tuple[str, Any], ...] = ()  # one of the spec's check_configs; () = default config
+
+    @property
+    def subject(self) -> str:
+        """``"local"``, or ``"local[window=2,block_size=4]"`` under check_configs overrides."""
+        return config_label(self.variant, self.overrides)
 
     @property
     def id(self) -> str:
-        """``"check[variant-dtype]"``: the pytest item name."""
-        return f"{self.check}[{self.variant}-{self.dtype}]"
+        """``"check[variant-dtype]"`` / ``"check[local[window=2,block_size=4]-dtype]"``: the item name."""
+        return f"{self.check}[{self.subject}-{self.dtype}]"
 
 
 def parse_xfail(items: Iterable[str]) -> dict[tuple[str | None, str], str]:
@@ -66,9 +81,14 @@ def select_specs(names: Sequence[str] | None = None) -> list[VariantSpec]:
 
 
 def _xfail_reason(spec: VariantSpec, check: str, dtype: str,
-                  extra: Mapping[tuple[str | None, str], str]) -> str | None:
+                  extra: Mapping[tuple[str | None, str], str], subject: str | None = None) -> str | None:
+    names = [spec.name] if subject is None else [subject, spec.name]
     for key in (f"{check}[{dtype}]", check):
-        for source in (extra.get((spec.name, key)), extra.get((None, key)), spec.expected_failures.get(key)):
+        # A check_configs subject also honours its own ``local[window=2,block_size=4]:CHECK`` entry.
+        sources = [extra.get((n, key)) for n in names] + [extra.get((None, key))]
+        if subject is not None:
+            sources.insert(0, spec.expected_failures.get(f"{subject}:{key}"))
+        for source in (*sources, spec.expected_failures.get(key)):
             if source:
                 return source
     return None
@@ -86,28 +106,35 @@ def build_cases(names: Sequence[str] | None = None, *, dtypes: Sequence[str] | N
     cases = []
     for spec in select_specs(names):
         caps = spec.capabilities
-        for chk in CHECKS.values():
-            na = chk.not_applicable(caps)
-            dts = [dtype_name(d) for d in chk.dtypes_for(caps)]
-            if keep is not None:
-                dts = [d for d in dts if d in keep]
-                if not dts:
+        configs: list[tuple[tuple[str, Any], ...]] = [()]
+        configs += [tuple(c.items()) for c in spec.check_configs]
+        for overrides in configs:
+            subject = config_label(spec.name, overrides) if overrides else None
+            for chk in CHECKS.values():
+                if overrides and chk.group not in CONFIG_GROUPS:
                     continue
-            if not dts:
-                cases.append(Case(spec.name, chk.name, chk.group, "-", na or "no dtype below the reference "
-                                  "dtype is declared", device=device))
-                continue
-            for d in dts:
-                cases.append(Case(spec.name, chk.name, chk.group, d, na,
-                                  None if na else _xfail_reason(spec, chk.name, d, extra), device))
+                na = chk.not_applicable(caps)
+                dts = [dtype_name(d) for d in chk.dtypes_for(caps)]
+                if keep is not None:
+                    dts = [d for d in dts if d in keep]
+                    if not dts:
+                        continue
+                if not dts:
+                    cases.append(Case(spec.name, chk.name, chk.group, "-", na or "no dtype below the "
+                                      "reference dtype is declared", device=device, overrides=overrides))
+                    continue
+                for d in dts:
+                    xfail = None if na else _xfail_reason(spec, chk.name, d, extra, subject)
+                    cases.append(Case(spec.name, chk.name, chk.group, d, na, xfail, device, overrides))
     return cases
 
 
 def run_check(variant: str | VariantSpec, check: str, dtype: str | torch.dtype = "float64",
-              device: str = "cpu") -> None:
+              device: str = "cpu", overrides: Mapping[str, Any] | None = None) -> None:
     """Run one check; raises ``CheckFailure`` (with sizes and max error) or ``NotApplicable``.
 
-    The global RNG state is restored afterwards.
+    ``overrides`` (e.g. one of the spec's ``check_configs``) are config fields every module the
+    check builds gets. The global RNG state is restored afterwards.
     """
     spec = variant if isinstance(variant, VariantSpec) else attnreg.get_variant(variant)
     chk = CHECKS[check]
@@ -115,7 +142,7 @@ def run_check(variant: str | VariantSpec, check: str, dtype: str | torch.dtype =
     if na:
         raise NotApplicable(na)
     dt = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype)
-    subject = Subject(spec, dt, torch.device(device))
+    subject = Subject(spec, dt, torch.device(device), dict(overrides or {}))
     with torch.random.fork_rng(devices=[]):
         try:
             chk.fn(subject)
@@ -135,7 +162,7 @@ def run_case(case: Case) -> None:
     if case.na:
         pytest.skip(f"n.a.: {case.na}")
     try:
-        run_check(case.variant, case.check, case.dtype, case.device)
+        run_check(case.variant, case.check, case.dtype, case.device, dict(case.overrides))
     except NotApplicable as na:
         pytest.skip(f"n.a.: {na}")
 
@@ -150,5 +177,5 @@ def pytest_params(names: Sequence[str] | None = None, *, include_na: bool = Fals
         if case.na and not include_na:
             continue
         marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
-        out.append(pytest.param(case, id=f"{case.variant}-{case.check}-{case.dtype}", marks=marks))
+        out.append(pytest.param(case, id=f"{case.subject}-{case.check}-{case.dtype}", marks=marks))
     return out

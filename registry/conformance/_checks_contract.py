@@ -23,6 +23,7 @@ from ._framework import (
     assert_equal,
     assert_finite,
     check,
+    config_label,
     dtype_name,
     expect_raises,
     heads_for,
@@ -46,7 +47,7 @@ def spec_metadata(s: Subject) -> None:
     """The spec and the module agree: the built module declares the same ``Capabilities`` as
     the spec and the spec's name as ``variant``; ``complexity`` is set; ``approximates`` names
     another registered variant; every ``expected_failures`` key is a real check name (optionally
-    ``check[dtype]``)."""
+    ``check[dtype]``, optionally prefixed ``subject:`` naming one of the spec's ``check_configs``)."""
     m = s.build()
     if m.capabilities != s.caps:
         diff = {k: (v, getattr(m.capabilities, k)) for k, v in vars(s.caps).items()
@@ -64,7 +65,12 @@ def spec_metadata(s: Subject) -> None:
             raise CheckFailure(f"approximates={s.caps.approximates!r} is not a registered variant") from None
         if target == s.spec.name:
             raise CheckFailure("a variant cannot approximate itself")
-    for key in s.spec.expected_failures:
+    labels = {config_label(s.spec.name, c) for c in s.spec.check_configs}
+    for full_key in s.spec.expected_failures:
+        subject, _, key = full_key.rpartition(":")  # "local[window=2]:check" = under that check_config
+        if subject and subject not in labels:
+            raise CheckFailure(f"expected_failures key {full_key!r} names {subject!r}, which is not one of "
+                               f"the spec's check_configs subjects {sorted(labels)}")
         try:
             name, _ = split_check_key(key)
         except ValueError as err:

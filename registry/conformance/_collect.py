@@ -22,11 +22,13 @@ ROOT_NODEID = "attnreg-conformance"
 def format_failure(case: Case, message: str) -> str:
     """The report of a failed check: variant, check, dtype, the finding, what the check means."""
     return (
-        f"attnreg conformance: variant '{case.variant}' failed check '{case.check}' "
+        f"attnreg conformance: variant '{case.subject}' failed check '{case.check}' "
         f"(group {case.group}, {case.dtype})\n"
         f"  {message}\n"
         f"  The check: {CHECKS[case.check].doc}\n"
         f"  Rerun: attnreg check {case.variant} -k {case.check}"
+        + (f"  (the [{case.subject.partition('[')[2]} subject is one of the spec's check_configs)"
+           if case.overrides else "")
     )
 
 

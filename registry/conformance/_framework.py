@@ -8,7 +8,7 @@ It is registered with ``@check(name, group, requires=..., dtypes=...)``; ``requi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +19,8 @@ import attnreg
 from attnreg.core import Attention, Capabilities, VariantSpec
 
 __all__ = [
-    "B", "CHECKS", "E", "GROUPS", "H", "LONG", "heads_for", "TOLERANCES", "Check", "CheckFailure",
-    "NotApplicable", "Subject", "check", "dtype_name", "parse_dtype",
+    "B", "CHECKS", "CONFIG_GROUPS", "E", "GROUPS", "H", "LONG", "heads_for", "TOLERANCES", "Check",
+    "CheckFailure", "NotApplicable", "Subject", "check", "config_label", "dtype_name", "parse_dtype",
 ]
 
 # Default input sizes: tiny, so that the whole suite runs in seconds per variant. LONG is prime
@@ -51,6 +51,17 @@ _ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": 
 # Table columns, in display order.
 GROUPS = ("manifest", "contract", "errors", "weights", "masking", "leakage", "independence",
           "gradients", "precision", "determinism", "config")
+# Groups also run under each of a spec's ``check_configs`` (the numeric behaviour of the fast
+# paths); manifest/errors/config/determinism test the spec and the config schema, which the
+# overrides do not change, so they run once, under the default config.
+CONFIG_GROUPS = ("contract", "weights", "masking", "leakage", "independence", "gradients", "precision")
+
+
+def config_label(variant: str, overrides: Mapping[str, Any] | tuple[tuple[str, Any], ...] = ()) -> str:
+    """``"local"`` or, under check_configs overrides, ``"local[window=2,block_size=4]"``."""
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    shown = ",".join(f"{k}={v}" for k, v in items)
+    return f"{variant}[{shown}]" if shown else variant
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -143,6 +154,7 @@ class Subject:
     spec: VariantSpec
     dtype: torch.dtype
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # one of the spec's check_configs
     last_sizes: str = ""  # sizes of the latest inputs made, named when the variant crashes
 
     @property
@@ -167,9 +179,10 @@ class Subject:
 
     def build(self, heads: int = H, head_dim: int = E, *, seed: int = 0, dtype: torch.dtype | None = None,
               train: bool = False, **fields: Any) -> Attention:
-        """``attnreg.build(name, **fields)`` seeded, moved to the dtype/device, in eval mode."""
+        """``attnreg.build(name, **overrides, **fields)`` seeded, moved to the dtype/device, in eval mode."""
         torch.manual_seed(seed)
-        module = attnreg.build(self.spec.name, **{**self.shape_fields(heads, head_dim), **fields})
+        merged = {**self.shape_fields(heads, head_dim), **self.overrides, **fields}
+        module = attnreg.build(self.spec.name, **merged)
         module = module.to(device=self.device, dtype=dtype or self.dtype)
         return module.train(train)
 

@@ -23,7 +23,7 @@ import torch
 import attnreg
 
 from ._cases import Case, parse_xfail, select_specs
-from ._framework import CHECKS, parse_dtype
+from ._framework import CHECKS, config_label, parse_dtype
 
 __all__ = ["Report", "Result", "run"]
 
@@ -42,6 +42,11 @@ class Result:
     outcome: str
     duration_s: float = 0.0
     message: str = ""
+    subject: str = ""  # "local", or "local[window=2,block_size=4]" under one of its check_configs
+    overrides: dict[str, Any] = field(default_factory=dict)  # that check_configs entry ({} = default)
+
+    def __post_init__(self) -> None:
+        self.subject = self.subject or self.variant
 
 
 @dataclass
@@ -53,6 +58,10 @@ class Report:
     collection_errors: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     pytest_exit_code: int = 0
+    subjects: list[str] = field(default_factory=list)  # variants and their check_configs, table rows
+
+    def __post_init__(self) -> None:
+        self.subjects = self.subjects or list(self.variants)
 
     @property
     def failed(self) -> list[Result]:
@@ -77,7 +86,8 @@ class Report:
         return {
             "attnreg_version": attnreg.__version__, "torch_version": torch.__version__,
             "threads": torch.get_num_threads(), "duration_s": round(self.duration_s, 3),
-            "variants": self.variants, "distinct_checks": len(CHECKS), "summary": self.counts(),
+            "variants": self.variants, "subjects": self.subjects, "distinct_checks": len(CHECKS),
+            "summary": self.counts(),
             "ok": self.ok, "collection_errors": self.collection_errors,
             "results": [asdict(r) for r in self.results],
         }
@@ -135,7 +145,8 @@ class _Recorder:
         if prev is not None and outcome != "error":
             return
         result = Result(case.variant, case.check, case.group, case.dtype, outcome,
-                        round(getattr(report, "duration", 0.0), 4), message)
+                        round(getattr(report, "duration", 0.0), 4), message, case.subject,
+                        dict(case.overrides))
         self.results[report.nodeid] = result
         if self.on_result and prev is None:
             self.on_result(result)
@@ -157,7 +168,10 @@ def run(variants: Sequence[str] | None = None, *, dtypes: Sequence[str] | None =
     Bad selections (unknown variant, unknown dtype, an expected failure without a reason) raise
     ``ValueError`` / ``attnreg.UnknownVariantError`` before anything runs.
     """
-    names = [s.name for s in select_specs(variants)]
+    specs = select_specs(variants)
+    names = [s.name for s in specs]
+    subjects = [label for s in specs
+                for label in (s.name, *(config_label(s.name, c) for c in s.check_configs))]
     for d in dtypes or ():
         parse_dtype(d)
     parse_xfail(xfails)
@@ -185,7 +199,7 @@ def run(variants: Sequence[str] | None = None, *, dtypes: Sequence[str] | None =
         if saved_addopts is not None:
             os.environ["PYTEST_ADDOPTS"] = saved_addopts
     report = Report(names, list(recorder.results.values()), recorder.errors,
-                    time.perf_counter() - start, int(code))
+                    time.perf_counter() - start, int(code), subjects)
     if json_path:
         Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
     return report
