@@ -195,3 +195,33 @@ def test_config() -> None:
     spec = attnreg.get_variant("local")
     assert set(spec.aliases) == {"sliding_window", "window"}
     assert not spec.capabilities.cross_attention and not spec.capabilities.permutation_invariant
+
+
+def test_mask_caches_are_bounded_and_owned() -> None:
+    import copy
+    import gc
+    import weakref
+
+    from attnreg.plugins.local import _blocked
+
+    _blocked.clear_mask_cache()
+    attn = attnreg.build("local", window=512, block_size=64)
+    x = torch.randn(1, 1, 1700, 4, dtype=torch.float64)
+    with torch.no_grad():
+        first = attn(x, x, x)
+    # The big edge masks (> 64K elements) live in the module, never in the process-wide cache.
+    assert attn._mask_cache.nbytes > 0
+    shared = _blocked._SHARED
+    assert all(t.numel() <= shared.max_elements for t in shared._store.values())
+    assert not any("cache" in name for name in attn.state_dict())
+    assert copy.deepcopy(attn)._mask_cache.nbytes == 0
+    held = weakref.ref(next(iter(attn._mask_cache._store.values())))
+    with torch.no_grad():  # served from the caches: same result
+        torch.testing.assert_close(attn(x, x, x), first, atol=0, rtol=0)
+    del attn
+    gc.collect()
+    assert held() is None, "edge masks must be freed with their module"
+    for length in range(300, 300 + shared.entries + 8):  # many shapes: the shared cache stays capped
+        with torch.no_grad():
+            attnreg.build("local", window=16, block_size=16)(*(torch.randn(1, 1, length, 4),) * 3)
+    assert len(shared._store) <= shared.entries

@@ -239,19 +239,59 @@ def test_inference_path_reuses_scratch_correctly(layout):
         torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
 
 
-def test_release_scratch_frees_the_inference_buffers():
+def test_scratch_is_owned_by_the_module_and_freed_with_it():
+    import copy
+    import gc
+    import pickle
+    import weakref
+
     from attnreg.plugins.sparse import release_scratch
-    from attnreg.plugins.sparse.gather import Scratch
 
     attn = attnreg.build("bigbird", block_size=16)
     q, k, v = (t.detach() for t in inputs(1, 2, 200))
     with torch.no_grad():
         first = attn(q, k, v)
-    assert Scratch._local.buffers, "inference must use the scratch buffers"
-    release_scratch()
-    assert not getattr(Scratch._local, "buffers", None)
+    assert attn._scratch.nbytes > 0, "inference must use the module's scratch buffers"
+    assert not any("scratch" in name for name in attn.state_dict())
+    other = attnreg.build("bigbird", block_size=16)
+    assert other._scratch.nbytes == 0, "modules must not share scratch"
+    for clone in (copy.deepcopy(attn), pickle.loads(pickle.dumps(attn))):
+        assert clone._scratch.nbytes == 0 and clone._scratch is not attn._scratch
+    release_scratch(torch.nn.Sequential(attn))  # frees the buffers of the sparse modules inside
+    assert attn._scratch.nbytes == 0
     with torch.no_grad():
         torch.testing.assert_close(attn(q, k, v), first, atol=0, rtol=0)
+    buf = weakref.ref(next(iter(attn._scratch._buffers.values())))
+    del attn
+    gc.collect()
+    assert buf() is None, "the scratch buffers must be freed with their module"
+
+
+def test_concurrent_inference_on_one_module_is_correct():
+    import threading
+
+    attn = attnreg.build("bigbird", block_size=16)
+    cases = [(t.detach() for t in inputs(1, 2, length, seed=length)) for length in (200, 130, 200, 70)]
+    cases = [tuple(c) for c in cases]
+    with torch.no_grad():
+        want = [attn(*c) for c in cases]
+    got: dict[int, list[torch.Tensor]] = {}
+    barrier = threading.Barrier(len(cases))
+
+    def work(i: int) -> None:
+        barrier.wait()
+        with torch.no_grad():
+            got[i] = [attn(*cases[i]) for _ in range(5)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, w in enumerate(want):
+        assert len(got[i]) == 5
+        for out in got[i]:
+            torch.testing.assert_close(out, w, atol=0, rtol=0)
 
 
 def test_many_groups_with_attn_mask():

@@ -11,6 +11,9 @@ Queries are cut into blocks of ``block`` rows. Block ``b`` can only reach keys
   ``attn_mask`` is given) are gathered into one more call with their own 4-D
   ``(P, 1|H, block, span)`` mask and written over the interior output.
 
+Band masks are memoised (``MaskCache``): small ones in one process-wide LRU capped at 16 MB, the
+big edge masks of wide windows in a cache owned by the calling module (freed with it).
+
 No L x L tensor is ever built (except by ``_dense``, for sequences too short to block). Rows with
 nothing to attend are never given to SDPA as empty rows (its result there differs across versions
 and kernels): they are opened and their output zeroed, so their gradients are exactly 0.
@@ -18,7 +21,9 @@ and kernels): they are opened and their output zeroed, so their gradients are ex
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +33,11 @@ from attnreg.core import Masks
 
 from ._views import views
 
-__all__ = ["band_mask", "block_band", "local_attention"]
+__all__ = ["MaskCache", "band_mask", "block_band", "clear_mask_cache", "local_attention"]
 
 
-def band_mask(length: int, window: int, is_causal: bool = False, device=None) -> Tensor:
+def band_mask(length: int, window: int, is_causal: bool = False,
+              device: torch.device | str | None = None) -> Tensor:
     """Dense ``(L, L)`` bool band: True where ``|i - j| <= window`` (and ``j <= i`` when causal)."""
     i = torch.arange(length, device=device)
     diff = i[:, None] - i[None, :]  # (L, L): i - j
@@ -39,7 +45,8 @@ def band_mask(length: int, window: int, is_causal: bool = False, device=None) ->
     return allowed & (diff >= 0) if is_causal else allowed
 
 
-def block_band(block: int, window: int, is_causal: bool, device=None) -> Tensor:
+def block_band(block: int, window: int, is_causal: bool,
+               device: torch.device | str | None = None) -> Tensor:
     """The band in block coordinates, ``(block, span)``, shared by every block.
 
     Row r is query ``b*block + r``; column c is key ``b*block - window + c``; so ``|i - j| <= w``
@@ -82,32 +89,108 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, block: int,
-                    scale: float, dropout_p: float = 0.0) -> Tensor:
-    """Sliding-window softmax attention, ``(B, H, L, E) x 3 -> (B, H, L, Ev)``; O(L*(block+2w)) work."""
+                    scale: float, dropout_p: float = 0.0, cache: MaskCache | None = None) -> Tensor:
+    """Sliding-window softmax attention, ``(B, H, L, E) x 3 -> (B, H, L, Ev)``; O(L*(block+2w)) work.
+
+    ``cache`` (owned by the calling module) keeps edge masks too big for the process-wide cache.
+    """
     length = q.shape[2]
     right = 0 if masks.is_causal else window
     interior = (length - right) // block - -(-window // block)  # blocks with their whole window in [0, L)
     if interior < 1 or block + window + right >= length:  # blocking cannot beat one dense call here
         return _dense(q, k, v, masks, window, dropout_p, scale)
-    return _blocked(q, k, v, masks, window, block, scale, dropout_p)
+    return _blocked(q, k, v, masks, window, block, scale, dropout_p, cache)
 
 
-@functools.lru_cache(maxsize=16)
-def _band_bias(block: int, window: int, is_causal: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``block_band`` as SDPA's additive mask ``(1, 1, block, span)`` (0 / -inf), built once per shape."""
-    band = block_band(block, window, is_causal, device)  # (block, span)
-    return torch.zeros(band.shape, dtype=dtype, device=device).masked_fill_(~band, float("-inf"))[None, None]
+class MaskCache:
+    """A small LRU of band masks: at most ``entries`` tensors of at most ``max_elements`` each.
+
+    Rebuilding a mask every call costs more than the attention it serves on a busy CPU (fresh
+    multi-MB tensors mean page faults). One process-wide instance keeps only small masks (the
+    shared block band, short edges); each ``LocalAttention`` owns another for the big edge masks
+    of wide windows, freed with the module. Copies/pickles of the owner start empty.
+    """
+
+    def __init__(self, entries: int, max_elements: int) -> None:
+        self.entries = entries
+        self.max_elements = max_elements
+        self._store: OrderedDict[tuple[object, ...], Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[type[MaskCache], tuple[int, int]]:
+        return (MaskCache, (self.entries, self.max_elements))  # cached tensors (and lock) are not state
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes currently held."""
+        with self._lock:
+            return sum(t.numel() * t.element_size() for t in self._store.values())
+
+    def clear(self) -> None:
+        """Free the cached masks (they are rebuilt on demand)."""
+        with self._lock:
+            self._store.clear()
+
+    def get(self, numel: int, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor | None:
+        """The mask under ``key`` (built and kept if missing); None if ``numel`` is over the cap.
+        Callers must not modify the returned tensor in place."""
+        if numel > self.max_elements:
+            return None
+        with self._lock:
+            hit = self._store.get(key)
+            if hit is not None:
+                self._store.move_to_end(key)
+                return hit
+        made = build()
+        with self._lock:
+            self._store[key] = made
+            while len(self._store) > self.entries:
+                self._store.popitem(last=False)
+        return made
+
+
+# Process-wide: 32 masks of at most 64K elements (256 KB in float32): under 16 MB in any dtype.
+_SHARED = MaskCache(32, 1 << 16)
+
+
+def clear_mask_cache() -> None:
+    """Free the process-wide memoised band masks (they are rebuilt on demand)."""
+    _SHARED.clear()
+
+
+def _cached(numel: int, key: tuple[object, ...], build: Callable[[], Tensor],
+            owned: MaskCache | None = None) -> Tensor:
+    """``build()``, memoised in the shared cache if small, else in ``owned`` if given and it fits."""
+    for cache in (_SHARED, owned):
+        if cache is not None:
+            hit = cache.get(numel, key, build)
+            if hit is not None:
+                return hit
+    return build()
+
+
+def _band_bias(block: int, window: int, is_causal: bool, dtype: torch.dtype, device: torch.device,
+               owned: MaskCache | None) -> Tensor:
+    """``block_band`` as SDPA's additive mask ``(1, 1, block, span)`` (0 / -inf), shared by every block."""
+
+    def build() -> Tensor:
+        band = block_band(block, window, is_causal, device)  # (block, span)
+        bias = torch.zeros(band.shape, dtype=dtype, device=device).masked_fill_(~band, float("-inf"))
+        return bias[None, None]  # (1, 1, block, span)
+
+    span = block + window * (1 if is_causal else 2)
+    return _cached(block * span, ("band", block, window, is_causal, dtype, str(device)), build, owned)
 
 
 def _rect_band(rows: int, cols: int, offset: int, window: int, is_causal: bool, dtype: torch.dtype,
-               device: torch.device) -> Tensor:
+               device: torch.device, owned: MaskCache | None) -> Tensor:
     """Band of queries ``offset + r`` against keys ``c`` (``(rows, cols)``): bool, or SDPA's 0/-inf bias.
 
-    Small ones (the usual edge blocks) are cached: rebuilding them every call costs more than the
-    edge attention itself on a busy CPU.
+    Memoised: small ones process-wide, big ones in the calling module's ``owned`` cache.
     """
-    make = _rect_band_cached if rows * cols <= 1 << 20 else _make_rect_band
-    return make(rows, cols, offset, window, is_causal, dtype, device)
+    key = ("rect", rows, cols, offset, window, is_causal, dtype, str(device))
+    return _cached(rows * cols, key,
+                   lambda: _make_rect_band(rows, cols, offset, window, is_causal, dtype, device), owned)
 
 
 def _make_rect_band(rows: int, cols: int, offset: int, window: int, is_causal: bool,
@@ -122,11 +205,8 @@ def _make_rect_band(rows: int, cols: int, offset: int, window: int, is_causal: b
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
-_rect_band_cached = functools.lru_cache(maxsize=32)(_make_rect_band)
-
-
 def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
-             scale: float, dropout_p: float) -> Tensor:
+             scale: float, dropout_p: float, cache: MaskCache | None) -> Tensor:
     b_, h_, length, e_ = q.shape
     ev = v.shape[-1]
     right = 0 if masks.is_causal else w  # keys a block may see beyond its own rows
@@ -161,15 +241,16 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
     else:
         main = F.scaled_dot_product_attention(
             q_run, k_run, v_run,  # (B*H, n, blk|span, E): blocks folded into SDPA's head dim
-            attn_mask=_band_bias(blk, w, masks.is_causal, q.dtype, q.device),
+            attn_mask=_band_bias(blk, w, masks.is_causal, q.dtype, q.device, cache),
             dropout_p=dropout_p, scale=scale,
         ).reshape(b_, h_, n * blk, ev)  # (B, H, n*blk, Ev)
 
     pieces = [main]
     if lo > 0:
-        pieces.insert(0, _edge(q_left, k_left, v_left, masks, *left, w, scale, dropout_p))
+        pieces.insert(0, _edge(q_left, k_left, v_left, masks, *left, w, scale, dropout_p, cache))
     if hi * blk < length:
-        pieces.append(_edge(q_right, k_right, v_right, masks, *right_edge, w, scale, dropout_p))
+        pieces.append(_edge(q_right, k_right, v_right, masks, *right_edge, w, scale,
+                            dropout_p, cache))
     out = torch.cat(pieces, dim=2)  # (B, H, L, Ev); a fresh tensor, safe to write into below
 
     if dirty is not None:
@@ -201,15 +282,16 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
 
 
 def _edge(qs: Tensor, ks: Tensor, vs: Tensor, masks: Masks, rows: tuple[int, int], cols: tuple[int, int],
-          w: int, scale: float, dropout_p: float) -> Tensor:
+          w: int, scale: float, dropout_p: float, cache: MaskCache | None) -> Tensor:
     """Query rows ``rows`` (``qs``) against key rows ``cols`` (``ks``, ``vs``), small, at a sequence end,
     with a dense rectangular band."""
     (i0, i1), (j0, j1) = rows, cols
     q = qs
     if masks.key_mask is None and masks.attn_mask is None:  # key i is in cols: no row is empty
-        bias = _rect_band(i1 - i0, j1 - j0, i0 - j0, w, masks.is_causal, q.dtype, q.device)  # (li, lj)
+        bias = _rect_band(i1 - i0, j1 - j0, i0 - j0, w, masks.is_causal, q.dtype, q.device, cache)  # (li, lj)
         return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    allowed = _rect_band(i1 - i0, j1 - j0, i0 - j0, w, masks.is_causal, torch.bool, q.device)[None, None]
+    allowed = _rect_band(i1 - i0, j1 - j0, i0 - j0, w, masks.is_causal, torch.bool, q.device,
+                         cache)[None, None]
     if masks.key_mask is not None:
         allowed = allowed & masks.key_mask[:, None, None, j0:j1]  # (B, 1, li, lj)
     bias = None

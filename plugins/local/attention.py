@@ -19,7 +19,7 @@ from attnreg.core import (
     masked_softmax,
 )
 
-from ._blocked import band_mask, local_attention
+from ._blocked import MaskCache, band_mask, local_attention
 
 __all__ = ["LocalAttention", "LocalConfig"]
 
@@ -59,11 +59,14 @@ class LocalAttention(Attention):
         super().__init__(config)
         self.window = config.window
         self.block_size = config.block_size
+        # Edge band masks too big for the process-wide cache (wide windows): a few per module,
+        # freed with it, never in state_dict. 4 covers both edges for two (dtype, causal) setups.
+        self._mask_cache = MaskCache(4, 1 << 22)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         return local_attention(
             query, key, value, masks, self.window, self.block_size,
-            self.softmax_scale(query.shape[-1]), self.active_dropout,
+            self.softmax_scale(query.shape[-1]), self.active_dropout, self._mask_cache,
         )  # (B, H, L, Ev)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:

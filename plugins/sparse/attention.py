@@ -55,6 +55,8 @@ class SparseAttention(Attention):
             self._custom = custom_layout_tensor(parse_custom_layout(config.custom_layout))
         self._layouts: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
         self._plans: OrderedDict[tuple[int, int, bool, str], Plan] = OrderedDict()
+        # Inference gather buffers: owned by this instance (freed with it), not in state_dict.
+        self._scratch = Scratch()
 
     @classmethod
     def from_layout(cls, layout: Tensor, *, block_size: int = 64, **fields: Any) -> SparseAttention:
@@ -159,10 +161,6 @@ class SparseAttention(Attention):
         pad = plan.padded_len - length
         if pad:  # zero tokens complete the last block; masks keep them out of every real row
             query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
-        # Autograd keeps the gathered blocks for backward; without it they are scratch space and
-        # reuse one buffer (fresh multi-MB buffers cost page faults that rival the copy itself).
-        scratch = Scratch(not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
-                                                             or value.requires_grad)))
         key_mask = masks.key_mask
         if key_mask is not None and pad:
             key_mask = F.pad(key_mask, (0, pad), value=False)  # (B, Lp)
@@ -174,27 +172,34 @@ class SparseAttention(Attention):
         q3 = query.reshape(bsz * rows_total, b, e)  # (B*H*nb, b, E)
         k3 = key.reshape(bsz * rows_total, b, e)  # (B*H*nb, b, E)
         v3 = value.reshape(bsz * rows_total, b, ev)  # (B*H*nb, b, Ev)
-        if plan.groups:
-            batch_off = torch.arange(bsz, device=query.device) * rows_total  # (B,)
-            qi = torch.cat([(g.rows[:, None] + batch_off).reshape(-1) for g in plan.groups])
-            ki = torch.cat([(g.kv_rows[:, None, :] + batch_off[:, None]).reshape(-1) for g in plan.groups])
-            q_all = scratch.gather("q", q3, qi)  # (sum n*B, b, E)
-            k_all = scratch.gather("k", k3, ki)  # (sum n*B*c, b, E)
-            v_all = scratch.gather("v", v3, ki)  # (sum n*B*c, b, Ev)
-            # split (not slicing): its backward assembles the gradient in one pass.
-            q_parts = q_all.split([g.rows.shape[0] * bsz for g in plan.groups])
-            k_parts = k_all.split([g.kv_rows.numel() * bsz for g in plan.groups])
-            v_parts = v_all.split([g.kv_rows.numel() * bsz for g in plan.groups])
-            for g, qp, kp, vp in zip(plan.groups, q_parts, k_parts, v_parts, strict=True):
-                n, c = g.kv_rows.shape
-                qg = qp.view(n, bsz, b, e)  # (n, B, b, E)
-                kg = kp.view(n, bsz, c * b, e)  # (n, B, c*b, E)
-                vg = vp.view(n, bsz, c * b, ev)  # (n, B, c*b, Ev)
-                mask, dead = self._group_mask(g, masks, km, plan, length, query.dtype)
-                og = F.scaled_dot_product_attention(
-                    qg, kg, vg, attn_mask=mask, dropout_p=self.active_dropout, scale=scale
-                )  # (n, B, b, Ev)
-                outs.append(og.masked_fill(dead, 0.0) if dead is not None else og)
+        # Autograd keeps the gathered blocks for backward; without it they are scratch space and
+        # reuse this module's buffers (fresh multi-MB buffers cost page faults that rival the
+        # copy itself); a concurrent call on this module from another thread allocates its own.
+        reuse = not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                  or value.requires_grad))
+        with self._scratch.lease(reuse) as scratch:  # the views below read the buffers until here
+            if plan.groups:
+                batch_off = torch.arange(bsz, device=query.device) * rows_total  # (B,)
+                qi = torch.cat([(g.rows[:, None] + batch_off).reshape(-1) for g in plan.groups])
+                ki = torch.cat([(g.kv_rows[:, None, :] + batch_off[:, None]).reshape(-1)
+                                for g in plan.groups])
+                q_all = scratch.gather("q", q3, qi)  # (sum n*B, b, E)
+                k_all = scratch.gather("k", k3, ki)  # (sum n*B*c, b, E)
+                v_all = scratch.gather("v", v3, ki)  # (sum n*B*c, b, Ev)
+                # split (not slicing): its backward assembles the gradient in one pass.
+                q_parts = q_all.split([g.rows.shape[0] * bsz for g in plan.groups])
+                k_parts = k_all.split([g.kv_rows.numel() * bsz for g in plan.groups])
+                v_parts = v_all.split([g.kv_rows.numel() * bsz for g in plan.groups])
+                for g, qp, kp, vp in zip(plan.groups, q_parts, k_parts, v_parts, strict=True):
+                    n, c = g.kv_rows.shape
+                    qg = qp.view(n, bsz, b, e)  # (n, B, b, E)
+                    kg = kp.view(n, bsz, c * b, e)  # (n, B, c*b, E)
+                    vg = vp.view(n, bsz, c * b, ev)  # (n, B, c*b, Ev)
+                    mask, dead = self._group_mask(g, masks, km, plan, length, query.dtype)
+                    og = F.scaled_dot_product_attention(
+                        qg, kg, vg, attn_mask=mask, dropout_p=self.active_dropout, scale=scale
+                    )  # (n, B, b, Ev)
+                    outs.append(og.masked_fill(dead, 0.0) if dead is not None else og)
         if plan.full is not None:
             outs.append(self._attend_full(plan, query, key, value, masks, key_mask, scale, length))
         if plan.has_empty:

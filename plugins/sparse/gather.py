@@ -1,14 +1,17 @@
 """Gathering blocks and mask entries for the block-sparse fast path.
 
 ``gather_rows`` is ``index_select`` on dim 0 with a one-pass ``index_add_`` backward;
-``Scratch`` reuses the gather buffers when autograd does not keep them; the mask helpers pick
-out of a 4-D ``attn_mask`` exactly the entries that one group of query blocks reads.
+``Scratch`` (owned by each module) reuses the gather buffers when autograd does not keep them;
+the mask helpers pick out of a 4-D ``attn_mask`` exactly the entries that one group of query
+blocks reads.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,29 +44,64 @@ def finish_mask(
 
 
 class Scratch:
-    """Reused gather buffers (one per name and thread) when autograd does not keep the result.
+    """Gather buffers owned by one module instance, reused when autograd does not keep them.
 
-    The buffers (the gathered queries, keys and values of the largest inference call so far, e.g.
-    about 560 MB for bigbird defaults at B=1, H=8, L=16K, E=64 fp32) stay allocated per thread
-    until ``release_scratch()``.
+    A fresh multi-MB buffer per call costs page faults comparable to the copy itself on CPU, so
+    inference calls reuse the buffers of the largest call so far (e.g. about 560 MB for bigbird
+    defaults at B=1, H=8, L=16K, E=64 fp32). They belong to the module that owns this object:
+    they are freed with it (or by ``clear()``), never appear in ``state_dict``, and a copied or
+    pickled module starts with an empty scratch. One thread at a time uses them (``lease``); a
+    concurrent call on the same module allocates fresh buffers instead of waiting.
     """
 
-    _local = threading.local()
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._lock = threading.Lock()
 
-    def __init__(self, reuse: bool) -> None:
-        self.reuse = reuse
+    def __reduce__(self) -> tuple[type[Scratch], tuple[()]]:
+        # deepcopy / pickle of the owning module: buffers (and the lock) are not state.
+        return (Scratch, ())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes currently held."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        """Free the buffers (they are re-created on demand)."""
+        with self._lock:
+            self._buffers.clear()
+
+    @contextmanager
+    def lease(self, reuse: bool) -> Iterator[_Gatherer]:
+        """A gatherer that writes into these buffers while the ``with`` block runs, if ``reuse``
+        and no other thread holds them; otherwise one that allocates per call."""
+        if not reuse or not self._lock.acquire(blocking=False):
+            yield _Gatherer(None)
+            return
+        try:
+            yield _Gatherer(self._buffers)
+        finally:
+            self._lock.release()
+
+
+class _Gatherer:
+    """``gather`` for one forward call: into ``store``'s buffers, or plain ``gather_rows``."""
+
+    def __init__(self, store: dict[tuple[str, torch.dtype], Tensor] | None) -> None:
+        self._store = store
 
     def gather(self, name: str, src: Tensor, index: Tensor) -> Tensor:
         """``src.index_select(0, index)``, into a reused buffer where allowed."""
-        if not self.reuse or src.device.type != "cpu":  # CUDA has its own caching allocator
+        if self._store is None or src.device.type != "cpu":  # CUDA has its own caching allocator
             return gather_rows(src, index)
         shape = (index.shape[0], *src.shape[1:])
         need = math.prod(shape)
-        store = self._local.__dict__.setdefault("buffers", {})
         key = (name, src.dtype)
-        buf = store.get(key)
+        buf = self._store.get(key)
         if buf is None or buf.numel() < need:
-            buf = store[key] = torch.empty(need, dtype=src.dtype)
+            self._store.pop(key, None)  # free the old buffer before allocating the bigger one
+            buf = self._store[key] = torch.empty(need, dtype=src.dtype)
         return torch.index_select(src, 0, index, out=buf[:need].view(shape))
 
 
@@ -89,9 +127,17 @@ def full_rows_attn_mask(m: Tensor, full: FullGroup, plan: Plan, b: int, length: 
     return sel.reshape(bm, hm, rows.shape[1] * b, m.shape[-1])
 
 
-def release_scratch() -> None:
-    """Free this thread's inference scratch buffers (they are re-created on demand)."""
-    Scratch._local.__dict__.pop("buffers", None)
+def release_scratch(*modules: torch.nn.Module) -> None:
+    """Free the inference scratch buffers of every sparse attention inside ``modules``.
+
+    There is no global scratch: each module owns its buffers and frees them when it is deleted.
+    This frees them earlier, e.g. ``release_scratch(model)`` after a long-sequence inference.
+    """
+    for root in modules:
+        for mod in root.modules():
+            scratch = getattr(mod, "_scratch", None)
+            if isinstance(scratch, Scratch):
+                scratch.clear()
 
 
 class _GatherRows(torch.autograd.Function):
