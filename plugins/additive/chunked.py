@@ -100,18 +100,19 @@ class _ChunkedAdditive(torch.autograd.Function):
         b, h, lq, d_a = qp.shape
         out = value.new_empty(b, h, lq, value.shape[-1])  # (B, H, Lq, Ev)
         ws = qp.new_empty(b * h * min(chunk, lq) * kp.shape[2] * d_a)  # flat workspace
-        keeps: list[Tensor | None] = []
-        for start, stop, k_stop in _chunks(masks, chunk):
+        # One draw from the global RNG (so torch.manual_seed makes dropout reproducible); each
+        # chunk's keep-mask comes from a generator seeded by (seed, chunk index), so backward
+        # regenerates it instead of keeping B*H*Lq*Lk bools alive until then.
+        seed = _draw_seed() if dropout_p > 0 else None
+        gen = torch.Generator(device=qp.device) if seed is not None else None
+        for idx, (start, stop, k_stop) in enumerate(_chunks(masks, chunk)):
             t = _tanh_into(ws, qp[:, :, start:stop], kp[:, :, :k_stop])  # (B, H, c, k_stop, d_a)
             p = _softmax(t, w_v, scale, bias, masks, start, stop, k_stop)  # (B, H, c, k_stop)
-            keep = None
-            if dropout_p > 0:
-                keep = torch.empty_like(p, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-                p = p * keep / (1.0 - dropout_p)
-            keeps.append(keep)
+            if gen is not None:
+                p = p * _keep_mask(p, dropout_p, gen, seed, idx) / (1.0 - dropout_p)
             out[:, :, start:stop] = p @ value[:, :, :k_stop]  # (B, H, c, Ev)
         ctx.save_for_backward(qp, kp, w_v, value, bias)
-        ctx.masks, ctx.keeps, ctx.scale, ctx.dropout_p, ctx.chunk = masks, keeps, scale, dropout_p, chunk
+        ctx.masks, ctx.seed, ctx.scale, ctx.dropout_p, ctx.chunk = masks, seed, scale, dropout_p, chunk
         return out
 
     @staticmethod
@@ -127,10 +128,13 @@ class _ChunkedAdditive(torch.autograd.Function):
         d_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[4] else None
         ws = qp.new_empty(b * h * min(ctx.chunk, lq) * kp.shape[2] * d_a)
         v_b = w_v[None, :, None, :]  # (1, H, 1, d_a)
-        for (start, stop, k_stop), keep in zip(_chunks(masks, ctx.chunk), ctx.keeps, strict=True):
+        gen = torch.Generator(device=qp.device) if ctx.seed is not None else None
+        for idx, (start, stop, k_stop) in enumerate(_chunks(masks, ctx.chunk)):
             c = stop - start
             t = _tanh_into(ws, qp[:, :, start:stop], kp[:, :, :k_stop])  # recomputed (B, H, c, k_stop, d_a)
             p = _softmax(t, w_v, scale, bias, masks, start, stop, k_stop)  # (B, H, c, k_stop)
+            # The forward's keep-mask of this chunk, regenerated from the same seed.
+            keep = None if gen is None else _keep_mask(p, p_drop, gen, ctx.seed, idx)  # (B, H, c, k_stop)
             p_used = p if keep is None else p * keep / (1.0 - p_drop)  # the weights applied to V
             d_o = d_out[:, :, start:stop]  # (B, H, c, Ev)
             v_c = value[:, :, :k_stop]  # (B, H, k_stop, Ev)
@@ -157,6 +161,26 @@ def _chunks(masks: Masks, chunk: int) -> list[tuple[int, int, int]]:
     """(start, stop, k_stop) of every query chunk; k_stop = keys the chunk can see."""
     return [(s, min(s + chunk, masks.q_len), _key_stop(masks, min(s + chunk, masks.q_len)))
             for s in range(0, masks.q_len, chunk)]
+
+
+def _draw_seed() -> int:
+    """A 63-bit seed drawn from torch's global (CPU) RNG: reproducible under ``torch.manual_seed``."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+
+
+def _chunk_seed(seed: int, idx: int) -> int:
+    """Seed of chunk ``idx``: splitmix64 of (seed, idx), so chunks' streams are unrelated."""
+    z = (seed + (idx + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def _keep_mask(p: Tensor, dropout_p: float, gen: torch.Generator, seed: int, idx: int) -> Tensor:
+    """Bool keep-mask shaped like ``p`` for chunk ``idx``: a pure function of (seed, idx, shape,
+    device), so forward and backward draw the same one. ``gen`` is re-seeded, not shared state."""
+    gen.manual_seed(_chunk_seed(seed, idx))
+    return torch.empty_like(p, dtype=torch.bool).bernoulli_(1.0 - dropout_p, generator=gen)
 
 
 def _tanh_into(ws: Tensor, qp: Tensor, kp: Tensor) -> Tensor:
@@ -187,8 +211,9 @@ def chunked_attention(
     Args:
         qp: (B, H, Lq, d_a) = Q W_q + b;  kp: (B, H, Lk, d_a) = K W_k;  w_v: (H, d_a);
         value: (B, H, Lk, Ev), all in the compute dtype.
-    Forward and backward peak at one (B, H, chunk, Lk, d_a) workspace. With dropout, the
-    bool keep-masks ((B, H, Lq, Lk) in all) are kept for backward so that it uses the same ones.
+    Forward and backward peak at one (B, H, chunk, Lk, d_a) workspace. With dropout, one seed
+    is drawn from the global RNG and each chunk's keep-mask is generated from (seed, chunk index),
+    in forward and again in backward: no (B, H, Lq, Lk) mask is kept between them.
     """
     bias = masks.float_mask
     if bias is not None:
