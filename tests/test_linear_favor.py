@@ -60,21 +60,30 @@ def test_config_round_trip_builds_the_same_module(name: str) -> None:
     assert torch.equal(m(q, k, v, is_causal=True), again(q, k, v, is_causal=True))
 
 
-def test_state_dict_round_trip_and_lazy_projection() -> None:
+def test_state_dict_round_trip_and_forward_does_not_mutate_the_module() -> None:
+    from attnreg.plugins.linear import attention as lin
+
     m = attnreg.build("performer", num_features=40, seed=3)
     q, k, v = _qkv(9)
     out = m(q, k, v)
-    assert "favor_projection_e8" in dict(m.named_buffers())
-    assert m.state_dict() == {}  # a pure function of the config: nothing to save
+    q16, k16, v16 = _qkv(9, e=16)
+    m(q16, k16, v16)  # a second head dim
+    # The projection is a pure function of (seed, m, E): forward adds no buffer, nothing to save.
+    assert dict(m.named_buffers()) == {} and m.state_dict() == {}
     fresh = attnreg.build(m.config.model_dump())
     fresh.load_state_dict(m.state_dict(), strict=True)
     assert torch.equal(fresh(q, k, v), out)
-    # A second head dim gets its own cached projection; a dtype cast of the module is harmless.
-    q16, k16, v16 = _qkv(9, e=16)
-    m(q16, k16, v16)
-    assert {"favor_projection_e8", "favor_projection_e16"} <= set(dict(m.named_buffers()))
-    m.half()
+    m.half()  # a dtype cast of the module is harmless
     assert torch.equal(m(q, k, v), out)
+    # Returned projections are fresh tensors: writing into one leaves the memo and later calls intact.
+    p = m.projection(8, q.device, torch.float64)
+    assert torch.equal(p, favor_projection(40, 8, seed=3))
+    p.zero_()
+    assert torch.equal(m(q, k, v), out)
+    # The process-wide memo is bounded.
+    for e in range(1, 3 * lin._PROJ_ENTRIES):
+        lin.cached_favor_projection(4, e, seed=1)
+    assert len(lin._projections) <= lin._PROJ_ENTRIES
 
 
 def test_projection_is_seeded_orthogonal_and_gaussian_sized() -> None:

@@ -8,6 +8,8 @@ chunked prefix-state algorithm of ``kernels.py``. Half inputs are computed in fl
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Literal
 
@@ -82,6 +84,39 @@ class PerformerConfig(_LinearFields):
     )
 
 
+# FAVOR+ projections, float64 on CPU, keyed by (seed, num_features, E): drawing one takes
+# ceil(m / E) QRs of (E, E) Gaussians, a large fraction of a forward at L=512 (30 ms vs 110 ms for
+# m=256, E=64 on the 2-core CPU), so they are memoised here instead of per call. Process-wide but
+# bounded (8 entries, 32 MB); never attached to a module, so forward mutates nothing.
+_PROJ_ENTRIES = 8
+_PROJ_MAX_BYTES = 32 << 20
+_projections: OrderedDict[tuple[int, int, int], Tensor] = OrderedDict()
+_projections_lock = threading.Lock()
+
+
+def cached_favor_projection(num_features: int, head_dim: int, seed: int) -> Tensor:
+    """``favor_projection(num_features, head_dim, seed)`` (m, E) float64 CPU, memoised (bounded).
+
+    The returned tensor is shared: do not modify it in place.
+    """
+    key = (seed, num_features, head_dim)
+    with _projections_lock:
+        hit = _projections.get(key)
+        if hit is not None:
+            _projections.move_to_end(key)
+            return hit
+    proj = favor_projection(num_features, head_dim, seed)  # (m, E); deterministic, so a race is harmless
+    if proj.numel() * proj.element_size() > _PROJ_MAX_BYTES:
+        return proj
+    with _projections_lock:
+        _projections[key] = proj
+        while len(_projections) > _PROJ_ENTRIES or (
+            sum(t.numel() * t.element_size() for t in _projections.values()) > _PROJ_MAX_BYTES
+        ):
+            _projections.popitem(last=False)
+    return proj
+
+
 _CAPS = dict(
     causal=True, key_mask=True, attn_mask=False, float_mask=False, cross_attention=True,
     dropout=False, normalized=True, permutation_invariant=True, learnable=False,
@@ -103,22 +138,16 @@ class LinearAttention(Attention):
         self.eps = config.eps
         self.chunk_size = config.chunk_size
 
-    # -- FAVOR+ projection: deterministic from (seed, m, E), created lazily per head dim ----------
+    # -- FAVOR+ projection: a pure function of (seed, m, E, dtype, device) ----------------------
     def projection(self, head_dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """FAVOR+ projection (m, E) for this head dim, cached as a non-persistent buffer.
+        """FAVOR+ projection (m, E) for this head dim, in ``dtype`` on ``device`` (a fresh tensor).
 
-        It is a pure function of (seed, num_features, E), so it is not saved in ``state_dict``
-        (nothing to round-trip: an equal config rebuilds the same features); it follows
-        ``module.to(device)`` and is regenerated if a dtype cast touched it.
+        A pure function of (seed, num_features, E): drawn in float64 on the CPU (bounded
+        process-wide memo, ``cached_favor_projection``) and converted per call. The module holds
+        no copy: nothing in ``state_dict`` or ``named_buffers``, and forward never mutates it.
         """
-        name = f"favor_projection_e{head_dim}"
-        store = torch.float64 if device.type != "mps" else torch.float32  # mps has no float64
-        buf = self._buffers.get(name)
-        if buf is None or buf.dtype != store or buf.device != device:
-            cpu = favor_projection(self.config.num_features, head_dim, self.config.seed)  # (m, E)
-            buf = cpu.to(device=device, dtype=store)
-            self.register_buffer(name, buf, persistent=False)
-        return buf.to(dtype)  # (m, E)
+        cpu = cached_favor_projection(self.config.num_features, head_dim, self.config.seed)  # (m, E)
+        return cpu.to(device=device, dtype=dtype, copy=True)  # (m, E); copy: the memo stays intact
 
     def _features(self, query: Tensor, key: Tensor, masks: Masks) -> FeaturePair:
         """Features in the accumulation dtype (float32 for half inputs)."""
