@@ -116,6 +116,43 @@ def test_gate_accepts_sdpa_and_rejects_a_wrong_variant(wrong_variant: Any) -> No
     assert bad.errors["float64/full"] == pytest.approx(0.01, rel=1e-6)
 
 
+class LongWrongConfig(AttentionConfig):
+    variant: Literal["long_wrong_bench"] = Field("long_wrong_bench", description="name")
+
+
+class LongWrongAttention(DotProductAttention):
+    """Correct up to L=512; a broken "fast path" above (1% off)."""
+
+    variant = "long_wrong_bench"
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                masks: Any) -> torch.Tensor:
+        out = super()._attend(query, key, value, masks)  # (B, H, L, Ev)
+        return out * 1.01 if query.shape[2] > 512 else out
+
+
+def test_gate_catches_a_variant_wrong_only_on_long_inputs() -> None:
+    spec = VariantSpec(name="long_wrong_bench", config=LongWrongConfig, factory=LongWrongAttention,
+                       capabilities=LongWrongAttention.capabilities, summary="wrong above L=512",
+                       reference="none")
+    attnreg.register(spec)
+    try:
+        choice = parse_variant("long_wrong_bench", 2, 8)
+        short = run_gate(choice, 1, 2, 8, 300, "float32", (False, True), False)
+        assert short.ok  # the small gate alone cannot see it
+        settings = BenchSettings(lengths=(512, 1024, 4096))
+        assert settings.long_gate_length == 2048  # longest benchmarked length, capped
+        gate = run_gate(choice, 1, 2, 8, settings.gate_length, "float32", (False, True), False,
+                        long_length=settings.long_gate_length)
+        assert not gate.ok and "at L=2048" in (gate.reason or "") and "float64 forward differs" in gate.reason
+        assert gate.errors["L=2048/float64/full"] == pytest.approx(0.01, rel=1e-6)
+        assert BenchSettings(lengths=(64, 128)).long_gate_length is None  # not longer than gate_length
+        assert run_gate(parse_variant("dot_product", 2, 8), 1, 2, 8, 40, "float32", (False, True), False,
+                        long_length=700).ok
+    finally:
+        attnreg.unregister("long_wrong_bench")
+
+
 class FakeProber:
     """Memory grows like L^2 and time like L^2: deterministic, no processes."""
 

@@ -8,6 +8,11 @@ Two comparisons, for every causal flag that will be benchmarked:
 - the forward in the benchmark dtype against the float64 oracle (per-dtype tolerance),
 
 plus, when forward+backward is benchmarked, finite gradients of a backward pass.
+
+Fast paths often start only above some length (a window, a chunk, several blocks), so with
+``long_length`` the same forward comparisons run again at that length (the harness passes the
+longest benchmarked length, capped at 2048) with B=1 and ``long_heads`` heads (a learnable
+variant is rebuilt for that head count) to keep the float64 oracle cheap.
 """
 
 from __future__ import annotations
@@ -47,12 +52,34 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_gate(choice: VariantChoice, batch: int, heads: int, head_dim: int, length: int,
-             dtype: str, causal_flags: tuple[bool, ...], backward: bool, seed: int = 0) -> GateResult:
-    """Check ``choice`` at a small size; never raises for a broken variant (returns ok=False)."""
+             dtype: str, causal_flags: tuple[bool, ...], backward: bool, seed: int = 0, *,
+             long_length: int | None = None, long_heads: int = 1) -> GateResult:
+    """Check ``choice`` at a small size, then (forward only) at ``long_length`` if it is longer;
+    never raises for a broken variant (returns ok=False). Errors at the long length are keyed
+    ``"L=<n>/<dtype>/<full|causal>"``."""
+    result = _gate_at(choice, choice.config, batch, heads, head_dim, length, dtype, causal_flags,
+                      backward, seed, "")
+    if not result.ok or long_length is None or long_length <= length:
+        return result
+    h = min(heads, long_heads)
+    config = choice.config
+    if getattr(config, "num_heads", None) is not None:  # learnable: parameters are per head
+        config = type(config).model_validate({**config.model_dump(), "num_heads": h})
+    long = _gate_at(choice, config, 1, h, head_dim, long_length, dtype, causal_flags, False, seed,
+                    f"L={long_length}/")
+    result.errors.update(long.errors)
+    if not long.ok:
+        return GateResult(False, f"at L={long_length} (B=1, H={h}): {long.reason}", result.errors)
+    return result
+
+
+def _gate_at(choice: VariantChoice, config: Any, batch: int, heads: int, head_dim: int, length: int,
+             dtype: str, causal_flags: tuple[bool, ...], backward: bool, seed: int, prefix: str
+             ) -> GateResult:
     caps = choice.spec.capabilities
     errors: dict[str, float] = {}
     try:
-        module = choice.spec.factory(choice.config).eval()
+        module = choice.spec.factory(config).eval()
         gen = torch.Generator().manual_seed(seed)
         shape = (batch, heads, length, head_dim)
         q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))  # (B, H, L, E)
@@ -68,14 +95,14 @@ def run_gate(choice: VariantChoice, batch: int, heads: int, head_dim: int, lengt
                 ref = w.double() @ v  # (B, H, L, E)
                 if m64 is not None:
                     err = _rel_err(m64(q, k, v, is_causal=causal), ref)
-                    errors[f"float64/{tag}"] = err
+                    errors[f"{prefix}float64/{tag}"] = err
                     if not err <= TOLERANCES["float64"]:
                         why = (f"float64 forward differs from attention_weights @ V ({tag}): "
                                f"relative error {err:.3g} > {TOLERANCES['float64']:g}")
                         return GateResult(False, why, errors)
                 qd, kd, vd = (t.to(DTYPES[dtype]) for t in (q, k, v))
                 err = _rel_err(mdt(qd, kd, vd, is_causal=causal), ref)
-            errors[f"{dtype}/{tag}"] = err
+            errors[f"{prefix}{dtype}/{tag}"] = err
             tol = TOLERANCES[dtype]
             if not err <= tol:
                 return GateResult(False, f"{dtype} forward differs from the float64 oracle ({tag}): "

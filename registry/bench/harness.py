@@ -170,7 +170,7 @@ class _Run:
                 entry.update(status="unsupported", reason="only causal was asked; the variant is not causal")
                 continue
             gate = run_gate(choice, 1, s.heads, s.head_dim, s.gate_length, s.dtype, flags,
-                            "fwdbwd" in s.modes, s.seed)
+                            "fwdbwd" in s.modes, s.seed, long_length=s.long_gate_length)
             entry["gate"] = gate.as_json()
             entry.update(status="passed" if gate.ok else "failed", reason=gate.reason)
             if gate.ok:

@@ -148,10 +148,16 @@ class BenchSettings:
     slow_s: float = 3.0  # a first call slower than this is the only sample
     fit_min: int = 4096  # scaling exponents fit over lengths >= this (all when fewer than 2)
     gate_length: int = 300  # longer than default windows/blocks, not a multiple of them
+    # The gate also runs at the longest benchmarked length capped at this (0 = off): a variant's
+    # fast path may only start above gate_length (local window=256 is dense at L=300).
+    long_gate_max: int = 2048
     seed: int = 0
     quick: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.long_gate_max, int) or self.long_gate_max < 0:
+            raise ConfigError(f"bench setting long_gate_max must be an integer >= 0, "
+                              f"got {self.long_gate_max!r}")
         for name in ("batch", "heads", "head_dim", "threads", "gate_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 got = getattr(self, name)
@@ -175,6 +181,14 @@ class BenchSettings:
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
+
+    @property
+    def long_gate_length(self) -> int | None:
+        """Length of the second gate: the longest benchmarked length capped at ``long_gate_max``
+        (the longer, the more fast paths have started: local window=256 is still dense at 512),
+        or None when that is not longer than ``gate_length``."""
+        n = min(max(self.lengths), self.long_gate_max)
+        return n if n > self.gate_length else None
 
     @property
     def torch_dtype(self) -> torch.dtype:
