@@ -46,6 +46,14 @@ class AttnregHookSpecs:
            capability both ways (declared True must work, declared False must raise
            ``UnsupportedFeatureError``).
 
+        Optional ``VariantSpec`` fields: ``aliases``; ``expected_failures={"check": "reason"}``
+        (strict xfail); ``check_configs=({"block_size": 4}, ...)``: config overrides the suite
+        also runs its numeric checks under, each reported as the subject
+        ``my_attn[block_size=4]``. The suite's inputs are tiny (L <= 263), so declare small
+        blocks / chunks / windows here when your fast path only starts at longer lengths;
+        otherwise only the dense fallback is ever checked. Each entry must validate with your
+        config (``ValueError`` naming the variant when the spec is built).
+
         Names and aliases are global: a name already taken makes the whole plugin fail to load
         (shown by ``attnreg doctor``). The hook takes no arguments and must return a list (or
         tuple) of ``VariantSpec``; anything else is a plugin load error.
