@@ -129,7 +129,9 @@ def check_cmd(
         counts = report.counts()
         summary = ", ".join(f"[{_STYLE.get(k, '')}]{v} {k}[/]" for k, v in sorted(counts.items()))
         wide.print(f"\n{len(report.results)} results of {len({r.check for r in report.results})} distinct "
-                   f"checks on {len(report.variants)} variant(s): {summary} in {report.duration_s:.1f} s "
+                   f"checks on {len(report.variants)} variant(s) "
+                   f"({len(report.subjects) - len(report.variants)} check_configs): {summary} "
+                   f"in {report.duration_s:.1f} s "
                    f"(torch {torch.__version__}, {torch.get_num_threads()} threads)", highlight=False)
         if json_path:
             console.print(f"JSON report: {json_path}")
