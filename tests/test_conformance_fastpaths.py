@@ -97,3 +97,13 @@ def test_invalid_check_configs_name_the_variant() -> None:
         dataclasses.replace(spec, check_configs=({"window": -1},))
     with pytest.raises(ValueError, match="local.*no_such_field"):
         dataclasses.replace(spec, check_configs=({"no_such_field": 1},))
+
+
+def test_a_broken_fast_path_is_caught_only_under_check_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnreg.conformance import CheckFailure
+
+    original = local_blocked._blocked
+    monkeypatch.setattr(local_blocked, "_blocked", lambda *a, **kw: original(*a, **kw) * 1.01)
+    run_check("local", "forward_matches_weights")  # default config: dense fallback, blind to it
+    with pytest.raises(CheckFailure, match="forward vs attention_weights"):
+        run_check("local", "forward_matches_weights", overrides=attnreg.get_variant("local").check_configs[0])
