@@ -38,8 +38,10 @@ class _Run:
         preload = tuple(m for c in choices for m in (getattr(c.spec.factory, "__module__", None),
                                                      type(c.config).__module__) if m)
         self.prober = prober or Prober(settings.threads, settings.max_memory, settings.max_call_s, preload)
-        self.history: dict[str, list[tuple[int, float, float]]] = {}  # series -> (L, bytes, first s)
-        self.dead: dict[str, str] = {}  # series -> why its larger lengths are skipped
+        # Keyed by (series, mode, causal): a forward point must not be extrapolated from, or
+        # skipped because of, the same series' forward+backward points.
+        self.history: dict[tuple[str, str, bool], list[tuple[int, float, float]]] = {}  # (L, bytes, s)
+        self.dead: dict[tuple[str, str, bool], str] = {}  # why larger lengths are skipped
         self.ok: set[tuple[str, str, bool, int]] = set()  # (series, mode, causal, L) measured
         self.modules: dict[str, Any] = {}
         self.doc: dict[str, Any] = {
@@ -72,12 +74,13 @@ class _Run:
         s = self.s
         point: dict[str, Any] = {**meta, "series": series, "mode": job.mode, "causal": job.causal,
                                  "length": job.length, "status": "ok", "reason": None}
-        history = self.history.setdefault(series, [])
+        key = (series, job.mode, job.causal)
+        history = self.history.setdefault(key, [])
         needs = point.pop("needs", None)
         if needs is not None and not any((n, job.mode, job.causal, job.length) in self.ok for n in needs):
             return self.skip(point, "not needed: no variant to compare with was measured at this length")
-        if series in self.dead:
-            return self.skip(point, self.dead[series])
+        if key in self.dead:
+            return self.skip(point, self.dead[key])
         budget = s.max_call_s if job.kind == "variant" else s.max_baseline_call_s
         est_mem, est_time = self.estimate(history, job.length)
         over = (est_mem or 0) > s.max_memory or (est_time or 0) > budget
@@ -92,15 +95,15 @@ class _Run:
         point["estimate"] = {"bytes": est_mem, "call_s": est_time}
         if est_mem is not None and est_mem > s.max_memory:
             return self.skip(point, f"estimated {est_mem / 2**30:.1f} GiB > --max-memory "
-                                    f"{s.max_memory / 2**30:.1f} GiB", series)
+                                    f"{s.max_memory / 2**30:.1f} GiB", key)
         if est_time is not None and est_time > budget:
             return self.skip(point, f"estimated {est_time:.0f} s per call > per-point budget "
-                                    f"{budget:g} s", series)
+                                    f"{budget:g} s", key)
         res = self.prober.run(job, s.target_s, s.slow_s, max_call_s=budget)
         if res.status == "unpicklable":
             res = self.in_process(job, res.reason or "")
         if res.status in ("memory", "timeout"):
-            return self.skip(point, res.reason or res.status, series)
+            return self.skip(point, res.reason or res.status, key)
         if res.status != "ok":
             point.update(status="error", reason=res.reason)
             return point
@@ -123,9 +126,10 @@ class _Run:
         return (extrapolate([(n, b) for n, b, _ in history], length, 1.0, 2.5, floor=2**20),
                 extrapolate([(n, t) for n, _, t in history], length, 1.0, 3.0, floor=1e-4))
 
-    def skip(self, point: dict[str, Any], reason: str, series: str | None = None) -> dict[str, Any]:
-        if series is not None:
-            self.dead[series] = f"{reason} at L={point['length']}"
+    def skip(self, point: dict[str, Any], reason: str,
+             key: tuple[str, str, bool] | None = None) -> dict[str, Any]:
+        if key is not None:
+            self.dead[key] = f"{reason} at L={point['length']}"
         point.update(status="skipped", reason=reason)
         return point
 
