@@ -64,7 +64,7 @@ def _literal_variant(config: type[AttentionConfig]) -> tuple[Any, ...]:
     return typing.get_args(ann) if typing.get_origin(ann) is typing.Literal else ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: hashable although it holds mappings
 class VariantSpec:
     """Everything the registry needs to know about one attention variant.
 

@@ -188,3 +188,8 @@ def _copy_config(name: str):  # type: ignore[no-untyped-def]
 
     return type("CopyConfig", (DotProductConfig,), {"__annotations__": {"variant": Literal[name]},
                                                     "variant": name})
+
+
+def test_specs_are_hashable() -> None:
+    specs = {attnreg.get_variant(n) for n in attnreg.list_variants()}
+    assert len(specs) == len(attnreg.list_variants())
