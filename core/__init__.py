@@ -12,7 +12,7 @@ from .errors import (
 )
 from .hooks import PROJECT_NAME, AttnregHookSpecs, hookimpl, hookspec
 from .interface import Attention
-from .masks import Masks, causal_mask, check_inputs
+from .masks import Masks, causal_mask, check_inputs, sdpa_safe_mask
 from .reference import dot_product_logits, masked_softmax, softmax_attention_reference
 
 __all__ = [
@@ -35,5 +35,6 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "masked_softmax",
+    "sdpa_safe_mask",
     "softmax_attention_reference",
 ]

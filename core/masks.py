@@ -19,7 +19,7 @@ from torch import Tensor
 from .capabilities import Capabilities
 from .errors import UnsupportedFeatureError
 
-__all__ = ["Masks", "check_inputs", "causal_mask"]
+__all__ = ["Masks", "check_inputs", "causal_mask", "sdpa_safe_mask"]
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> Tensor:
@@ -73,6 +73,33 @@ class Masks:
             return None
         shape = (out.shape[0], out.shape[1], self.q_len, self.k_len)
         return out.expand(shape)
+
+
+def sdpa_safe_mask(
+    allowed: Tensor | None, bias: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor | None]:
+    """One mask for ``F.scaled_dot_product_attention`` and the rows with nothing to attend.
+
+    SDPA's result on an empty row differs across versions and kernels (NaN or 0, NaN gradients):
+    such rows are opened fully here, and the caller zeroes their output with
+    ``out.masked_fill(dead, 0)``, which also zeroes every gradient through them.
+
+    Args:
+        allowed: bool (..., Lq, Lk), True = may attend; None = nothing masked.
+        bias: optional additive float mask broadcastable to ``allowed``.
+        dtype: the query dtype (SDPA wants a float mask in it).
+
+    Returns:
+        (mask: bool, or float when ``bias`` is given; dead: (..., Lq, 1) bool or None).
+    """
+    if allowed is None:
+        return (None if bias is None else bias.to(dtype)), None
+    dead = ~allowed.any(dim=-1, keepdim=True)  # (..., Lq, 1)
+    has_dead = bool(dead.any())
+    if bias is None:
+        return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
+    mask = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (..., Lq, Lk)
+    return (mask.masked_fill(dead, 0.0) if has_dead else mask), (dead if has_dead else None)
 
 
 def _shape(t: Tensor) -> str:

@@ -16,6 +16,7 @@ from attnreg.core import (
     Masks,
     dot_product_logits,
     masked_softmax,
+    sdpa_safe_mask,
 )
 
 
@@ -59,18 +60,7 @@ class DotProductAttention(Attention):
 
 
 def _sdpa_mask(masks: Masks, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """One SDPA mask for all masks, and the (B|1, H|1, Lq, 1) rows that have nothing to attend.
-
-    SDPA's result on an empty row differs across versions and kernels (NaN or 0, NaN gradients):
-    such rows are opened fully here and zeroed by the caller instead.
-    """
-    allowed = masks.allowed()  # (B|1, H|1, Lq, Lk)
-    assert allowed is not None
-    dead = ~allowed.any(dim=-1, keepdim=True)  # (B|1, H|1, Lq, 1)
-    has_dead = bool(dead.any())
-    if masks.float_mask is None:
-        return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
-    bias = masks.float_mask.masked_fill(~allowed, float("-inf"))  # (B|1, H|1, Lq, Lk)
-    if has_dead:
-        bias = bias.masked_fill(dead, 0.0)
-    return bias, (dead if has_dead else None)
+    """One SDPA mask for all masks, and the (B|1, H|1, Lq, 1) rows that have nothing to attend."""
+    mask, dead = sdpa_safe_mask(masks.allowed(), masks.float_mask, dtype)
+    assert mask is not None  # called only when some mask is in force
+    return mask, dead

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import Masks
+from attnreg.core import Masks, sdpa_safe_mask
 
 from ._views import views
 
@@ -61,16 +61,9 @@ def block_band(block: int, window: int, is_causal: bool,
 def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Tensor | None,
                  dropout_p: float, scale: float) -> Tensor:
     """SDPA under a bool ``allowed`` mask (and optional additive ``bias``), empty rows -> 0."""
-    dead = ~allowed.any(dim=-1, keepdim=True)  # (N|1, H|1, Lq, 1)
-    has_dead = bool(dead.any())
-    if bias is None:
-        mask = allowed | dead if has_dead else allowed  # open empty rows; zeroed below
-    else:
-        mask = bias.masked_fill(~allowed, float("-inf"))
-        if has_dead:
-            mask = mask.masked_fill(dead, 0.0)
+    mask, dead = sdpa_safe_mask(allowed, bias, q.dtype)  # empty rows opened; zeroed below
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return out.masked_fill(dead, 0.0) if has_dead else out
+    return out.masked_fill(dead, 0.0) if dead is not None else out
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnreg.core import sdpa_safe_mask
+
 from .plan import FullGroup, Group, Plan
 
 __all__ = [
@@ -28,19 +30,11 @@ __all__ = [
 def finish_mask(
     allowed: Tensor | None, bias: Tensor | None, dtype: torch.dtype
 ) -> tuple[Tensor | None, Tensor | None]:
-    """SDPA mask from the allowed pattern (and a float bias), and the rows with nothing allowed.
-
-    SDPA's result on an empty row is NaN or undefined: such rows are opened here and the caller
-    zeroes their output (which also zeroes their gradients).
-    """
+    """SDPA mask from the allowed pattern (and a float bias), and the rows with nothing allowed
+    (core's ``sdpa_safe_mask``: empty rows opened here, zeroed by the caller)."""
     if allowed is None:
         return None, None
-    dead = ~allowed.any(dim=-1, keepdim=True)  # (..., rows|1, 1)
-    has_dead = bool(dead.any())
-    if bias is None:
-        return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
-    bias = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (..., rows|1, keys)
-    return (bias.masked_fill(dead, 0.0) if has_dead else bias), (dead if has_dead else None)
+    return sdpa_safe_mask(allowed, bias, dtype)
 
 
 class Scratch:
