@@ -231,12 +231,7 @@ class SparseAttention(Attention):
         bias = None
         if masks.attn_mask is not None:
             am = full_rows_attn_mask(masks.attn_mask, full, plan, b, length)  # (B|1, H|1, m*b|1, Lp|1)
-            if am.dtype == torch.bool:
-                allowed = am if allowed is None else allowed & am
-            else:
-                bias = am
-                finite = am != float("-inf")
-                allowed = finite if allowed is None else allowed & finite
+            allowed, bias = _with_attn_mask(allowed, am)
         mask, dead = finish_mask(allowed, bias, query.dtype)
         og = F.scaled_dot_product_attention(
             qf, key, value, attn_mask=mask, dropout_p=self.active_dropout, scale=scale
@@ -263,12 +258,7 @@ class SparseAttention(Attention):
         bias = None
         if masks.attn_mask is not None:
             am = gather_attn_mask(masks.attn_mask, g, plan, b, length)  # (n, B|1, b|1, c*b)
-            if am.dtype == torch.bool:
-                allowed = am if allowed is None else allowed & am
-            else:
-                bias = am
-                finite = am != float("-inf")
-                allowed = finite if allowed is None else allowed & finite
+            allowed, bias = _with_attn_mask(allowed, am)
         return finish_mask(allowed, bias, dtype)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
@@ -325,3 +315,12 @@ class BigBirdAttention(SparseAttention):
 
     def __init__(self, config: BigBirdConfig) -> None:
         super().__init__(config)
+
+
+def _with_attn_mask(allowed: Tensor | None, am: Tensor) -> tuple[Tensor, Tensor | None]:
+    """AND a gathered ``attn_mask`` into ``allowed``; a float mask also becomes the SDPA bias
+    (its ``-inf`` entries count as masked, so empty rows are still detected)."""
+    if am.dtype == torch.bool:
+        return (am if allowed is None else allowed & am), None
+    finite = am != float("-inf")
+    return (finite if allowed is None else allowed & finite), am
