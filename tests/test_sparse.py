@@ -14,13 +14,7 @@ from attnreg.plugins.sparse import SparseAttention, SparseConfig, sparse_referen
 LAYOUTS = ["bigbird", "strided", "fixed", "custom"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors: a second thread only adds scheduling latency on a loaded machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _custom_layout(nb: int, seed: int = 0) -> torch.Tensor:

@@ -13,14 +13,7 @@ import attnreg
 from attnreg.plugins.sparse import SparseAttention, SparseConfig
 from attnreg.plugins.sparse.layouts import default_stride, expand_layout
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second thread only adds scheduling latency on a loaded machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bigbird(**fields) -> SparseAttention:
