@@ -158,6 +158,15 @@ def test_weights_pattern_flops_and_baseline() -> None:
     assert attn.pattern_mask(4).tolist() == [[abs(i - j) <= 3 for j in range(4)] for i in range(4)]
 
 
+@pytest.mark.parametrize("window", [0, 1, 3, 9, 40])
+@pytest.mark.parametrize("causal", [False, True])
+def test_pattern_mask_is_the_definition(window: int, causal: bool) -> None:
+    attn = attnreg.build("local", window=window)
+    got = attn.pattern_mask(11, is_causal=causal)  # (L, L)
+    want = [[abs(i - j) <= window and (j <= i or not causal) for j in range(11)] for i in range(11)]
+    assert got.dtype == torch.bool and got.tolist() == want
+
+
 def test_dropout() -> None:
     attn = attnreg.build("local", window=4, block_size=16, dropout=0.5)
     q, k, _ = (t.detach() for t in _inputs(300))
