@@ -15,7 +15,7 @@ import torch
 
 import attnreg
 import attnreg.plugins.additive.chunked as additive_chunked
-import attnreg.plugins.linear.kernels as linear_kernels
+import attnreg.plugins.linear.attention as linear_attention
 import attnreg.plugins.local._blocked as local_blocked
 from attnreg.conformance import run_check
 from attnreg.plugins.sparse.attention import SparseAttention
@@ -46,8 +46,11 @@ def _probe(monkeypatch: pytest.MonkeyPatch, variant: str) -> list[int]:
     if variant == "additive":
         return _record(monkeypatch, additive_chunked, "_chunks", lambda a, r: len(r))
     if variant in ("linear", "performer"):
-        return _record(monkeypatch, linear_kernels, "_causal_square",
-                       lambda a, r: -(-a[0].shape[-2] // a[4]))
+        # linear_attention(q, k, v, fmap, key_allowed, thr, is_causal, chunk, acc, segment):
+        # causal chunks, counted only when the segments are also several (two chunks each here).
+        return _record(monkeypatch, linear_attention, "linear_attention",
+                       lambda a, r: -(-a[0].shape[-2] // a[7])
+                       if a[6] and a[0].shape[-2] > (a[9] or 1 << 30) else 0)
     if variant in ("sparse", "bigbird"):
         return _record(monkeypatch, SparseAttention, "_plan", lambda a, r: r.nb)
     raise AssertionError(f"no fast-path probe for {variant!r}")

@@ -8,6 +8,7 @@ import torch
 import attnreg
 from attnreg.core import Masks, UnsupportedFeatureError, check_inputs
 from attnreg.plugins.linear import LinearAttention
+from attnreg.plugins.linear.kernels import segment_length
 from attnreg.plugins.linear.reference import linear_reference
 
 MAPS = ("elu", "relu", "favor")
@@ -51,11 +52,13 @@ def _check_against_reference(m: LinearAttention, q, k, v, key_mask, causal: bool
 @pytest.mark.parametrize("fmap", MAPS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length,chunk", [(1, 4), (7, 3), (129, 16), (1000, 128)])
-def test_matches_reference_with_key_mask(fmap: str, causal: bool, length: int, chunk: int) -> None:
+@pytest.mark.parametrize("segment", [None, 1, 40])  # auto (one segment here), one chunk, 3+ chunks
+def test_matches_reference_with_key_mask(fmap: str, causal: bool, length: int, chunk: int,
+                                         segment: int | None) -> None:
     q, k, v = _inputs(2, 2, length, length, seed=length)
     key_mask = torch.rand(2, length, generator=torch.Generator().manual_seed(3)) > 0.25
     key_mask[:, 0] = True
-    _check_against_reference(_module(fmap, chunk), q, k, v, key_mask, causal)
+    _check_against_reference(_module(fmap, chunk, segment_size=segment), q, k, v, key_mask, causal)
 
 
 @pytest.mark.parametrize("fmap", MAPS)
@@ -68,11 +71,29 @@ def test_matches_reference_without_masks(fmap: str, causal: bool) -> None:
 @pytest.mark.parametrize("fmap", MAPS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lq,lk", [(5, 11), (11, 5), (40, 17)])
-def test_cross_attention(fmap: str, causal: bool, lq: int, lk: int) -> None:
+@pytest.mark.parametrize("segment", [None, 3])
+def test_cross_attention(fmap: str, causal: bool, lq: int, lk: int, segment: int | None) -> None:
     q, k, v = _inputs(2, 2, lq, lk)
     key_mask = torch.ones(2, lk, dtype=torch.bool)
     key_mask[1, -2:] = False
-    _check_against_reference(_module(fmap, 4), q, k, v, key_mask, causal)
+    _check_against_reference(_module(fmap, 4, segment_size=segment), q, k, v, key_mask, causal)
+
+
+@pytest.mark.parametrize("fmap", MAPS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_segment_sizes_agree(fmap: str, causal: bool) -> None:
+    """Streaming is exact: every segment length (odd ones, more than L) gives the same result."""
+    q, k, v = _inputs(1, 2, 301, 301)
+    outs = [_module(fmap, 8, segment_size=s)(q, k, v, is_causal=causal) for s in (None, 1, 13, 64, 500)]
+    for o in outs[1:]:
+        assert (o - outs[0]).abs().max().item() <= 1e-12
+
+
+def test_segment_length_rounds_to_whole_chunks() -> None:
+    assert segment_length(8, 65, 128) == 2048  # auto: about 1M elements of (B*H) x width
+    assert segment_length(8, 65, 128, 1) == 128
+    assert segment_length(8, 65, 16, 40) == 48
+    assert segment_length(10**6, 65, 4) == 4  # never below one chunk
 
 
 @pytest.mark.parametrize("fmap", MAPS)

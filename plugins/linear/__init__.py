@@ -33,9 +33,12 @@ SPECS = (
         "O(L) causal via chunked prefix states",
         reference=f"{_KATHAROPOULOS}; FAVOR+: {_PERFORMER}",
         aliases=("linear_attention",),
-        check_configs=({"chunk_size": 4}, {"chunk_size": 4, "feature_map": "relu"},
-                       {"chunk_size": 4, "feature_map": "favor"}),  # several causal chunks at L>=7
-        expected_failures={"linear[chunk_size=4,feature_map=relu]:rows_sum_to_one": "relu features can "
+        # Several causal chunks at L >= 7, streamed two chunks per segment.
+        check_configs=({"chunk_size": 4, "segment_size": 8},
+                       {"chunk_size": 4, "segment_size": 8, "feature_map": "relu"},
+                       {"chunk_size": 4, "segment_size": 8, "feature_map": "favor"}),
+        expected_failures={"linear[chunk_size=4,segment_size=8,feature_map=relu]:rows_sum_to_one":
+                           "relu features can "
                            "give a query no overlap with any key: its normaliser is 0 and its weights "
                            "row is all 0 (documented: output 0), so rows need not sum to 1 with relu"},
     ),
@@ -47,7 +50,7 @@ SPECS = (
         summary="linear attention with FAVOR+ positive orthogonal random features (seeded), "
         "an unbiased approximation of softmax attention",
         reference=_PERFORMER,
-        check_configs=({"chunk_size": 4},),  # several causal chunks at L>=7
+        check_configs=({"chunk_size": 4, "segment_size": 8},),  # several chunks and segments at L>=7
     ),
 )
 

@@ -1,15 +1,28 @@
-"""Fast paths of linear attention on precomputed features (all O(L * F * Ev) time).
+"""Fast path of linear attention, O(L * F * Ev) time, streamed over the sequence.
 
-Given features ``phi_q`` (B, H, Lq, F), ``phi_k`` (B, H, Lk, F) (0 on masked keys) and values:
+    out_i = phi(q_i) . S_i / max(phi(q_i) . z_i, thr)      S_i = sum_j phi(k_j) v_j^T,  z_i = sum_j phi(k_j)
 
-    out_i = phi_q_i . S_i / max(phi_q_i . z_i, thr)      S_i = sum_j phi_k_j v_j^T,  z_i = sum_j phi_k_j
+with the sums over every real key (non-causal) or keys j <= i (causal). The normaliser rides along
+as an extra all-ones value column, so numerator and denominator come out of the same matmuls.
 
-with the sums over every key (non-causal) or keys j <= i (causal). The normaliser rides along as
-an extra all-ones value column, so numerator and denominator come out of the same matmuls.
+Causal positions are cut into chunks of C: inside a chunk the masked quadratic form
+tril(phi_q phi_k^T) V, across chunks a running prefix state phi_k^T [V, 1] (Katharopoulos et al.
+2020, sec. 3.3, in its chunked form). Queries that see every key (non-causal, or causal queries past
+the last key) read the final state with one matmul.
+
+Why streamed: the whole computation, feature maps included, walks the sequence in segments of a
+few chunks (about 1 MB per tensor) and never materialises a full-length feature or score tensor.
+Whole-sequence elementwise passes outgrow the caches (and glibc's 32 MB mmap threshold, so every
+call page-faults fresh memory): measured on the 2-core CPU before this change, elu, its backward and
+the normalising division cost 2-4x more per token at L=32K than at 4K, so the time grew like
+L^1.2-1.4 over 4K..32K. Backward walks the segments in reverse, recomputing features and chunk
+scores (cheap) from q, k, v; only the chunk prefix states (F * (Ev + 1) per chunk) and the
+normaliser are kept.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,122 +32,239 @@ from torch.autograd.function import once_differentiable
 
 from attnreg.core import causal_mask
 
-__all__ = ["linear_noncausal", "linear_causal", "linear_weights"]
+__all__ = ["FEATURE_FNS", "linear_attention", "linear_weights", "segment_length"]
+
+FEATURE_FNS = ("elu", "relu", "identity")  # identity: query and key already are features (FAVOR+)
+
+# Elements per segment tensor (1 MB in float32): measured fastest of 2^17..2^21 on the 2-core CPU.
+_SEGMENT_ELEMENTS = 1 << 20
 
 
-def _normalise(num_den: Tensor, thr: float | Tensor) -> Tensor:
-    """Split (..., Ev + 1) into numerator and normaliser; ``num / max(den, thr)``."""
-    num, den = num_den[..., :-1], num_den[..., -1:]  # (..., Ev), (..., 1)
-    if isinstance(thr, Tensor):
-        return num / torch.maximum(den, thr)
-    return num / den.clamp_min(thr)
+def segment_length(heads: int, width: int, chunk: int, segment: int | None = None) -> int:
+    """Positions per segment: ``segment`` (or, if None, about ``_SEGMENT_ELEMENTS`` elements of
+    ``heads x width``) rounded up to whole chunks."""
+    if segment is None:
+        segment = _SEGMENT_ELEMENTS // max(1, heads * width)
+    return max(1, -(-segment // chunk)) * chunk
 
 
-def _with_ones(value: Tensor) -> Tensor:
-    return F.pad(value, (0, 1), value=1.0)  # (B, H, Lk, Ev + 1): last column yields the normaliser
+@dataclass(frozen=True)
+class _Plan:
+    fmap: str  # one of FEATURE_FNS
+    causal: bool
+    chunk: int
+    segment: int
+    acc: torch.dtype  # dtype of all arithmetic (float32 for half inputs)
 
 
-def linear_noncausal(phi_q: Tensor, phi_k: Tensor, value: Tensor, thr: float | Tensor) -> Tensor:
-    """Every query sees every (unmasked) key: two matmuls, (B, H, Lq, Ev)."""
-    state = phi_k.transpose(-2, -1) @ _with_ones(value)  # (B, H, F, Ev + 1)
-    return _normalise(phi_q @ state, thr)  # (B, H, Lq, Ev)
-
-
-def linear_causal(
-    phi_q: Tensor, phi_k: Tensor, value: Tensor, thr: float | Tensor, chunk_size: int
+def linear_attention(
+    query: Tensor, key: Tensor, value: Tensor, fmap: str, key_allowed: Tensor | None,
+    thr: float | Tensor, is_causal: bool, chunk: int, acc: torch.dtype, segment: int | None = None,
 ) -> Tensor:
-    """Causal (upper-left aligned, SDPA semantics) linear attention, chunked.
+    """Normalised linear attention, ``(B, H, Lq, E), (B, H, Lk, E), (B, H, Lk, Ev) -> (B, H, Lq, Ev)``.
 
-    Within a chunk of C positions: the masked quadratic form tril(phi_q phi_k^T) V (matmuls of
-    size C); across chunks: the exclusive prefix sum of the chunk states phi_k^T V. Time
-    O(L * (C + F) * Ev), memory O(L * (C + F * Ev / C)).
+    ``fmap`` is applied to query and key inside (``identity``: they already are features, 0 on
+    masked keys). ``key_allowed`` (B, 1, Lk, 1) bool marks real keys: masked keys and values never
+    reach the arithmetic and get gradient 0. ``thr`` is the normaliser's lower bound, a float or a
+    (B, H, Lq, 1) tensor. Causal is upper-left aligned (SDPA semantics). Result in ``acc``.
     """
-    lq, lk = phi_q.shape[-2], phi_k.shape[-2]
-    n = min(lq, lk)
-    thr_head = thr[..., :n, :] if isinstance(thr, Tensor) else thr
-    out = _causal_square(phi_q[..., :n, :], phi_k[..., :n, :], value[..., :n, :], thr_head, chunk_size)
-    if lq <= lk:
-        return out  # keys beyond Lq are in every query's future
-    # Queries i >= Lk see every key (j <= i always holds).
-    thr_tail = thr[..., n:, :] if isinstance(thr, Tensor) else thr
-    tail = linear_noncausal(phi_q[..., n:, :], phi_k, value, thr_tail)  # (B, H, Lq - Lk, Ev)
-    return torch.cat([out, tail], dim=-2)  # (B, H, Lq, Ev)
+    if fmap not in FEATURE_FNS:
+        raise ValueError(f"unknown feature function {fmap!r}; expected one of {FEATURE_FNS}")
+    b, h = query.shape[:2]
+    width = max(query.shape[-1], value.shape[-1] + 1)
+    plan = _Plan(fmap, is_causal, chunk, segment_length(b * h, width, chunk, segment), acc)
+    return _Streamed.apply(query, key, value, key_allowed, thr, plan)
 
 
-def _causal_square(
-    phi_q: Tensor, phi_k: Tensor, value: Tensor, thr: float | Tensor, chunk_size: int
-) -> Tensor:
-    b, h, length, feat = phi_q.shape
-    ev = value.shape[-1]
-    c = min(chunk_size, length)
-    pad = (-length) % c
-    n = (length + pad) // c
-    if pad:  # padded keys have features 0 (no contribution); padded query rows are dropped
-        phi_q, phi_k, value = (F.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, value))
-        if isinstance(thr, Tensor):
-            thr = F.pad(thr, (0, 0, 0, pad), value=1.0)
-    if isinstance(thr, Tensor):
-        thr = thr.expand(b, h, length + pad, 1).reshape(b * h, n, c, 1)  # (G, N, C, 1)
-    out = _CausalChunked.apply(
-        phi_q.reshape(b * h, n, c, feat), phi_k.reshape(b * h, n, c, feat),
-        value.reshape(b * h, n, c, ev), thr,
-    )  # (G, N, C, Ev)
-    return out.reshape(b, h, n * c, ev)[:, :, :length]  # (B, H, L, Ev)
+def _features(x: Tensor, plan: _Plan, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(input as used, features), both fresh ``(B, H, S, E)`` in ``plan.acc``; 0 where not allowed."""
+    x = x.to(plan.acc)
+    x = x.masked_fill(~allowed, 0.0) if allowed is not None else x  # padding never reaches exp
+    if plan.fmap == "elu":
+        phi = F.elu(x).add_(1.0)
+    elif plan.fmap == "relu":
+        phi = F.relu(x)
+    else:
+        phi = x.clone() if allowed is None else x
+    return x, (phi.masked_fill_(~allowed, 0.0) if allowed is not None else phi)
 
 
-class _CausalChunked(torch.autograd.Function):
-    """Normalised causal linear attention on chunked features, with a hand-written backward.
+def _feature_grad(x: Tensor, phi: Tensor, d_phi: Tensor, plan: _Plan, allowed: Tensor | None,
+                  out: Tensor) -> None:
+    """Write into ``out`` the gradient w.r.t. the input of ``_features``, given that of the features."""
+    if plan.fmap == "elu":  # d/dx (elu(x) + 1) is 1 for x > 0 and exp(x) = phi <= 1 otherwise: min(phi, 1)
+        torch.mul(d_phi, phi.clamp_(max=1.0), out=out)  # phi is not needed afterwards
+    elif plan.fmap == "relu":
+        torch.mul(d_phi, x > 0, out=out)
+    else:
+        out.copy_(d_phi)
+    if allowed is not None:
+        out.masked_fill_(~allowed, 0.0)
 
-    Autograd of the same ops is correct too, but spends over half its time in zero-fills, slices
-    and copies; this fuses them (same 12 batched matmuls in total, forward and backward).
-    Inputs: q, k (G, N, C, F), v (G, N, C, Ev), thr float or (G, N, C, 1) (no gradient).
+
+def _values(v: Tensor, plan: _Plan, allowed: Tensor | None) -> Tensor:
+    """``[v, 1]`` (B, H, S, Ev + 1) in ``plan.acc``; 0 (both parts) on masked keys."""
+    v1 = F.pad(v.to(plan.acc), (0, 1), value=1.0)  # the ones column yields the normaliser
+    return v1.masked_fill_(~allowed, 0.0) if allowed is not None else v1
+
+
+def _chunks(t: Tensor, c: int) -> Tensor:
+    """``(B, H, S, D) -> (B*H*n, C, D)``, zero-padded to whole chunks (padded keys have phi = 0)."""
+    b, h, s, d = t.shape
+    pad = (-s) % c
+    t = F.pad(t, (0, 0, 0, pad)) if pad else t
+    return t.reshape(b * h * ((s + pad) // c), c, d)
+
+
+def _unchunk(t: Tensor, b: int, h: int, s: int) -> Tensor:
+    """Inverse of ``_chunks``: ``(B*H*n, C, D) -> (B, H, S, D)`` (a view)."""
+    return t.view(b, h, -1, t.shape[-1])[:, :, :s]
+
+
+def _rows(x: Any, s0: int, s1: int) -> Any:
+    """Rows ``s0:s1`` of a (B, H|1, L, D) tensor; None and floats (broadcast scalars) unchanged."""
+    return x[:, :, s0:s1] if isinstance(x, Tensor) else x
+
+
+class _Streamed(torch.autograd.Function):
+    """Linear attention over segments, forward and a hand-written backward (see module docstring).
+
+    Autograd of the same ops is correct too, but keeps every full-length intermediate alive and
+    spends most of its time in zero-fills, slices and copies.
     """
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, thr: float | Tensor) -> Tensor:
-        g, n, c, f = q.shape
-        ev = v.shape[-1]
-        q3, k3 = q.reshape(g * n, c, f), k.reshape(g * n, c, f)  # (GN, C, F)
-        v3 = F.pad(v.reshape(g * n, c, ev), (0, 1), value=1.0)  # (GN, C, Ev + 1): ones -> normaliser
-        states = torch.bmm(k3.mT, v3).view(g, n, f, ev + 1)  # each chunk's sum phi_k v^T
-        prefix = torch.zeros_like(states)  # (G, N, F, Ev + 1): exclusive prefix over chunks
-        torch.cumsum(states[:, :-1], dim=1, out=prefix[:, 1:])
-        p3 = prefix.view(g * n, f, ev + 1)
-        scores = torch.bmm(q3, k3.mT).tril_()  # (GN, C, C): intra-chunk, causal
-        num_den = torch.bmm(scores, v3).baddbmm_(q3, p3)  # (GN, C, Ev + 1); in place: no copy
-        den = num_den[..., ev:]  # (GN, C, 1)
-        thr3 = thr.reshape(g * n, c, 1) if isinstance(thr, Tensor) else thr
-        live = den >= thr3  # (GN, C, 1): where the normaliser (not eps) is the divisor
-        div = torch.where(live, den, thr3 if isinstance(thr3, Tensor) else torch.full_like(den, thr3))
-        out = num_den[..., :ev] / div  # (GN, C, Ev)
-        ctx.save_for_backward(q3, k3, v3, scores, p3, out, div, live)
-        ctx.dims = (g, n, c, f, ev)
-        return out.view(g, n, c, ev)
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None,  # type: ignore[override]
+                thr: float | Tensor, plan: _Plan) -> Tensor:
+        b, h, lq, f = q.shape
+        lk, ev = k.shape[2], v.shape[-1]
+        g, c, seg = b * h, plan.chunk, plan.segment
+        n_sq = min(lq, lk) if plan.causal else 0  # positions computed causally
+        out = torch.empty(b, h, lq, ev, dtype=plan.acc, device=q.device)  # (B, H, Lq, Ev)
+        div = torch.empty(b, h, lq, 1, dtype=plan.acc, device=q.device)  # the normaliser used
+        live = torch.empty(b, h, lq, 1, dtype=torch.bool, device=q.device)  # normaliser >= thr
+        run = torch.zeros(g, f, ev + 1, dtype=plan.acc, device=q.device)  # sum phi_k^T [v, 1] so far
+        prefixes = []
+        for s0 in range(0, n_sq, seg):
+            s1 = min(s0 + seg, n_sq)
+            km = _rows(allowed, s0, s1)
+            q3 = _chunks(_features(q[:, :, s0:s1], plan, None)[1], c)  # (GN, C, F)
+            k3 = _chunks(_features(k[:, :, s0:s1], plan, km)[1], c)  # (GN, C, F)
+            v3 = _chunks(_values(v[:, :, s0:s1], plan, km), c)  # (GN, C, Ev + 1)
+            n = q3.shape[0] // g
+            states = torch.bmm(k3.mT, v3).view(g, n, f, ev + 1)  # each chunk's phi_k^T [v, 1]
+            prefix = torch.empty_like(states)  # (G, n, F, Ev + 1): state before each chunk
+            prefix[:, 0] = run
+            if n > 1:
+                torch.cumsum(states[:, :-1], dim=1, out=prefix[:, 1:])
+                prefix[:, 1:] += run[:, None]
+            run = prefix[:, -1] + states[:, -1]
+            scores = torch.bmm(q3, k3.mT).tril_()  # (GN, C, C): intra-chunk, causal
+            nd = torch.bmm(scores, v3).baddbmm_(q3, prefix.view(g * n, f, ev + 1))  # (GN, C, Ev + 1)
+            _normalise(_unchunk(nd, b, h, s1 - s0), _rows(thr, s0, s1), out, div, live, s0, s1)
+            prefixes.append(prefix)
+        if not plan.causal:  # every key goes into the state read by every query
+            for s0 in range(0, lk, seg):
+                s1 = min(s0 + seg, lk)
+                km = _rows(allowed, s0, s1)
+                pk = _features(k[:, :, s0:s1], plan, km)[1].view(g, s1 - s0, f)  # (G, S, F)
+                run.baddbmm_(pk.mT, _values(v[:, :, s0:s1], plan, km).view(g, s1 - s0, ev + 1))
+        for s0 in range(n_sq, lq, seg):  # queries that see every key (in the past, if causal)
+            s1 = min(s0 + seg, lq)
+            pq = _features(q[:, :, s0:s1], plan, None)[1].view(g, s1 - s0, f)  # (G, S, F)
+            nd = torch.bmm(pq, run).view(b, h, s1 - s0, ev + 1)  # (B, H, S, Ev + 1)
+            _normalise(nd, _rows(thr, s0, s1), out, div, live, s0, s1)
+        ctx.save_for_backward(q, k, v, allowed, out, div, live, run, *prefixes)
+        ctx.plan = plan
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        q3, k3, v3, scores, p3, out, div, live = ctx.saved_tensors
-        g, n, c, f, ev = ctx.dims
-        g_out = grad.reshape(g * n, c, ev)  # (GN, C, Ev)
-        g_nd = torch.empty_like(v3)  # (GN, C, Ev + 1): gradient of [num, den]
-        torch.div(g_out, div, out=g_nd[..., :ev])
-        g_den = -(g_nd[..., :ev] * out).sum(dim=-1, keepdim=True)  # (GN, C, 1)
-        g_nd[..., ev:] = g_den.masked_fill_(~live, 0.0)
-        d_scores = torch.bmm(g_nd, v3.mT).tril_()  # (GN, C, C)
-        dq = torch.bmm(d_scores, k3).baddbmm_(g_nd, p3.mT)  # (GN, C, F)
-        d_prefix = torch.bmm(q3.mT, g_nd).view(g, n, f, ev + 1)
-        # states of chunk i feed the prefix of every later chunk: suffix sums, exclusive.
-        d_states = torch.zeros_like(d_prefix)  # (G, N, F, Ev + 1)
-        torch.cumsum(d_prefix[:, 1:].flip(1), dim=1, out=d_states[:, :-1])
-        d_states[:, :-1] = d_states[:, :-1].flip(1)
-        ds3 = d_states.view(g * n, f, ev + 1)
-        dk = torch.bmm(d_scores.mT, q3).baddbmm_(v3, ds3.mT)  # (GN, C, F)
-        dv = None
-        if ctx.needs_input_grad[2]:
-            dv = torch.bmm(scores.mT, g_nd).baddbmm_(k3, ds3)[..., :ev]  # (GN, C, Ev)
-            dv = dv.reshape(g, n, c, ev)
-        return dq.view(g, n, c, f), dk.view(g, n, c, f), dv, None
+        q, k, v, allowed, out, div, live, run, *prefixes = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        b, h, lq, f = q.shape
+        lk, ev = k.shape[2], v.shape[-1]
+        g, c, seg = b * h, plan.chunk, plan.segment
+        n_sq = min(lq, lk) if plan.causal else 0
+        grad = grad.to(plan.acc)
+        dq = torch.empty_like(q)
+        # Keys past the last query get no gradient in causal mode: they are in everyone's future.
+        dk = torch.zeros_like(k) if n_sq < lk and plan.causal else torch.empty_like(k)
+        dv = torch.zeros_like(v) if n_sq < lk and plan.causal else torch.empty_like(v)
+
+        def g_num_den(s0: int, s1: int) -> Tensor:  # (B, H, S, Ev + 1): gradient of [num, den]
+            gn = torch.empty(b, h, s1 - s0, ev + 1, dtype=plan.acc, device=q.device)
+            torch.div(grad[:, :, s0:s1], div[:, :, s0:s1], out=gn[..., :ev])
+            g_den = -(gn[..., :ev] * out[:, :, s0:s1]).sum(dim=-1, keepdim=True)  # (B, H, S, 1)
+            gn[..., ev:] = g_den.masked_fill_(~live[:, :, s0:s1], 0.0)  # eps was the divisor: constant
+            return gn
+
+        d_run = torch.zeros_like(run)  # (G, F, Ev + 1): gradient of the state read after a position
+        for s0 in range(n_sq, lq, seg):
+            s1 = min(s0 + seg, lq)
+            xq, pq = _features(q[:, :, s0:s1], plan, None)  # (B, H, S, F)
+            gn = g_num_den(s0, s1).view(g, s1 - s0, ev + 1)
+            d_pq = torch.bmm(gn, run.mT).view(b, h, s1 - s0, f)
+            d_run.baddbmm_(pq.view(g, s1 - s0, f).mT, gn)
+            _feature_grad(xq, pq, d_pq, plan, None, dq[:, :, s0:s1])
+        if not plan.causal:
+            for s0 in range(0, lk, seg):
+                s1 = min(s0 + seg, lk)
+                km = _rows(allowed, s0, s1)
+                xk, pk = _features(k[:, :, s0:s1], plan, km)
+                v1 = _values(v[:, :, s0:s1], plan, km).view(g, s1 - s0, ev + 1)
+                d_pk = torch.bmm(v1, d_run.mT).view(b, h, s1 - s0, f)
+                d_v = torch.bmm(pk.view(g, s1 - s0, f), d_run[..., :ev]).view(b, h, s1 - s0, ev)
+                _store(dv, s0, s1, d_v, km)
+                _feature_grad(xk, pk, d_pk, plan, km, dk[:, :, s0:s1])
+        starts = list(range(0, n_sq, seg))
+        for s0, prefix in zip(reversed(starts), reversed(prefixes), strict=True):
+            s1 = min(s0 + seg, n_sq)
+            km = _rows(allowed, s0, s1)
+            xq, pq = _features(q[:, :, s0:s1], plan, None)
+            xk, pk = _features(k[:, :, s0:s1], plan, km)
+            q3, k3 = _chunks(pq, c), _chunks(pk, c)  # (GN, C, F)
+            v3 = _chunks(_values(v[:, :, s0:s1], plan, km), c)  # (GN, C, Ev + 1)
+            g3 = _chunks(g_num_den(s0, s1), c)  # (GN, C, Ev + 1)
+            n = q3.shape[0] // g
+            scores = torch.bmm(q3, k3.mT).tril_()  # (GN, C, C), recomputed
+            d_scores = torch.bmm(g3, v3.mT).tril_()  # (GN, C, C)
+            d_pq = torch.bmm(d_scores, k3).baddbmm_(g3, prefix.view(g * n, f, ev + 1).mT)  # (GN, C, F)
+            d_prefix = torch.bmm(q3.mT, g3).view(g, n, f, ev + 1)
+            # A chunk's state feeds the prefix of every later chunk, here and in later segments.
+            d_states = torch.empty_like(d_prefix)  # (G, n, F, Ev + 1)
+            d_states[:, -1] = d_run
+            if n > 1:
+                d_states[:, :-1] = d_prefix[:, 1:].flip(1).cumsum(dim=1).flip(1) + d_run[:, None]
+            d_run = d_run + d_prefix.sum(dim=1)
+            ds3 = d_states.view(g * n, f, ev + 1)
+            d_pk = torch.bmm(d_scores.mT, q3).baddbmm_(v3, ds3.mT)  # (GN, C, F)
+            d_v = torch.bmm(scores.mT, g3).baddbmm_(k3, ds3)  # (GN, C, Ev + 1)
+            s = s1 - s0
+            _store(dv, s0, s1, _unchunk(d_v, b, h, s)[..., :ev], km)
+            _feature_grad(xq, pq, _unchunk(d_pq, b, h, s), plan, None, dq[:, :, s0:s1])
+            _feature_grad(xk, pk, _unchunk(d_pk, b, h, s), plan, km, dk[:, :, s0:s1])
+        return dq, dk, dv, None, None, None
+
+
+def _store(dst: Tensor, s0: int, s1: int, src: Tensor, allowed: Tensor | None) -> None:
+    """``dst[:, :, s0:s1] = src``, 0 where a key is not allowed."""
+    part = dst[:, :, s0:s1]
+    part.copy_(src)
+    if allowed is not None:
+        part.masked_fill_(~allowed, 0.0)
+
+
+def _normalise(nd: Tensor, thr: float | Tensor, out: Tensor, div: Tensor, live: Tensor,
+               s0: int, s1: int) -> None:
+    """``out[s0:s1] = num / max(den, thr)`` from ``nd`` (B, H, S, Ev + 1); records divisor and ``live``."""
+    ev = out.shape[-1]
+    den = nd[..., ev:]  # (B, H, S, 1)
+    torch.ge(den, thr, out=live[:, :, s0:s1])
+    d = torch.where(live[:, :, s0:s1], den, thr)  # (B, H, S, 1)
+    div[:, :, s0:s1] = d
+    torch.div(nd[..., :ev], d, out=out[:, :, s0:s1])
 
 
 def linear_weights(
