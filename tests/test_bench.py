@@ -260,3 +260,20 @@ def test_unpicklable_variant_is_timed_in_process_without_memory() -> None:
     p = next(p for p in doc["points"] if p["series"] == "local_factory")
     assert p["status"] == "ok" and p["memory"]["peak_bytes"] is None and "memory not measured" in p["note"]
     assert derive(doc)["points"][0]["speedup"]["sdpa"] > 0  # variants first, then baselines
+
+
+@pytest.mark.parametrize("variant", ["local", "bigbird"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_masked_baselines_compute_the_variant(variant: str, causal: bool) -> None:
+    """Both dense baselines (float and bool mask) are the variant's own function, not just timed."""
+    from attnreg.bench.cases import _attention_fn, make_inputs
+
+    spec = attnreg.get_variant(variant)
+    config = spec.config(window=5) if variant == "local" else spec.config(block_size=8, num_heads=2)
+    outs = {}
+    for kind in ("variant", "sdpa_masked", "sdpa_masked_bool"):
+        job = Job(kind, 70, 1, 2, 8, "float32", "fwd", causal, factory=spec.factory, config=config)
+        fn, _ = _attention_fn(job)
+        outs[kind] = fn(*make_inputs(job, requires_grad=False))  # (B, H, L, Ev)
+    for kind in ("sdpa_masked", "sdpa_masked_bool"):
+        assert (outs[kind] - outs["variant"]).abs().max().item() <= 1e-5, kind

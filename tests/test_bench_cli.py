@@ -24,10 +24,10 @@ def test_quick_run_writes_json_and_plots_and_compares(tmp_path: Path) -> None:
     assert m["cpu_model"] and m["cpu_count"] >= 1 and m["threads"] == 1 and m["torch"]
     assert doc["roof"]["gflops"] > 0
     series = {p["series"] for p in doc["points"] if p["status"] == "ok"}
-    assert {"sdpa", "dot_product", "local", "sdpa_masked[local]"} <= series
+    assert {"sdpa", "dot_product", "local", "sdpa_masked[local]", "sdpa_masked_bool[local]"} <= series
     variant = next(p for p in doc["points"] if p["series"] == "local")
     assert variant["time"]["median_s"] > 0 and variant["memory"]["peak_bytes"] is not None
-    assert variant["speedup"]["sdpa"] > 0 and variant["speedup"]["sdpa_masked"] > 0
+    assert all(variant["speedup"][ref] > 0 for ref in ("sdpa", "sdpa_masked", "sdpa_masked_bool"))
     assert any(r["series"] == "local" and r["time_exponent"] for r in doc["summary"])
     for name in ("time.png", "memory.png"):
         assert (first / name).read_bytes()[:8] == PNG_MAGIC

@@ -19,7 +19,7 @@ from .settings import DTYPES
 
 __all__ = ["Job", "Prepared", "prepare", "sdpa_flops", "variant_flops", "pattern_of", "build_module"]
 
-KINDS = ("variant", "sdpa", "sdpa_masked", "baseline", "gemm")
+KINDS = ("variant", "sdpa", "sdpa_masked", "sdpa_masked_bool", "baseline", "gemm")
 
 
 @dataclass(frozen=True)
@@ -110,14 +110,17 @@ def _attention_fn(job: Job) -> tuple[Callable[[Tensor, Tensor, Tensor], Tensor],
     module = build_module(job)
     if job.kind == "variant":
         return (lambda q, k, v: module(q, k, v, is_causal=causal)), (module,)
-    if job.kind == "sdpa_masked":
-        allowed = pattern_of(module, job.length, causal)
+    if job.kind in ("sdpa_masked", "sdpa_masked_bool"):
+        allowed = pattern_of(module, job.length, causal)  # (1, 1|H, L, L) bool
         if allowed is None:
             raise ValueError(f"variant {module.variant!r} has no pattern_mask(L)")
-        # SDPA's own fast form of a mask: additive 0 / -inf, precomputed. A bool mask is converted
-        # to exactly this inside every call (more time, and memory for both copies).
-        mask = torch.full(allowed.shape, float("-inf"), dtype=DTYPES[job.dtype]).masked_fill_(allowed, 0.0)
-        del allowed  # (1, 1|H, L, L) float
+        mask = allowed  # sdpa_masked_bool: the mask as a user passes it
+        if job.kind == "sdpa_masked":
+            # SDPA's own fast form of a mask: additive 0 / -inf, precomputed. A bool mask is
+            # converted to exactly this inside every call (more time, and memory for both copies).
+            mask = torch.full(allowed.shape, float("-inf"), dtype=DTYPES[job.dtype])
+            mask.masked_fill_(allowed, 0.0)
+            del allowed  # (1, 1|H, L, L) float
         scale = module.softmax_scale(job.head_dim)
 
         def masked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

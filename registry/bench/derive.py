@@ -10,7 +10,10 @@ from typing import Any
 
 from .analysis import crossover, fit_exponent
 
-__all__ = ["derive", "point_key"]
+__all__ = ["MASKED", "derive", "point_key"]
+
+# Dense SDPA with a variant's pattern: as a precomputed additive float mask, and as the bool mask.
+MASKED = ("sdpa_masked", "sdpa_masked_bool")
 
 
 def point_key(p: dict[str, Any]) -> tuple[str, str, bool, int]:
@@ -43,8 +46,9 @@ def derive(doc: dict[str, Any]) -> dict[str, Any]:
         if p["kind"] != "variant":
             continue
         _, mode, causal, length = point_key(p)
-        refs = {"sdpa": ("sdpa", mode, causal, length),
-                "sdpa_masked": (f"sdpa_masked[{p['series']}]", mode, causal, length)}
+        refs = {"sdpa": ("sdpa", mode, causal, length)}
+        for masked in MASKED:
+            refs[masked] = (f"{masked}[{p['series']}]", mode, causal, length)
         for b in doc["variants"].get(p["series"], {}).get("baselines", []):
             refs[b] = (f"{p['series']}:{b}", mode, causal, length)
         speed = {name: _t(index.get(key)) / t for name, key in refs.items() if _t(index.get(key))}
@@ -70,7 +74,7 @@ def _summary(doc: dict[str, Any], fit_min: int) -> list[dict[str, Any]]:
                 ((p["length"], (p.get("memory") or {}).get("peak_bytes")) for p in ok), fit_min),
         }
         if first["kind"] == "variant":
-            for ref in ("sdpa", "sdpa_masked"):
+            for ref in ("sdpa", *MASKED):
                 ratios = [(p["length"], p.get("speedup", {}).get(ref)) for p in ok]
                 if any(r is not None for _, r in ratios):
                     row[f"crossover_vs_{ref}"] = crossover(ratios)

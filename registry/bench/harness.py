@@ -183,12 +183,13 @@ class _Run:
                 entry["pattern_mask"] = callable(getattr(module, "pattern_mask", None))
                 baselines = getattr(module, "benchmark_baselines", None)
                 own = sorted(baselines()) if callable(baselines) else []
-                # The bench itself times SDPA with pattern_mask (sdpa_masked[...]): a variant's own
-                # "sdpa_dense..." baseline would be the same measurement twice.
+                # The bench itself times SDPA with pattern_mask (sdpa_masked[...], float and bool):
+                # a variant's own "sdpa_dense..." baseline would be the same measurement again.
                 dup = [b for b in own if entry["pattern_mask"] and b.startswith("sdpa_dense")]
                 entry["baselines"] = [b for b in own if b not in dup]
                 if dup:
-                    entry["baselines_not_run"] = {b: "same as the bench's sdpa_masked baseline" for b in dup}
+                    entry["baselines_not_run"] = {b: "same as the bench's sdpa_masked_bool baseline"
+                                                   for b in dup}
                 entry["flops"] = callable(getattr(module, "flops", None)) or choice.is_dense_sdpa
                 passed.append(choice)
         return passed
@@ -211,9 +212,9 @@ class _Run:
                                      {"kind": "variant", "variant": c.label}))
                         meta = {"variant": c.label, "needs": [c.label]}
                         if entry["pattern_mask"]:
-                            job = self.job("sdpa_masked", length, mode, causal, c)
-                            meta_m = {**meta, "kind": "sdpa_masked"}
-                            baselines.append((f"sdpa_masked[{c.label}]", job, None, meta_m))
+                            for kind in ("sdpa_masked", "sdpa_masked_bool"):
+                                job = self.job(kind, length, mode, causal, c)
+                                baselines.append((f"{kind}[{c.label}]", job, None, {**meta, "kind": kind}))
                         for b in entry["baselines"]:
                             job = self.job("baseline", length, mode, causal, c, b)
                             meta_b = {**meta, "kind": "baseline", "baseline": b}

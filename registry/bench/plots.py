@@ -67,6 +67,7 @@ def plot_results(doc: dict[str, Any], out_dir: Path) -> list[Path]:
                 style = {"variant": dict(ls="-", marker="o", color=colour.get(variant)),
                          "sdpa": dict(ls="--", marker="x", color="black", lw=1.8),
                          "sdpa_masked": dict(ls="--", marker="s", color=colour.get(variant), alpha=0.7),
+                         "sdpa_masked_bool": dict(ls="-.", marker="d", color=colour.get(variant), alpha=0.5),
                          "baseline": dict(ls=":", marker="^", color=colour.get(variant), alpha=0.7)}[kind]
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, label=label, ms=4, **style)

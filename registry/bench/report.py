@@ -15,7 +15,7 @@ from rich.table import Table
 
 from attnreg.core import ConfigError
 
-from .derive import point_key
+from .derive import MASKED, point_key
 
 __all__ = [
     "machine_info", "write_json", "load_results", "results_table", "summary_table", "compare", "print_report",
@@ -94,23 +94,23 @@ def results_table(doc: dict[str, Any]) -> Table:
     """One row per point: time, rate, memory, roof ratio, speedups (or why it was skipped)."""
     table = Table(title="attnreg bench: points (ratios are within this run)", show_lines=False)
     for col in ("series", "mode", "L", "median ms", "IQR ms", "n", "Mtok/s", "peak MB", "GFLOP/s",
-                "roof", "vs SDPA", "vs masked", "vs own baselines / status"):
+                "roof", "vs SDPA", "vs masked", "vs bool-masked", "vs own baselines / status"):
         table.add_column(col, justify="left" if col in ("series", "mode") or "/" in col else "right")
     for p in doc["points"]:
         mode = p["mode"] + (" causal" if p["causal"] else "")
         if p.get("status") != "ok":
-            table.add_row(escape(p["series"]), mode, str(p["length"]), *["-"] * 9,
+            table.add_row(escape(p["series"]), mode, str(p["length"]), *["-"] * 10,
                           f"[yellow]{p['status']}[/]: {escape(str(p.get('reason')))}")
             continue
         t, sp = p["time"], p.get("speedup", {})
-        own = escape(", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if k not in ("sdpa", "sdpa_masked")))
+        own = escape(", ".join(f"{k} {v:.2f}x" for k, v in sp.items() if k not in ("sdpa", *MASKED)))
         style = "bold" if p["kind"] == "variant" else "dim"
         table.add_row(
             f"[{style}]{escape(p['series'])}[/]", mode, str(p["length"]), _ms(t["median_s"]), _ms(t["iqr_s"]),
             str(t["repeats"]), f"{p['tokens_per_s'] / 1e6:.3g}", _mb(_peak(p)),
             "-" if p.get("gflops") is None else f"{p['gflops']:.1f}",
             "-" if p.get("roof_ratio") is None else f"{p['roof_ratio']:.0%}",
-            _x(sp.get("sdpa")), _x(sp.get("sdpa_masked")), own,
+            _x(sp.get("sdpa")), _x(sp.get("sdpa_masked")), _x(sp.get("sdpa_masked_bool")), own,
         )
     return table
 
@@ -135,19 +135,20 @@ def summary_table(doc: dict[str, Any]) -> Table:
     """Per variant: gate result; per series: scaling exponents and crossover lengths."""
     table = Table(title="scaling (least-squares log-log fit) and crossover vs dense SDPA")
     for col in ("series", "mode", "time ~ L^", "memory ~ L^", "faster than SDPA from",
-                "faster than masked SDPA from", "skipped"):
+                "faster than masked SDPA from", "than bool-masked from", "skipped"):
         table.add_column(col)
     for row in doc.get("summary", []):
         table.add_row(escape(row["series"]), row["mode"] + (" causal" if row["causal"] else ""),
                       _exp(row["time_exponent"]), _exp(row["memory_exponent"]),
                       _cross(row.get("crossover_vs_sdpa")), _cross(row.get("crossover_vs_sdpa_masked")),
+                      _cross(row.get("crossover_vs_sdpa_masked_bool")),
                       escape(", ".join(row["skipped"])) or "")
     for label, v in doc.get("variants", {}).items():
         if v.get("status") == "failed":
-            table.add_row(f"[red]{escape(label)}[/]", "-", "-", "-", "-", "-",
+            table.add_row(f"[red]{escape(label)}[/]", "-", "-", "-", "-", "-", "-",
                           f"[red]failed the correctness gate, not timed[/]: {escape(str(v.get('reason')))}")
         elif v.get("status") == "unsupported":
-            table.add_row(f"[yellow]{escape(label)}[/]", "-", "-", "-", "-", "-",
+            table.add_row(f"[yellow]{escape(label)}[/]", "-", "-", "-", "-", "-", "-",
                           f"not measured: {escape(str(v.get('reason')))}")
     return table
 
