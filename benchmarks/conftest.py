@@ -42,8 +42,8 @@ class Case:
     @property
     def id(self) -> str:
         who = "sdpa" if self.kind == "sdpa" else self.label or ""
-        if self.kind == "sdpa_masked":
-            who = f"sdpa_masked[{self.label}]"
+        if self.kind in ("sdpa_masked", "sdpa_masked_bool"):
+            who = f"{self.kind}[{self.label}]"
         elif self.kind == "baseline":
             who = f"{self.label}:{self.baseline}"
         return f"{who}-{self.mode}{'-causal' if self.causal else ''}-L{self.length}"
@@ -95,8 +95,9 @@ def pytest_generate_tests(metafunc: Any) -> None:
                         continue
                     cases.append(Case("variant", c.label, length, mode, causal))
                     module = c.spec.factory(c.config)
-                    if callable(getattr(module, "pattern_mask", None)):
-                        cases.append(Case("sdpa_masked", c.label, length, mode, causal))
+                    if callable(getattr(module, "pattern_mask", None)):  # float and bool mask forms
+                        cases += [Case(k, c.label, length, mode, causal)
+                                  for k in ("sdpa_masked", "sdpa_masked_bool")]
                     baselines = getattr(module, "benchmark_baselines", None)
                     for b in sorted(baselines()) if callable(baselines) else []:
                         cases.append(Case("baseline", c.label, length, mode, causal, b))
