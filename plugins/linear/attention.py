@@ -56,7 +56,8 @@ class _LinearFields(AttentionConfig):
         None, ge=1, le=2**31 - 1,
         description="Positions processed per pass (rounded up to whole chunks): the computation "
         "streams over the sequence so its working set stays in cache. None = about 1 MB per "
-        "tensor (2048 positions for B*H=8, E=64). Only speed depends on it.",
+        "tensor (2048 positions for B*H=8, E=64). Affects speed and memory only (results agree "
+        "to rounding).",
     )
 
     @model_validator(mode="after")

@@ -13,11 +13,14 @@ the last key) read the final state with one matmul.
 Why streamed: the whole computation, feature maps included, walks the sequence in segments of a
 few chunks (about 1 MB per tensor) and never materialises a full-length feature or score tensor.
 Whole-sequence elementwise passes outgrow the caches (and glibc's 32 MB mmap threshold, so every
-call page-faults fresh memory): measured on the 2-core CPU before this change, elu, its backward and
-the normalising division cost 2-4x more per token at L=32K than at 4K, so the time grew like
-L^1.2-1.4 over 4K..32K. Backward walks the segments in reverse, recomputing features and chunk
-scores (cheap) from q, k, v; only the chunk prefix states (F * (Ev + 1) per chunk) and the
-normaliser are kept.
+call page-faults fresh memory): with whole-sequence passes, elu, its backward and the normalising
+division cost 2-4x more per token at L=32K than at 4K (2-core CPU), and the time grew like
+L^1.2-1.4 over 4K..32K. FAVOR+ features, whose key stabiliser needs every key first, are computed
+by the caller and streamed as they are (``identity``).
+
+Backward walks the segments in reverse, recomputing features and chunk scores (cheap) from q, k,
+v; only the chunk prefix states (F * (Ev + 1) per chunk) and the normaliser are kept, and nothing
+at all when no input needs a gradient.
 """
 
 from __future__ import annotations
@@ -70,14 +73,18 @@ def linear_attention(
     """
     if fmap not in FEATURE_FNS:
         raise ValueError(f"unknown feature function {fmap!r}; expected one of {FEATURE_FNS}")
-    b, h = query.shape[:2]
+    b, h, lq = query.shape[:3]
+    if is_causal:  # no chunk longer than the causal part (flops() counts min(C, n) too)
+        chunk = min(chunk, max(1, min(lq, key.shape[2])))
     width = max(query.shape[-1], value.shape[-1] + 1)
     plan = _Plan(fmap, is_causal, chunk, segment_length(b * h, width, chunk, segment), acc)
     return _Streamed.apply(query, key, value, key_allowed, thr, plan)
 
 
 def _features(x: Tensor, plan: _Plan, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(input as used, features), both fresh ``(B, H, S, E)`` in ``plan.acc``; 0 where not allowed."""
+    """(input as used, features) ``(B, H, S, E)`` in ``plan.acc``; features 0 where not allowed and
+    contiguous (so that (B, H) folds into one dim). Either may alias ``x`` (identity map, or no
+    dtype change): callers must not modify them in place, except elu's fresh features."""
     x = x.to(plan.acc)
     x = x.masked_fill(~allowed, 0.0) if allowed is not None else x  # padding never reaches exp
     if plan.fmap == "elu":
@@ -85,8 +92,9 @@ def _features(x: Tensor, plan: _Plan, allowed: Tensor | None) -> tuple[Tensor, T
     elif plan.fmap == "relu":
         phi = F.relu(x)
     else:
-        phi = x.clone() if allowed is None else x
-    return x, (phi.masked_fill_(~allowed, 0.0) if allowed is not None else phi)
+        phi = x  # already features (FAVOR+); a masked x is a fresh tensor
+    phi = phi.masked_fill_(~allowed, 0.0) if allowed is not None else phi
+    return x, phi.contiguous()
 
 
 def _feature_grad(x: Tensor, phi: Tensor, d_phi: Tensor, plan: _Plan, allowed: Tensor | None,
@@ -144,6 +152,7 @@ class _Streamed(torch.autograd.Function):
         div = torch.empty(b, h, lq, 1, dtype=plan.acc, device=q.device)  # the normaliser used
         live = torch.empty(b, h, lq, 1, dtype=torch.bool, device=q.device)  # normaliser >= thr
         run = torch.zeros(g, f, ev + 1, dtype=plan.acc, device=q.device)  # sum phi_k^T [v, 1] so far
+        keep = any(ctx.needs_input_grad[:3])  # save for backward only when there will be one
         prefixes = []
         for s0 in range(0, n_sq, seg):
             s1 = min(s0 + seg, n_sq)
@@ -162,19 +171,21 @@ class _Streamed(torch.autograd.Function):
             scores = torch.bmm(q3, k3.mT).tril_()  # (GN, C, C): intra-chunk, causal
             nd = torch.bmm(scores, v3).baddbmm_(q3, prefix.view(g * n, f, ev + 1))  # (GN, C, Ev + 1)
             _normalise(_unchunk(nd, b, h, s1 - s0), _rows(thr, s0, s1), out, div, live, s0, s1)
-            prefixes.append(prefix)
+            if keep:
+                prefixes.append(prefix)
         if not plan.causal:  # every key goes into the state read by every query
             for s0 in range(0, lk, seg):
                 s1 = min(s0 + seg, lk)
                 km = _rows(allowed, s0, s1)
-                pk = _features(k[:, :, s0:s1], plan, km)[1].view(g, s1 - s0, f)  # (G, S, F)
-                run.baddbmm_(pk.mT, _values(v[:, :, s0:s1], plan, km).view(g, s1 - s0, ev + 1))
+                pk = _features(k[:, :, s0:s1], plan, km)[1].reshape(g, s1 - s0, f)  # (G, S, F)
+                run.baddbmm_(pk.mT, _values(v[:, :, s0:s1], plan, km).reshape(g, s1 - s0, ev + 1))
         for s0 in range(n_sq, lq, seg):  # queries that see every key (in the past, if causal)
             s1 = min(s0 + seg, lq)
-            pq = _features(q[:, :, s0:s1], plan, None)[1].view(g, s1 - s0, f)  # (G, S, F)
+            pq = _features(q[:, :, s0:s1], plan, None)[1].reshape(g, s1 - s0, f)  # (G, S, F)
             nd = torch.bmm(pq, run).view(b, h, s1 - s0, ev + 1)  # (B, H, S, Ev + 1)
             _normalise(nd, _rows(thr, s0, s1), out, div, live, s0, s1)
-        ctx.save_for_backward(q, k, v, allowed, out, div, live, run, *prefixes)
+        if keep:
+            ctx.save_for_backward(q, k, v, allowed, out, div, live, run, *prefixes)
         ctx.plan = plan
         return out
 
@@ -188,10 +199,12 @@ class _Streamed(torch.autograd.Function):
         g, c, seg = b * h, plan.chunk, plan.segment
         n_sq = min(lq, lk) if plan.causal else 0
         grad = grad.to(plan.acc)
-        dq = torch.empty_like(q)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
         # Keys past the last query get no gradient in causal mode: they are in everyone's future.
-        dk = torch.zeros_like(k) if n_sq < lk and plan.causal else torch.empty_like(k)
-        dv = torch.zeros_like(v) if n_sq < lk and plan.causal else torch.empty_like(v)
+        new = torch.zeros_like if n_sq < lk and plan.causal else torch.empty_like
+        dq = torch.empty_like(q) if need_q else None
+        dk = new(k) if need_k else None
+        dv = new(v) if need_v else None
 
         def g_num_den(s0: int, s1: int) -> Tensor:  # (B, H, S, Ev + 1): gradient of [num, den]
             gn = torch.empty(b, h, s1 - s0, ev + 1, dtype=plan.acc, device=q.device)
@@ -205,19 +218,22 @@ class _Streamed(torch.autograd.Function):
             s1 = min(s0 + seg, lq)
             xq, pq = _features(q[:, :, s0:s1], plan, None)  # (B, H, S, F)
             gn = g_num_den(s0, s1).view(g, s1 - s0, ev + 1)
-            d_pq = torch.bmm(gn, run.mT).view(b, h, s1 - s0, f)
-            d_run.baddbmm_(pq.view(g, s1 - s0, f).mT, gn)
-            _feature_grad(xq, pq, d_pq, plan, None, dq[:, :, s0:s1])
-        if not plan.causal:
+            d_run.baddbmm_(pq.reshape(g, s1 - s0, f).mT, gn)
+            if dq is not None:
+                d_pq = torch.bmm(gn, run.mT).view(b, h, s1 - s0, f)
+                _feature_grad(xq, pq, d_pq, plan, None, dq[:, :, s0:s1])
+        if not plan.causal and (need_k or need_v):
             for s0 in range(0, lk, seg):
                 s1 = min(s0 + seg, lk)
                 km = _rows(allowed, s0, s1)
                 xk, pk = _features(k[:, :, s0:s1], plan, km)
-                v1 = _values(v[:, :, s0:s1], plan, km).view(g, s1 - s0, ev + 1)
-                d_pk = torch.bmm(v1, d_run.mT).view(b, h, s1 - s0, f)
-                d_v = torch.bmm(pk.view(g, s1 - s0, f), d_run[..., :ev]).view(b, h, s1 - s0, ev)
-                _store(dv, s0, s1, d_v, km)
-                _feature_grad(xk, pk, d_pk, plan, km, dk[:, :, s0:s1])
+                v1 = _values(v[:, :, s0:s1], plan, km).reshape(g, s1 - s0, ev + 1)
+                if dv is not None:  # before _feature_grad, which may overwrite pk
+                    d_v = torch.bmm(pk.reshape(g, s1 - s0, f), d_run[..., :ev]).view(b, h, s1 - s0, ev)
+                    _store(dv, s0, s1, d_v, km)
+                if dk is not None:
+                    d_pk = torch.bmm(v1, d_run.mT).view(b, h, s1 - s0, f)
+                    _feature_grad(xk, pk, d_pk, plan, km, dk[:, :, s0:s1])
         starts = list(range(0, n_sq, seg))
         for s0, prefix in zip(reversed(starts), reversed(prefixes), strict=True):
             s1 = min(s0 + seg, n_sq)
@@ -228,9 +244,7 @@ class _Streamed(torch.autograd.Function):
             v3 = _chunks(_values(v[:, :, s0:s1], plan, km), c)  # (GN, C, Ev + 1)
             g3 = _chunks(g_num_den(s0, s1), c)  # (GN, C, Ev + 1)
             n = q3.shape[0] // g
-            scores = torch.bmm(q3, k3.mT).tril_()  # (GN, C, C), recomputed
             d_scores = torch.bmm(g3, v3.mT).tril_()  # (GN, C, C)
-            d_pq = torch.bmm(d_scores, k3).baddbmm_(g3, prefix.view(g * n, f, ev + 1).mT)  # (GN, C, F)
             d_prefix = torch.bmm(q3.mT, g3).view(g, n, f, ev + 1)
             # A chunk's state feeds the prefix of every later chunk, here and in later segments.
             d_states = torch.empty_like(d_prefix)  # (G, n, F, Ev + 1)
@@ -239,12 +253,21 @@ class _Streamed(torch.autograd.Function):
                 d_states[:, :-1] = d_prefix[:, 1:].flip(1).cumsum(dim=1).flip(1) + d_run[:, None]
             d_run = d_run + d_prefix.sum(dim=1)
             ds3 = d_states.view(g * n, f, ev + 1)
-            d_pk = torch.bmm(d_scores.mT, q3).baddbmm_(v3, ds3.mT)  # (GN, C, F)
-            d_v = torch.bmm(scores.mT, g3).baddbmm_(k3, ds3)  # (GN, C, Ev + 1)
             s = s1 - s0
-            _store(dv, s0, s1, _unchunk(d_v, b, h, s)[..., :ev], km)
-            _feature_grad(xq, pq, _unchunk(d_pq, b, h, s), plan, None, dq[:, :, s0:s1])
-            _feature_grad(xk, pk, _unchunk(d_pk, b, h, s), plan, km, dk[:, :, s0:s1])
+            # Every product first: _feature_grad may overwrite pq / pk (q3 / k3 are their views).
+            d_pq = d_pk = None
+            if dq is not None:
+                d_pq = torch.bmm(d_scores, k3).baddbmm_(g3, prefix.view(g * n, f, ev + 1).mT)  # (GN, C, F)
+            if dk is not None:
+                d_pk = torch.bmm(d_scores.mT, q3).baddbmm_(v3, ds3.mT)  # (GN, C, F)
+            if dv is not None:
+                scores = torch.bmm(q3, k3.mT).tril_()  # (GN, C, C), recomputed
+                d_v = torch.bmm(scores.mT, g3).baddbmm_(k3, ds3)  # (GN, C, Ev + 1)
+                _store(dv, s0, s1, _unchunk(d_v, b, h, s)[..., :ev], km)
+            if d_pq is not None:
+                _feature_grad(xq, pq, _unchunk(d_pq, b, h, s), plan, None, dq[:, :, s0:s1])
+            if d_pk is not None:
+                _feature_grad(xk, pk, _unchunk(d_pk, b, h, s), plan, km, dk[:, :, s0:s1])
         return dq, dk, dv, None, None, None
 
 

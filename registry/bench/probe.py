@@ -4,8 +4,8 @@ Each point runs in its own child process, forked from a ``forkserver`` that has 
 but never run an operator (so OpenMP thread pools are never inherited across ``fork``). The child
 
 1. runs the point once at a tiny length (loads kernels and thread pools: not counted),
-2. builds the inputs (and the variant's dense mask for ``sdpa_masked``): their RSS growth is
-   reported as ``input_bytes``,
+2. builds the inputs (and the variant's dense mask for ``sdpa_masked`` / ``sdpa_masked_bool``):
+   their RSS growth is reported as ``input_bytes``,
 3. resets the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``),
 4. runs the point once: ``peak_bytes = VmHWM - RSS before the call`` is what the call itself
    allocated (activations, output, gradients, workspace),
