@@ -277,3 +277,15 @@ def test_masked_baselines_compute_the_variant(variant: str, causal: bool) -> Non
         outs[kind] = fn(*make_inputs(job, requires_grad=False))  # (B, H, L, Ev)
     for kind in ("sdpa_masked", "sdpa_masked_bool"):
         assert (outs[kind] - outs["variant"]).abs().max().item() <= 1e-5, kind
+
+
+def test_timed_repeats_takes_at_least_three_samples_unless_slow() -> None:
+    from attnreg.bench.probe import timed_repeats
+
+    calls: list[int] = []
+    samples, warm = timed_repeats(lambda: calls.append(1), first_s=1.0, target_s=0.5, slow_s=3.0)
+    assert warm and len(samples) == len(calls) == 3
+    samples, warm = timed_repeats(lambda: calls.append(1), first_s=0.001, target_s=0.01, slow_s=3.0)
+    assert warm and len(samples) == 10
+    samples, warm = timed_repeats(lambda: calls.append(1), first_s=5.0, target_s=0.5, slow_s=3.0)
+    assert not warm and samples == [5.0]

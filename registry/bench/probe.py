@@ -84,15 +84,16 @@ def _reset_peak() -> bool:
 
 
 def timed_repeats(call: Callable[[], None], first_s: float, target_s: float, slow_s: float,
-                  max_repeats: int = 50) -> tuple[list[float], bool]:
+                  max_repeats: int = 50, min_repeats: int = 3) -> tuple[list[float], bool]:
     """Time repeats of ``call`` after a first call that took ``first_s`` (the warm-up).
 
-    About ``target_s`` of repeats (at least 1, at most ``max_repeats``); if the first call was
-    slower than ``slow_s`` it is the only sample (returned with ``warmup=False``).
+    About ``target_s`` of repeats (at least ``min_repeats``, so that the median can reject one
+    disturbed call on a shared machine; at most ``max_repeats``); if the first call was slower
+    than ``slow_s`` it is the only sample (returned with ``warmup=False``).
     """
     if first_s >= slow_s:
         return [first_s], False
-    n = min(max_repeats, max(1, math.ceil(target_s / max(first_s, 1e-9))))
+    n = min(max_repeats, max(min_repeats, math.ceil(target_s / max(first_s, 1e-9))))
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
