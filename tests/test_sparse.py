@@ -307,3 +307,35 @@ def test_full_rows_differing_per_head_with_attn_mask(shape):
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(17)) < 0.6
     check_against_reference(attn, q, k, v, attn_mask=mask)
     check_against_reference(attn, q, k, v, attn_mask=mask.double().log(), key_mask=torch.rand(2, 40) < 0.8)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stream_bytes", [1, 200_000])  # one row per SDPA call; a few rows, uneven
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_inference_streams_rows_in_chunks(monkeypatch, layout, stream_bytes, is_causal):
+    """Without autograd each group is gathered and attended a few rows at a time; every mask form
+    must follow its rows (per-row masks sliced, shared ones broadcast)."""
+    import attnreg.plugins.sparse.attention as sparse_attention
+
+    monkeypatch.setattr(sparse_attention, "_STREAM_BYTES", stream_bytes)
+    attn = make(layout, 16, 150)  # partial last block (150 = 9 * 16 + 6)
+    q, k, v = (t.detach() for t in inputs(2, 2, 150, seed=21))
+    g = torch.Generator().manual_seed(22)
+    key_mask = torch.rand(2, 150, generator=g) < 0.8
+    bool_mask = torch.rand(2, 2, 150, 150, generator=g) < 0.7
+    float_mask = torch.randn(1, 2, 150, 150, generator=g, dtype=torch.float64)
+    for kw in ({}, {"key_mask": key_mask}, {"attn_mask": bool_mask, "key_mask": key_mask},
+               {"attn_mask": float_mask}):
+        with torch.no_grad():
+            out = attn(q, k, v, is_causal=is_causal, **kw)
+        want = _reference(attn, q, k, v, is_causal=is_causal, **kw)
+        torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
+
+
+def test_inference_scratch_is_bounded_by_the_stream_size():
+    attn = attnreg.build("bigbird")  # block 64: 8 key blocks per row
+    q, k, v = (torch.randn(1, 4, 4096, 64) for _ in range(3))
+    with torch.no_grad():
+        attn(q, k, v)
+    # all rows at once would gather ~ 4 heads * 62 rows * 8 blocks * 64 * 64 * 2 * 4 B = 65 MB
+    assert 0 < attn._scratch.nbytes <= 12 << 20

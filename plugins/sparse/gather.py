@@ -41,8 +41,8 @@ class Scratch:
     """Gather buffers owned by one module instance, reused when autograd does not keep them.
 
     A fresh multi-MB buffer per call costs page faults comparable to the copy itself on CPU, so
-    inference calls reuse the buffers of the largest call so far (e.g. about 560 MB for bigbird
-    defaults at B=1, H=8, L=16K, E=64 fp32). They belong to the module that owns this object:
+    inference calls reuse the buffers of the largest gather so far (inference gathers a few rows
+    at a time: about 8 MB). They belong to the module that owns this object:
     they are freed with it (or by ``clear()``), never appear in ``state_dict``, and a copied or
     pickled module starts with an empty scratch. One thread at a time uses them (``lease``); a
     concurrent call on the same module allocates fresh buffers instead of waiting.
