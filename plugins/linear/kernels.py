@@ -129,6 +129,20 @@ def _unchunk(t: Tensor, b: int, h: int, s: int) -> Tensor:
     return t.view(b, h, -1, t.shape[-1])[:, :, :s]
 
 
+def _spans(start: int, stop: int, seg: int) -> list[tuple[int, int]]:
+    """The segments ``(s0, s1)`` covering positions ``[start, stop)``, ``seg`` long (the last shorter)."""
+    return [(s0, min(s0 + seg, stop)) for s0 in range(start, stop, seg)]
+
+
+def _keys(k: Tensor, v: Tensor, allowed: Tensor | None, plan: _Plan, s0: int, s1: int
+          ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Keys ``s0:s1`` as forward and backward both build them: (key as used, its features, the
+    key mask's rows, ``[v, 1]``), all ``(B, H|1, S, .)``."""
+    km = _rows(allowed, s0, s1)
+    xk, pk = _features(k[:, :, s0:s1], plan, km)
+    return xk, pk, km, _values(v[:, :, s0:s1], plan, km)
+
+
 def _rows(x: Any, s0: int, s1: int) -> Any:
     """Rows ``s0:s1`` of a (B, H|1, L, D) tensor; None and floats (broadcast scalars) unchanged."""
     return x[:, :, s0:s1] if isinstance(x, Tensor) else x
@@ -154,12 +168,10 @@ class _Streamed(torch.autograd.Function):
         run = torch.zeros(g, f, ev + 1, dtype=plan.acc, device=q.device)  # sum phi_k^T [v, 1] so far
         keep = any(ctx.needs_input_grad[:3])  # save for backward only when there will be one
         prefixes = []
-        for s0 in range(0, n_sq, seg):
-            s1 = min(s0 + seg, n_sq)
-            km = _rows(allowed, s0, s1)
+        for s0, s1 in _spans(0, n_sq, seg):
+            _, pk, _, v1 = _keys(k, v, allowed, plan, s0, s1)
             q3 = _chunks(_features(q[:, :, s0:s1], plan, None)[1], c)  # (GN, C, F)
-            k3 = _chunks(_features(k[:, :, s0:s1], plan, km)[1], c)  # (GN, C, F)
-            v3 = _chunks(_values(v[:, :, s0:s1], plan, km), c)  # (GN, C, Ev + 1)
+            k3, v3 = _chunks(pk, c), _chunks(v1, c)  # (GN, C, F), (GN, C, Ev + 1)
             n = q3.shape[0] // g
             states = torch.bmm(k3.mT, v3).view(g, n, f, ev + 1)  # each chunk's phi_k^T [v, 1]
             prefix = torch.empty_like(states)  # (G, n, F, Ev + 1): state before each chunk
@@ -174,13 +186,10 @@ class _Streamed(torch.autograd.Function):
             if keep:
                 prefixes.append(prefix)
         if not plan.causal:  # every key goes into the state read by every query
-            for s0 in range(0, lk, seg):
-                s1 = min(s0 + seg, lk)
-                km = _rows(allowed, s0, s1)
-                pk = _features(k[:, :, s0:s1], plan, km)[1].reshape(g, s1 - s0, f)  # (G, S, F)
-                run.baddbmm_(pk.mT, _values(v[:, :, s0:s1], plan, km).reshape(g, s1 - s0, ev + 1))
-        for s0 in range(n_sq, lq, seg):  # queries that see every key (in the past, if causal)
-            s1 = min(s0 + seg, lq)
+            for s0, s1 in _spans(0, lk, seg):
+                _, pk, _, v1 = _keys(k, v, allowed, plan, s0, s1)
+                run.baddbmm_(pk.reshape(g, s1 - s0, f).mT, v1.reshape(g, s1 - s0, ev + 1))
+        for s0, s1 in _spans(n_sq, lq, seg):  # queries that see every key (in the past, if causal)
             pq = _features(q[:, :, s0:s1], plan, None)[1].reshape(g, s1 - s0, f)  # (G, S, F)
             nd = torch.bmm(pq, run).view(b, h, s1 - s0, ev + 1)  # (B, H, S, Ev + 1)
             _normalise(nd, _rows(thr, s0, s1), out, div, live, s0, s1)
@@ -214,8 +223,7 @@ class _Streamed(torch.autograd.Function):
             return gn
 
         d_run = torch.zeros_like(run)  # (G, F, Ev + 1): gradient of the state read after a position
-        for s0 in range(n_sq, lq, seg):
-            s1 = min(s0 + seg, lq)
+        for s0, s1 in _spans(n_sq, lq, seg):
             xq, pq = _features(q[:, :, s0:s1], plan, None)  # (B, H, S, F)
             gn = g_num_den(s0, s1).view(g, s1 - s0, ev + 1)
             d_run.baddbmm_(pq.reshape(g, s1 - s0, f).mT, gn)
@@ -223,25 +231,19 @@ class _Streamed(torch.autograd.Function):
                 d_pq = torch.bmm(gn, run.mT).view(b, h, s1 - s0, f)
                 _feature_grad(xq, pq, d_pq, plan, None, dq[:, :, s0:s1])
         if not plan.causal and (need_k or need_v):
-            for s0 in range(0, lk, seg):
-                s1 = min(s0 + seg, lk)
-                km = _rows(allowed, s0, s1)
-                xk, pk = _features(k[:, :, s0:s1], plan, km)
-                v1 = _values(v[:, :, s0:s1], plan, km).reshape(g, s1 - s0, ev + 1)
+            for s0, s1 in _spans(0, lk, seg):
+                xk, pk, km, v1 = _keys(k, v, allowed, plan, s0, s1)
+                v1 = v1.reshape(g, s1 - s0, ev + 1)
                 if dv is not None:  # before _feature_grad, which may overwrite pk
                     d_v = torch.bmm(pk.reshape(g, s1 - s0, f), d_run[..., :ev]).view(b, h, s1 - s0, ev)
                     _store(dv, s0, s1, d_v, km)
                 if dk is not None:
                     d_pk = torch.bmm(v1, d_run.mT).view(b, h, s1 - s0, f)
                     _feature_grad(xk, pk, d_pk, plan, km, dk[:, :, s0:s1])
-        starts = list(range(0, n_sq, seg))
-        for s0, prefix in zip(reversed(starts), reversed(prefixes), strict=True):
-            s1 = min(s0 + seg, n_sq)
-            km = _rows(allowed, s0, s1)
+        for (s0, s1), prefix in zip(reversed(_spans(0, n_sq, seg)), reversed(prefixes), strict=True):
             xq, pq = _features(q[:, :, s0:s1], plan, None)
-            xk, pk = _features(k[:, :, s0:s1], plan, km)
-            q3, k3 = _chunks(pq, c), _chunks(pk, c)  # (GN, C, F)
-            v3 = _chunks(_values(v[:, :, s0:s1], plan, km), c)  # (GN, C, Ev + 1)
+            xk, pk, km, v1 = _keys(k, v, allowed, plan, s0, s1)
+            q3, k3, v3 = _chunks(pq, c), _chunks(pk, c), _chunks(v1, c)  # (GN, C, F|F|Ev + 1)
             g3 = _chunks(g_num_den(s0, s1), c)  # (GN, C, Ev + 1)
             n = q3.shape[0] // g
             d_scores = torch.bmm(g3, v3.mT).tril_()  # (GN, C, C)
