@@ -41,8 +41,10 @@ class Case:
 
     @property
     def id(self) -> str:
+        from attnreg.bench.cases import MASKED
+
         who = "sdpa" if self.kind == "sdpa" else self.label or ""
-        if self.kind in ("sdpa_masked", "sdpa_masked_bool"):
+        if self.kind in MASKED:
             who = f"{self.kind}[{self.label}]"
         elif self.kind == "baseline":
             who = f"{self.label}:{self.baseline}"
@@ -82,6 +84,8 @@ def _choices(config: Any, settings: Any) -> list[Any]:
 def pytest_generate_tests(metafunc: Any) -> None:
     if "case" not in metafunc.fixturenames:
         return
+    from attnreg.bench.cases import MASKED
+
     settings = _settings(metafunc.config)
     choices = _choices(metafunc.config, settings)
     metafunc.config._attnreg_bench = (settings, {c.label: c for c in choices})
@@ -97,7 +101,7 @@ def pytest_generate_tests(metafunc: Any) -> None:
                     module = c.spec.factory(c.config)
                     if callable(getattr(module, "pattern_mask", None)):  # float and bool mask forms
                         cases += [Case(k, c.label, length, mode, causal)
-                                  for k in ("sdpa_masked", "sdpa_masked_bool")]
+                                  for k in MASKED]
                     baselines = getattr(module, "benchmark_baselines", None)
                     for b in sorted(baselines()) if callable(baselines) else []:
                         cases.append(Case("baseline", c.label, length, mode, causal, b))

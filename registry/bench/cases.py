@@ -17,9 +17,12 @@ from attnreg.core import Attention, AttentionConfig, causal_mask
 
 from .settings import DTYPES
 
-__all__ = ["Job", "Prepared", "prepare", "sdpa_flops", "variant_flops", "pattern_of", "build_module"]
+__all__ = ["MASKED", "Job", "Prepared", "prepare", "sdpa_flops", "variant_flops", "pattern_of",
+           "build_module"]
 
-KINDS = ("variant", "sdpa", "sdpa_masked", "sdpa_masked_bool", "baseline", "gemm")
+# Dense SDPA with a variant's pattern: as a precomputed additive float mask, and as the bool mask.
+MASKED = ("sdpa_masked", "sdpa_masked_bool")
+KINDS = ("variant", "sdpa", *MASKED, "baseline", "gemm")
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def _attention_fn(job: Job) -> tuple[Callable[[Tensor, Tensor, Tensor], Tensor],
     module = build_module(job)
     if job.kind == "variant":
         return (lambda q, k, v: module(q, k, v, is_causal=causal)), (module,)
-    if job.kind in ("sdpa_masked", "sdpa_masked_bool"):
+    if job.kind in MASKED:
         allowed = pattern_of(module, job.length, causal)  # (1, 1|H, L, L) bool
         if allowed is None:
             raise ValueError(f"variant {module.variant!r} has no pattern_mask(L)")

@@ -9,11 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from .analysis import crossover, fit_exponent
+from .cases import MASKED
 
-__all__ = ["MASKED", "derive", "point_key"]
-
-# Dense SDPA with a variant's pattern: as a precomputed additive float mask, and as the bool mask.
-MASKED = ("sdpa_masked", "sdpa_masked_bool")
+__all__ = ["derive", "point_key"]
 
 
 def point_key(p: dict[str, Any]) -> tuple[str, str, bool, int]:

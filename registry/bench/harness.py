@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .analysis import extrapolate, iqr, median
-from .cases import Job, build_module, prepare, sdpa_flops, variant_flops
+from .cases import MASKED, Job, build_module, prepare, sdpa_flops, variant_flops
 from .derive import derive
 from .gate import run_gate
 from .probe import MEMORY_METHOD, Prober, ProbeResult, timed_repeats
@@ -212,7 +212,7 @@ class _Run:
                                      {"kind": "variant", "variant": c.label}))
                         meta = {"variant": c.label, "needs": [c.label]}
                         if entry["pattern_mask"]:
-                            for kind in ("sdpa_masked", "sdpa_masked_bool"):
+                            for kind in MASKED:
                                 job = self.job(kind, length, mode, causal, c)
                                 baselines.append((f"{kind}[{c.label}]", job, None, {**meta, "kind": kind}))
                         for b in entry["baselines"]:

@@ -15,7 +15,8 @@ from rich.table import Table
 
 from attnreg.core import ConfigError
 
-from .derive import MASKED, point_key
+from .cases import MASKED
+from .derive import point_key
 
 __all__ = [
     "machine_info", "write_json", "load_results", "results_table", "summary_table", "compare", "print_report",
