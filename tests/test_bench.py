@@ -89,13 +89,16 @@ class WrongConfig(AttentionConfig):
 
 
 class WrongAttention(DotProductAttention):
-    """Dot-product attention whose forward is off by 1%: attention_weights @ V disagrees."""
+    """Dot-product attention whose forward is off by 1% above ``correct_up_to`` tokens:
+    attention_weights @ V disagrees there."""
 
     variant = "wrong_bench"
+    correct_up_to = 0
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 masks: Any) -> torch.Tensor:
-        return 1.01 * super()._attend(query, key, value, masks)  # (B, H, L, Ev)
+        out = super()._attend(query, key, value, masks)  # (B, H, L, Ev)
+        return out * 1.01 if query.shape[2] > self.correct_up_to else out
 
 
 @pytest.fixture
@@ -120,15 +123,11 @@ class LongWrongConfig(AttentionConfig):
     variant: Literal["long_wrong_bench"] = Field("long_wrong_bench", description="name")
 
 
-class LongWrongAttention(DotProductAttention):
+class LongWrongAttention(WrongAttention):
     """Correct up to L=512; a broken "fast path" above (1% off)."""
 
     variant = "long_wrong_bench"
-
-    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                masks: Any) -> torch.Tensor:
-        out = super()._attend(query, key, value, masks)  # (B, H, L, Ev)
-        return out * 1.01 if query.shape[2] > 512 else out
+    correct_up_to = 512
 
 
 def test_gate_catches_a_variant_wrong_only_on_long_inputs() -> None:
