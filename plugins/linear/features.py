@@ -17,9 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FEATURE_MAPS", "FeaturePair", "favor_projection", "favor_args", "feature_pair"]
+__all__ = ["FEATURE_MAPS", "FeaturePair", "favor_projection", "favor_args", "feature_pair",
+           "pointwise_features"]
 
 FEATURE_MAPS = ("elu", "relu", "favor")
+
+
+def pointwise_features(x: Tensor, feature_map: str, allowed: Tensor | None = None) -> Tensor:
+    """elu+1 or relu features of ``x`` (B, H, L, E); exactly 0 where ``allowed`` (B, 1, L, 1) is
+    False, and the masked entries never reach the map (poisoned padding cannot make NaN)."""
+    if allowed is not None:
+        x = x.masked_fill(~allowed, 0.0)
+    if feature_map == "elu":
+        phi = F.elu(x).add_(1.0)
+    elif feature_map == "relu":
+        phi = F.relu(x)
+    else:
+        raise ValueError(f"{feature_map!r} is not a pointwise feature map; expected 'elu' or 'relu'")
+    return phi.masked_fill_(~allowed, 0.0) if allowed is not None else phi
 
 
 def favor_projection(num_features: int, head_dim: int, seed: int) -> Tensor:
@@ -79,19 +94,14 @@ def feature_pair(
     gradient, whatever they hold (poisoned padding cannot leak into the result or make NaN).
     ``is_causal`` picks a FAVOR+ key stabiliser that depends on no future key (see below).
     """
-    if key_allowed is not None:
-        key = key.masked_fill(~key_allowed, 0.0)  # (B, H, Lk, E): padding values never reach math
-    if feature_map == "elu":
-        phi_q, phi_k = F.elu(query).add_(1.0), F.elu(key).add_(1.0)  # (B, H, L, E)
-    elif feature_map == "relu":
-        phi_q, phi_k = F.relu(query), F.relu(key)  # (B, H, L, E)
-    elif feature_map == "favor":
+    if feature_map == "favor":
+        if key_allowed is not None:
+            key = key.masked_fill(~key_allowed, 0.0)  # (B, H, Lk, E): padding values never reach math
         return _favor_pair(query, key, key_allowed, eps, projection, scale, is_causal)
-    else:
+    if feature_map not in FEATURE_MAPS:
         raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {FEATURE_MAPS}")
-    if key_allowed is not None:
-        phi_k = phi_k.masked_fill(~key_allowed, 0.0)  # (B, H, Lk, E)
-    return FeaturePair(phi_q, phi_k, eps)
+    phi_q = pointwise_features(query, feature_map)  # (B, H, Lq, E)
+    return FeaturePair(phi_q, pointwise_features(key, feature_map, key_allowed), eps)  # (B, H, Lk, E)
 
 
 def _favor_pair(

@@ -35,6 +35,8 @@ from torch.autograd.function import once_differentiable
 
 from attnreg.core import causal_mask
 
+from .features import pointwise_features
+
 __all__ = ["FEATURE_FNS", "linear_attention", "linear_weights", "segment_length"]
 
 FEATURE_FNS = ("elu", "relu", "identity")  # identity: query and key already are features (FAVOR+)
@@ -82,18 +84,14 @@ def linear_attention(
 
 
 def _features(x: Tensor, plan: _Plan, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(input as used, features) ``(B, H, S, E)`` in ``plan.acc``; features 0 where not allowed and
+    """(input in ``plan.acc``, its features) ``(B, H, S, E)``; features 0 where not allowed and
     contiguous (so that (B, H) folds into one dim). Either may alias ``x`` (identity map, or no
     dtype change): callers must not modify them in place, except elu's fresh features."""
     x = x.to(plan.acc)
-    x = x.masked_fill(~allowed, 0.0) if allowed is not None else x  # padding never reaches exp
-    if plan.fmap == "elu":
-        phi = F.elu(x).add_(1.0)
-    elif plan.fmap == "relu":
-        phi = F.relu(x)
+    if plan.fmap == "identity":  # already features (FAVOR+)
+        phi = x.masked_fill(~allowed, 0.0) if allowed is not None else x
     else:
-        phi = x  # already features (FAVOR+); a masked x is a fresh tensor
-    phi = phi.masked_fill_(~allowed, 0.0) if allowed is not None else phi
+        phi = pointwise_features(x, plan.fmap, allowed)
     return x, phi.contiguous()
 
 
