@@ -2,6 +2,7 @@
 
 from .capabilities import Capabilities, VariantSpec
 from .config import AttentionConfig
+from .decoding import DecodeState, KVCacheState
 from .errors import (
     AttnRegError,
     ConfigError,
@@ -12,7 +13,7 @@ from .errors import (
 )
 from .hooks import PROJECT_NAME, AttnregHookSpecs, hookimpl, hookspec
 from .interface import Attention
-from .masks import Masks, causal_mask, check_inputs, sdpa_safe_mask
+from .masks import CausalAlignment, Masks, causal_mask, check_inputs, sdpa_safe_mask
 from .reference import dot_product_logits, masked_softmax, softmax_attention_reference
 
 __all__ = [
@@ -22,8 +23,11 @@ __all__ = [
     "AttnRegError",
     "AttnregHookSpecs",
     "Capabilities",
+    "CausalAlignment",
     "ConfigError",
+    "DecodeState",
     "DuplicateVariantError",
+    "KVCacheState",
     "Masks",
     "PluginLoadError",
     "UnknownVariantError",

@@ -26,7 +26,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class Capabilities:
     """The features a variant declares. The conformance suite verifies every one both ways:
     declared True -> its checks must pass; declared False -> using it must raise
-    ``UnsupportedFeatureError``."""
+    ``UnsupportedFeatureError``.
+
+    ``decoding``: ``init_state`` / ``decode`` (incremental decoding, each query attending
+    causally to everything before it) and ``causal_alignment="lower_right"`` with Lq != Lk (the
+    queries are the last Lq positions of the keys' sequence). Requires ``causal``.
+    ``grouped_query``: key/value may have fewer heads than the query (H a multiple of Hkv;
+    grouped-query / multi-query attention) without being copied per query head.
+    """
 
     causal: bool = False
     key_mask: bool = False
@@ -37,17 +44,22 @@ class Capabilities:
     normalized: bool = True
     permutation_invariant: bool = True
     learnable: bool = False
+    decoding: bool = False
+    grouped_query: bool = False
     dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES
     complexity: str = "O(L^2*E)"
     approximates: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("causal", "key_mask", "attn_mask", "float_mask", "cross_attention",
-                     "dropout", "normalized", "permutation_invariant", "learnable"):
+                     "dropout", "normalized", "permutation_invariant", "learnable", "decoding",
+                     "grouped_query"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Capabilities.{name} must be a bool, got {getattr(self, name)!r}")
         if self.float_mask and not self.attn_mask:
             raise ValueError("Capabilities: float_mask=True requires attn_mask=True")
+        if self.decoding and not self.causal:
+            raise ValueError("Capabilities: decoding=True requires causal=True (decoding is causal)")
         bad = [d for d in self.dtypes if d not in _FLOAT_DTYPES]
         if not self.dtypes or bad:
             raise ValueError(

@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 from .capabilities import Capabilities
 from .config import AttentionConfig
+from .decoding import DecodeState, KVCacheState, check_decode_inputs
 from .errors import UnsupportedFeatureError
-from .masks import Masks, check_inputs
+from .masks import CausalAlignment, Masks, check_inputs
 
 __all__ = ["Attention"]
 
@@ -24,6 +25,13 @@ class Attention(nn.Module):
 
         out = attn(query, key, value, attn_mask=None, key_mask=None, is_causal=False)
         w   = attn.attention_weights(query, key, ...)          # dense (B, H, Lq, Lk)
+        state = attn.init_state(B, H, E)                       # where capabilities.decoding
+        out, state = attn.decode(query, key, value, state)     # the next T positions
+
+    ``causal_alignment="lower_right"`` (with ``is_causal``) says the queries are the last Lq
+    positions of the keys' sequence; variants see it as ``masks.q_offset``. The default decoding
+    state is a KV cache over ``_attend`` with that offset; variants with a cheaper state
+    (a rolling window, a recurrent sum) override ``_init_state`` and ``_decode``.
     """
 
     variant: ClassVar[str] = "attention"
@@ -57,12 +65,14 @@ class Attention(nn.Module):
         attn_mask: Tensor | None = None,
         key_mask: Tensor | None = None,
         is_causal: bool = False,
+        causal_alignment: CausalAlignment = "upper_left",
     ) -> Tensor:
         """Output (B, H, Lq, Ev) for query (B, H, Lq, E), key (B, H, Lk, E), value (B, H, Lk, Ev)."""
         if value is None:
             raise ValueError("value must be a torch.Tensor (B, H, Lk, Ev), got None")
         masks = check_inputs(
-            self.variant, self.capabilities, query, key, value, attn_mask, key_mask, is_causal
+            self.variant, self.capabilities, query, key, value, attn_mask, key_mask, is_causal,
+            causal_alignment,
         )
         return self._attend(query, key, value, masks)
 
@@ -74,12 +84,77 @@ class Attention(nn.Module):
         attn_mask: Tensor | None = None,
         key_mask: Tensor | None = None,
         is_causal: bool = False,
+        causal_alignment: CausalAlignment = "upper_left",
     ) -> Tensor:
         """Dense weights (B, H, Lq, Lk) with ``forward == attention_weights @ value`` (no dropout)."""
         masks = check_inputs(
-            self.variant, self.capabilities, query, key, None, attn_mask, key_mask, is_causal
+            self.variant, self.capabilities, query, key, None, attn_mask, key_mask, is_causal,
+            causal_alignment,
         )
         return self._weights(query, key, masks)
+
+    # -- incremental decoding ---------------------------------------------------------------
+    def init_state(
+        self,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        value_dim: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        max_length: int | None = None,
+    ) -> DecodeState:
+        """An empty decoding state for ``batch`` sequences of ``heads`` key/value heads.
+
+        ``value_dim`` defaults to ``head_dim``; ``max_length`` bounds the total length (cached
+        plus new positions; variants whose pattern depends on it require it).
+        """
+        if not self.capabilities.decoding:
+            raise UnsupportedFeatureError(self.variant, "decoding (init_state / decode)")
+        value_dim = head_dim if value_dim is None else value_dim
+        for name, val in (("batch", batch), ("heads", heads), ("head_dim", head_dim),
+                          ("value_dim", value_dim)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"init_state: {name} must be an integer >= 1, got {val!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"init_state: max_length must be None or an integer >= 1, got {max_length!r}")
+        if not isinstance(dtype, torch.dtype) or dtype not in self.capabilities.dtypes:
+            raise UnsupportedFeatureError(self.variant, f"dtype {dtype}",
+                                          f"supported: {self.capabilities.dtypes}")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return self._init_state(batch, heads, head_dim, value_dim, dtype, dev, max_length)
+
+    def decode(
+        self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState, *,
+        key_mask: Tensor | None = None,
+    ) -> tuple[Tensor, DecodeState]:
+        """Outputs (B, H, T, Ev) of the next T positions and the updated state.
+
+        query (B, H, T, E), key (B, Hkv, T, E), value (B, Hkv, T, Ev); ``key_mask`` (B, T) bool,
+        True = real token (left padding is the usual case). Query t sees positions
+        ``<= state.length + t``. ``state`` is consumed (its buffers may be reused).
+        """
+        if not self.capabilities.decoding:
+            raise UnsupportedFeatureError(self.variant, "decoding (init_state / decode)")
+        check_decode_inputs(self.variant, state, query, key, value, key_mask,
+                            self.capabilities.grouped_query)
+        return self._decode(query, key, value, state, key_mask)
+
+    def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
+                    dtype: torch.dtype, device: torch.device, max_length: int | None) -> DecodeState:
+        return KVCacheState(batch, heads, head_dim, value_dim, dtype, device, max_length=max_length)
+
+    def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
+                key_mask: Tensor | None) -> tuple[Tensor, DecodeState]:
+        if not isinstance(state, KVCacheState):
+            raise ValueError(f"decode: {self.variant} needs the state of its own init_state, "
+                             f"got {type(state).__name__}")
+        state = state.append(key, value, key_mask)
+        assert state.key is not None and state.value is not None
+        masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
+                             state.key_mask, True, "lower_right")
+        return self._attend(query, state.key, state.value, masks), state  # (B, H, T, Ev)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement _attend")

@@ -6,12 +6,16 @@ never re-implements shape checks or mask semantics. Conventions (SDPA's):
 - bool ``attn_mask``: True = may attend; broadcastable to ``(B, H, Lq, Lk)``.
 - float ``attn_mask``: added to the logits (``-inf`` masks).
 - ``key_mask (B, Lk)``: True = real token.
-- ``is_causal``: query i sees keys j <= i (upper-left aligned when Lq != Lk).
+- ``is_causal``: query i sees keys j <= i (upper-left aligned when Lq != Lk), or, with
+  ``causal_alignment="lower_right"``, keys j <= i + (Lk - Lq): the queries are the last Lq
+  positions of the keys' sequence (a KV cache, a chunked prefill). ``Masks.q_offset`` carries
+  that shift; every mask helper here honours it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -19,12 +23,21 @@ from torch import Tensor
 from .capabilities import Capabilities
 from .errors import UnsupportedFeatureError
 
-__all__ = ["Masks", "check_inputs", "causal_mask", "sdpa_safe_mask"]
+__all__ = ["CausalAlignment", "Masks", "check_inputs", "causal_mask", "sdpa_safe_mask"]
+
+CausalAlignment = Literal["upper_left", "lower_right"]
+_ALIGNMENTS = ("upper_left", "lower_right")
 
 
-def causal_mask(q_len: int, k_len: int, device: torch.device | str | None = None) -> Tensor:
-    """Upper-left aligned causal mask ``(Lq, Lk)``: True where key j <= query i."""
-    rows = torch.arange(q_len, device=device)[:, None]  # (Lq, 1)
+def causal_mask(
+    q_len: int, k_len: int, device: torch.device | str | None = None, offset: int = 0
+) -> Tensor:
+    """Causal mask ``(Lq, Lk)``: True where key j <= query i + ``offset``.
+
+    ``offset=0`` is SDPA's upper-left alignment; ``offset=Lk-Lq`` puts the queries at the last
+    Lq positions of the keys' sequence (lower-right, the decoding case).
+    """
+    rows = torch.arange(q_len, device=device)[:, None] + offset  # (Lq, 1) key position of query i
     cols = torch.arange(k_len, device=device)[None, :]  # (1, Lk)
     return cols <= rows  # (Lq, Lk)
 
@@ -40,6 +53,9 @@ class Masks:
     attn_mask: Tensor | None = None  # (B|1, H|1, Lq|1, Lk|1), bool or float
     key_mask: Tensor | None = None  # (B, Lk) bool
     is_causal: bool = False
+    # Key position of query 0: under is_causal query i sees keys j <= i + q_offset. 0 unless
+    # causal_alignment="lower_right" with Lq != Lk (then Lk - Lq).
+    q_offset: int = 0
 
     @property
     def any(self) -> bool:
@@ -67,7 +83,7 @@ class Masks:
             out = km if out is None else out & km
             device = km.device
         if self.is_causal:
-            cm = causal_mask(self.q_len, self.k_len, device)[None, None]  # (1, 1, Lq, Lk)
+            cm = causal_mask(self.q_len, self.k_len, device, self.q_offset)[None, None]  # (1, 1, Lq, Lk)
             out = cm if out is None else out & cm
         if out is None:
             return None
@@ -125,19 +141,32 @@ def check_inputs(
     attn_mask: Tensor | None,
     key_mask: Tensor | None,
     is_causal: bool,
+    causal_alignment: CausalAlignment = "upper_left",
 ) -> Masks:
     """Validate SDPA-style arguments against the interface and ``caps``; return the masks.
 
     Raises ``ValueError`` (naming the argument and the shapes seen) for malformed input and
     ``UnsupportedFeatureError`` for a feature the variant declares unsupported.
+
+    Key/value may have fewer heads than the query (grouped-query attention: H a multiple of
+    Hkv) where ``caps.grouped_query``; ``Masks.heads`` is then the query's H.
     """
     q = _check_tensor("query", query)
     k = _check_tensor("key", key)
     b, h, lq, e = q.shape
-    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != e:
+    hk = k.shape[1]
+    grouped = hk != h and hk > 0 and h % hk == 0
+    if k.shape[0] != b or k.shape[3] != e or (hk != h and not grouped):
         raise ValueError(
             f"key shape {_shape(k)} does not match query shape {_shape(q)}: "
-            "expected (B, H, Lk, E) with the same B, H and E as query"
+            "expected (B, H, Lk, E) with the same B, H and E as query "
+            "(or, for grouped-query attention, H a multiple of key heads)"
+        )
+    if grouped and not caps.grouped_query:
+        raise UnsupportedFeatureError(
+            variant, "grouped-query attention",
+            f"query has {h} heads, key {hk}; repeat key/value to {h} heads "
+            "(attnreg.MultiHeadAttention does this for you)",
         )
     lk = k.shape[2]
     if lq == 0 or lk == 0 or e == 0:
@@ -145,10 +174,10 @@ def check_inputs(
     tensors = {"query": q, "key": k}
     if value is not None:
         v = _check_tensor("value", value)
-        if v.shape[0] != b or v.shape[1] != h or v.shape[2] != lk:
+        if v.shape[0] != b or v.shape[1] != hk or v.shape[2] != lk:
             raise ValueError(
                 f"value shape {_shape(v)} does not match key shape {_shape(k)}: "
-                "expected (B, H, Lk, Ev) with the same B, H and Lk as key"
+                "expected (B, Hkv, Lk, Ev) with the same B, heads and Lk as key"
             )
         tensors["value"] = v
     for name, t in tensors.items():
@@ -158,15 +187,14 @@ def check_inputs(
             raise ValueError(f"{name} is on {t.device} but query is on {q.device}")
     if q.dtype not in caps.dtypes:
         raise UnsupportedFeatureError(variant, f"dtype {q.dtype}", f"supported: {caps.dtypes}")
-    if lq != lk and not caps.cross_attention:
-        raise UnsupportedFeatureError(
-            variant, "cross attention", f"query length {lq} != key length {lk}"
-        )
     if not isinstance(is_causal, bool):
         raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+    if causal_alignment not in _ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
     if is_causal and not caps.causal:
         raise UnsupportedFeatureError(variant, "is_causal=True")
-    masks = Masks(b, h, lq, lk, is_causal=is_causal)
+    offset = _causal_offset(variant, caps, lq, lk, is_causal, causal_alignment)
+    masks = Masks(b, h, lq, lk, is_causal=is_causal, q_offset=offset)
     if key_mask is not None:
         if not caps.key_mask:
             raise UnsupportedFeatureError(variant, "key_mask")
@@ -179,11 +207,47 @@ def check_inputs(
             )
         if key_mask.device != q.device:
             raise ValueError(f"key_mask is on {key_mask.device} but query is on {q.device}")
-        masks = Masks(b, h, lq, lk, key_mask=key_mask, is_causal=is_causal)
+        masks = Masks(b, h, lq, lk, key_mask=key_mask, is_causal=is_causal, q_offset=offset)
     if attn_mask is not None:
         m = _check_attn_mask(variant, caps, attn_mask, q, (b, h, lq, lk))
-        masks = Masks(b, h, lq, lk, attn_mask=m, key_mask=masks.key_mask, is_causal=is_causal)
+        masks = Masks(b, h, lq, lk, attn_mask=m, key_mask=masks.key_mask, is_causal=is_causal,
+                      q_offset=offset)
     return masks
+
+
+def _causal_offset(
+    variant: str, caps: Capabilities, lq: int, lk: int, is_causal: bool, alignment: str
+) -> int:
+    """``Masks.q_offset`` of a call, after rejecting what the variant cannot do.
+
+    A variant without cross attention attends within one sequence: Lq != Lk is then only
+    meaningful as "the queries are the last Lq positions" (lower-right causal), which is what
+    decoding-capable variants implement.
+    """
+    if not is_causal and alignment != "upper_left":
+        raise ValueError("causal_alignment='lower_right' needs is_causal=True")
+    if lq == lk:
+        return 0  # both alignments coincide
+    lower_right = is_causal and alignment == "lower_right"
+    if lower_right and not caps.decoding:
+        raise UnsupportedFeatureError(
+            variant, "causal_alignment='lower_right' with Lq != Lk",
+            f"query length {lq}, key length {lk}; only variants declaring decoding=True do",
+        )
+    if not caps.cross_attention:
+        if not lower_right:
+            raise UnsupportedFeatureError(
+                variant, "cross attention (keys from another sequence)",
+                f"query length {lq} != key length {lk}. If the queries are the last {lq} "
+                f"positions of the keys' sequence (a KV cache, chunked prefill), pass "
+                "is_causal=True, causal_alignment='lower_right', or use attn.decode()",
+            )
+        if lq > lk:
+            raise ValueError(
+                f"causal_alignment='lower_right' puts the {lq} queries at the last positions of the "
+                f"{lk} keys' sequence: query length must be <= key length for '{variant}'"
+            )
+    return lk - lq if lower_right else 0
 
 
 def _check_attn_mask(

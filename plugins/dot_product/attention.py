@@ -33,30 +33,50 @@ class DotProductAttention(Attention):
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
         dropout=True, normalized=True, permutation_invariant=True, learnable=False,
-        complexity="O(Lq*Lk*E)",
+        decoding=True, grouped_query=True, complexity="O(Lq*Lk*E)",
     )
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         scale = self.softmax_scale(query.shape[-1])
-        if masks.attn_mask is None and masks.key_mask is None:
+        # The last query of a lower-right causal call sees every key: one query is not causal at all.
+        causal = masks.is_causal and masks.q_offset < masks.k_len - 1
+        if masks.attn_mask is None and masks.key_mask is None and (not causal or masks.q_offset == 0):
             # No row can be empty (upper-left causal keeps key 0): SDPA's own causal kernel.
-            return F.scaled_dot_product_attention(
-                query, key, value, dropout_p=self.active_dropout,
-                is_causal=masks.is_causal, scale=scale,
-            )
+            return _sdpa(query, key, value, None, self.active_dropout, causal, scale)
         mask, dead = _sdpa_mask(masks, query.dtype)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=self.active_dropout, scale=scale
-        )  # (B, H, Lq, Ev)
+        out = _sdpa(query, key, value, mask, self.active_dropout, False, scale)  # (B, H, Lq, Ev)
         # Rows with nothing to attend were given a harmless mask; zero them (and their grads).
         return out.masked_fill(dead, 0.0) if dead is not None else out
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         acc = self._accum_dtype(query)
+        key = _repeat_kv(key, query.shape[1])  # (B, H, Lk, E): the oracle may copy
         logits = dot_product_logits(query.to(acc), key.to(acc), self.scale)  # (B, H, Lq, Lk)
         if masks.float_mask is not None:
             logits = logits + masks.float_mask.to(acc)
         return masked_softmax(logits, masks.allowed(query.device)).to(query.dtype)
+
+
+# enable_gqa (torch >= 2.5) lets SDPA read grouped key/value heads without a per-head copy.
+_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _repeat_kv(t: Tensor, heads: int) -> Tensor:
+    """(B, Hkv, L, D) -> (B, H, L, D), each key/value head shared by H / Hkv query heads."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dropout: float,
+          causal: bool, scale: float) -> Tensor:
+    """SDPA on (B, H, Lq, E) queries and (B, Hkv, Lk, E|Ev) keys/values, H a multiple of Hkv."""
+    kw = {}
+    if key.shape[1] != query.shape[1]:
+        if _HAS_GQA:
+            kw["enable_gqa"] = True
+        else:  # older torch: the copy GQA exists to avoid, but the same result
+            key, value = _repeat_kv(key, query.shape[1]), _repeat_kv(value, query.shape[1])
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                          is_causal=causal, scale=scale, **kw)  # (B, H, Lq, Ev)
 
 
 def _sdpa_mask(masks: Masks, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:

@@ -315,7 +315,8 @@ def invalid_inputs_raise(s: Subject) -> None:
         ("key of rank 5", ("key",), {"key": k[None]}),
         ("value of rank 2", ("value",), {"value": v[0, 0]}),
         ("key with another batch size", ("key",), {"key": k[:1]}),
-        ("key with another head count", ("key",), {"key": k[:, :1]}),
+        # H + 1 heads: not a divisor of H, so not grouped-query attention either.
+        ("key with another head count", ("key",), {"key": torch.cat([k, k[:, :1]], dim=1)}),
         ("key with another E", ("key",), {"key": k[..., :-1]}),
         ("value with another Lk", ("value",), {"value": v[:, :, :-1]}),
         ("value with another batch size", ("value",), {"value": v[:1]}),
