@@ -25,7 +25,12 @@ def pytest_addoption(parser: Any) -> None:
     group.addoption("--bench-causal", default="both", choices=("both", "yes", "no"))
     group.addoption("--bench-threads", default=None, type=int, help="torch threads")
     group.addoption("--bench-max-memory", default=None, help="per-point memory budget, e.g. 8G")
-    group.addoption("--bench-point-budget", default=30.0, type=float, help="seconds per call")
+    group.addoption("--bench-point-budget", default=None, type=float,
+                    help="skip variant points whose single call would take longer, in s (default 30)")
+    group.addoption("--bench-baseline-budget", default=None, type=float,
+                    help="the same for baselines: dense SDPA, naive formulas (default 20)")
+    group.addoption("--bench-repeat-time", default=None, type=float,
+                    help="seconds of timed repeats per case (default 0.5)")
 
 
 @dataclass(frozen=True)
@@ -40,15 +45,20 @@ class Case:
     baseline: str | None = None
 
     @property
-    def id(self) -> str:
+    def series(self) -> str:
+        """The series name ``attnreg bench`` gives the same point (``sdpa``, ``local``,
+        ``sdpa_masked[local]``, ``additive:naive``)."""
         from attnreg.bench.cases import MASKED
 
-        who = "sdpa" if self.kind == "sdpa" else self.label or ""
         if self.kind in MASKED:
-            who = f"{self.kind}[{self.label}]"
-        elif self.kind == "baseline":
-            who = f"{self.label}:{self.baseline}"
-        return f"{who}-{self.mode}{'-causal' if self.causal else ''}-L{self.length}"
+            return f"{self.kind}[{self.label}]"
+        if self.kind == "baseline":
+            return f"{self.label}:{self.baseline}"
+        return "sdpa" if self.kind == "sdpa" else self.label or ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.series}-{self.mode}{'-causal' if self.causal else ''}-L{self.length}"
 
 
 def _settings(config: Any) -> Any:
@@ -59,8 +69,11 @@ def _settings(config: Any) -> Any:
         lengths=parse_lengths(config.getoption("--bench-lengths")),
         modes=tuple(m.strip() for m in config.getoption("--bench-modes").split(",") if m.strip()),
         causal={"both": None, "yes": True, "no": False}[config.getoption("--bench-causal")],
-        max_call_s=config.getoption("--bench-point-budget"),
     )
+    for key, option in (("max_call_s", "--bench-point-budget"), ("target_s", "--bench-repeat-time"),
+                        ("max_baseline_call_s", "--bench-baseline-budget")):
+        if config.getoption(option) is not None:
+            opts[key] = config.getoption(option)
     if config.getoption("--bench-threads"):
         opts["threads"] = config.getoption("--bench-threads")
     if config.getoption("--bench-max-memory"):
@@ -110,10 +123,12 @@ def pytest_generate_tests(metafunc: Any) -> None:
 
 @pytest.fixture(scope="session")
 def bench_context(request: Any) -> Any:
-    """(settings, choices by label, a Prober, a gate cache) shared by every case."""
+    """(settings, choices by label, a Prober, a gate cache, the feasibility guard) shared by every
+    case: the same estimates as ``attnreg bench`` skip the points that cannot fit."""
     from attnreg.bench import Prober
+    from attnreg.bench.feasibility import Feasibility
 
     settings, choices = request.config._attnreg_bench
     preload = tuple(c.spec.factory.__module__ for c in choices.values())
     prober = Prober(settings.threads, settings.max_memory, settings.max_call_s, preload)
-    return settings, choices, prober, {}
+    return settings, choices, prober, {}, Feasibility(settings, prober)

@@ -1,8 +1,10 @@
 """Every registered variant (and its baselines) as pytest-benchmark cases; see conftest.py.
 
-Each case runs the harness's correctness gate for its variant (once per session), measures peak
-memory in a fresh process (the same probe as ``attnreg bench``; it also enforces the memory
-and time budgets), then times the same call with ``benchmark.pedantic``.
+Each case runs the harness's correctness gate for its variant (once per session), skips with the
+reason when ``attnreg bench``'s estimates say the point cannot fit the memory or time budget
+(cases run lengths ascending, so each series extrapolates from its smaller lengths), measures
+peak memory in a fresh process (the same probe as ``attnreg bench``; its watchdog also enforces
+the budgets), then times the same call with ``benchmark.pedantic``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ def test_attention(benchmark: Any, case: Any, bench_context: Any) -> None:
     from attnreg.bench import Job, prepare, run_gate
     from attnreg.bench.cases import build_module, sdpa_flops, variant_flops
 
-    settings, choices, prober, gates = bench_context
+    settings, choices, prober, gates, feasible = bench_context
     choice = choices.get(case.label)
     if choice is not None:
         if choice.label not in gates:
@@ -32,9 +34,15 @@ def test_attention(benchmark: Any, case: Any, bench_context: Any) -> None:
     job = Job(case.kind, case.length, settings.batch, settings.heads, settings.head_dim, settings.dtype,
               case.mode, case.causal, factory=choice.spec.factory if choice else None,
               config=choice.config if choice else None, baseline=case.baseline, seed=settings.seed)
-    probe = prober.run(job, settings.target_s, settings.slow_s, repeat=False)
+    key = (case.series, case.mode, case.causal)
+    est = feasible.check(key, job)
+    if est.skip is not None:
+        pytest.skip(est.skip)
+    probe = prober.run(job, settings.target_s, settings.slow_s, repeat=False, max_call_s=feasible.budget(job))
     if probe.status in ("memory", "timeout"):
+        feasible.rule_out(key, probe.reason or probe.status, case.length)
         pytest.skip(probe.reason)
+    feasible.record(key, case.length, probe)
     if probe.status not in ("ok", "unpicklable"):
         pytest.fail(f"{case.id}: {probe.reason}")
     flops = None

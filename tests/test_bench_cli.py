@@ -33,10 +33,16 @@ def test_quick_run_writes_json_and_plots_and_compares(tmp_path: Path) -> None:
         assert (first / name).read_bytes()[:8] == PNG_MAGIC
 
     second = tmp_path / "b"
+    # Gate even the tiny quick lengths, with a factor no noise reaches: the guard's plumbing.
     res = runner.invoke(app, [*args[:2], "--quick", "--modes", "fwd", "--no-causal", "--out", str(second),
-                              "--compare", str(first / "results.json"), "--no-plots"])
+                              "--compare", str(first / "results.json"), "--no-plots", "--guard-from", "1",
+                              "--max-slowdown", "1000"])
     assert res.exit_code == 0, res.output
-    assert "compared with the previous run" in res.output
+    assert "speed guard against the baseline" in res.output
+    assert "local fwd L=32: not planned in this run" in res.output  # only dot_product this time
+    report = json.loads((second / "compare.json").read_text())
+    assert report["status"] == "pass" and report["gated_points"] == 2  # dot_product at L=32, 64
+    assert {c["series"] for c in report["changes"]} == {"dot_product"}
     assert not (second / "time.png").exists()
 
     res = runner.invoke(app, ["plot", str(first / "results.json"), "--out", str(tmp_path / "c")])
@@ -49,6 +55,12 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "unknown attention variant" in res.output
     res = runner.invoke(app, ["bench", "--lengths", "12,x", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--lengths" in res.output
+    res = runner.invoke(app, ["bench", "--ci", "local", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--ci runs a fixed preset" in res.output and "variant names" in res.output
+    res = runner.invoke(app, ["bench", "--ci", "--lengths", "1K", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "lengths" in res.output
+    res = runner.invoke(app, ["bench", "--quick", "--max-slowdown", "0.5", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--max-slowdown" in res.output
     (tmp_path / "bad.json").write_text("{}")
     res = runner.invoke(app, ["plot", str(tmp_path / "bad.json")])
     assert res.exit_code == 2 and "not an attnreg bench results.json" in res.output

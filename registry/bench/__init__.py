@@ -15,23 +15,33 @@ from typing import Any
 
 from .analysis import crossover, extrapolate, fit_exponent
 from .cases import Job, prepare
+from .compare import Comparison, GuardSettings, best_of, compare_runs
 from .derive import derive
 from .gate import GateResult, run_gate
+from .guard import run_guard
 from .harness import SCHEMA, run_bench
+from .presets import CI_BASELINE, CI_PRESET, ci_choices, ci_settings
 from .probe import MEMORY_METHOD, Prober, ProbeResult
-from .report import compare, load_results, print_report
+from .report import load_results, print_report
 from .settings import BenchSettings, VariantChoice, parse_lengths, parse_variant
 
 __all__ = [
+    "CI_BASELINE",
+    "CI_PRESET",
     "MEMORY_METHOD",
     "SCHEMA",
     "BenchSettings",
+    "Comparison",
     "GateResult",
+    "GuardSettings",
     "Job",
     "ProbeResult",
     "Prober",
     "VariantChoice",
-    "compare",
+    "best_of",
+    "ci_choices",
+    "ci_settings",
+    "compare_runs",
     "crossover",
     "derive",
     "extrapolate",
@@ -44,6 +54,7 @@ __all__ = [
     "print_report",
     "run_bench",
     "run_gate",
+    "run_guard",
 ]
 
 

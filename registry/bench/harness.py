@@ -12,9 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .analysis import extrapolate, iqr, median
+from .analysis import iqr, median
 from .cases import MASKED, Job, build_module, prepare, sdpa_flops, variant_flops
 from .derive import derive
+from .feasibility import Feasibility
 from .gate import run_gate
 from .probe import MEMORY_METHOD, Prober, ProbeResult, timed_repeats
 from .report import machine_info, write_json
@@ -24,7 +25,6 @@ __all__ = ["run_bench", "SCHEMA"]
 
 SCHEMA = "attnreg-bench/1"
 GEMM_SIZES, QUICK_GEMM_SIZES = (1024, 2048), (128, 256)
-_CALIBRATE_ABOVE = 1024  # below this a point is cheap and the watchdog alone is a sufficient guard
 Progress = Callable[[str, int, int], None]  # (description, points done, points planned)
 
 
@@ -38,10 +38,7 @@ class _Run:
         preload = tuple(m for c in choices for m in (getattr(c.spec.factory, "__module__", None),
                                                      type(c.config).__module__) if m)
         self.prober = prober or Prober(settings.threads, settings.max_memory, settings.max_call_s, preload)
-        # Keyed by (series, mode, causal): a forward point must not be extrapolated from, or
-        # skipped because of, the same series' forward+backward points.
-        self.history: dict[tuple[str, str, bool], list[tuple[int, float, float]]] = {}  # (L, bytes, s)
-        self.dead: dict[tuple[str, str, bool], str] = {}  # why larger lengths are skipped
+        self.feasible = Feasibility(settings, self.prober)
         self.ok: set[tuple[str, str, bool, int]] = set()  # (series, mode, causal, L) measured
         self.modules: dict[str, Any] = {}
         self.doc: dict[str, Any] = {
@@ -75,40 +72,24 @@ class _Run:
         point: dict[str, Any] = {**meta, "series": series, "mode": job.mode, "causal": job.causal,
                                  "length": job.length, "status": "ok", "reason": None}
         key = (series, job.mode, job.causal)
-        history = self.history.setdefault(key, [])
         needs = point.pop("needs", None)
         if needs is not None and not any((n, job.mode, job.causal, job.length) in self.ok for n in needs):
             return self.skip(point, "not needed: no variant to compare with was measured at this length")
-        if key in self.dead:
-            return self.skip(point, self.dead[key])
-        budget = s.max_call_s if job.kind == "variant" else s.max_baseline_call_s
-        est_mem, est_time = self.estimate(history, job.length)
-        over = (est_mem or 0) > s.max_memory or (est_time or 0) > budget
-        # Fewer than two measured lengths: the slope is a guess. Measure two small lengths first
-        # (one call each) for long points, and before skipping on a one-point extrapolation.
-        if len(history) < 2 and (job.length > _CALIBRATE_ABOVE or over):
-            for n in sorted({max(8, job.length // 8), max(16, job.length // 4)} - {h[0] for h in history}):
-                cal = self.prober.run(job.at_length(n), s.target_s, s.slow_s, repeat=False)
-                if cal.status == "ok" and cal.total_bytes is not None and cal.samples:
-                    history.append((n, float(cal.total_bytes), median(cal.samples)))
-            est_mem, est_time = self.estimate(history, job.length)
-        point["estimate"] = {"bytes": est_mem, "call_s": est_time}
-        if est_mem is not None and est_mem > s.max_memory:
-            return self.skip(point, f"estimated {est_mem / 2**30:.1f} GiB > --max-memory "
-                                    f"{s.max_memory / 2**30:.1f} GiB", key)
-        if est_time is not None and est_time > budget:
-            return self.skip(point, f"estimated {est_time:.0f} s per call > per-point budget "
-                                    f"{budget:g} s", key)
+        est = self.feasible.check(key, job)
+        point["estimate"] = est.as_json()
+        if est.skip is not None:
+            return self.skip(point, est.skip)
+        budget = self.feasible.budget(job)
         res = self.prober.run(job, s.target_s, s.slow_s, max_call_s=budget)
         if res.status == "unpicklable":
             res = self.in_process(job, res.reason or "")
         if res.status in ("memory", "timeout"):
-            return self.skip(point, res.reason or res.status, key)
+            self.feasible.rule_out(key, res.reason or res.status, job.length)
+            return self.skip(point, res.reason or res.status)
         if res.status != "ok":
             point.update(status="error", reason=res.reason)
             return point
-        if res.total_bytes is not None and res.samples:
-            history.append((job.length, float(res.total_bytes), median(res.samples)))
+        self.feasible.record(key, job.length, res)
         point["time"] = {"median_s": median(res.samples), "iqr_s": iqr(res.samples),
                          "min_s": min(res.samples), "repeats": len(res.samples),
                          "warmup_excluded": res.warmup, "samples_s": res.samples}
@@ -121,15 +102,7 @@ class _Run:
         return point
 
     @staticmethod
-    def estimate(history: list[tuple[int, float, float]], length: int) -> tuple[float | None, float | None]:
-        """(bytes, seconds per call) at ``length`` from the series' measured lengths."""
-        return (extrapolate([(n, b) for n, b, _ in history], length, 1.0, 2.5, floor=2**20),
-                extrapolate([(n, t) for n, _, t in history], length, 1.0, 3.0, floor=1e-4))
-
-    def skip(self, point: dict[str, Any], reason: str,
-             key: tuple[str, str, bool] | None = None) -> dict[str, Any]:
-        if key is not None:
-            self.dead[key] = f"{reason} at L={point['length']}"
+    def skip(point: dict[str, Any], reason: str) -> dict[str, Any]:
         point.update(status="skipped", reason=reason)
         return point
 
@@ -148,6 +121,9 @@ class _Run:
 
     # -- the run ----------------------------------------------------------------------------
     def roof(self, when: str) -> None:
+        if not self.s.roof:
+            self.doc["roof"]["gflops"] = None
+            return
         for n in QUICK_GEMM_SIZES if self.s.quick else GEMM_SIZES:
             res = self.prober.run(self.job("gemm", n, "fwd", False), max(self.s.target_s, 0.2), 1e9)
             if res.status == "ok":
@@ -203,7 +179,7 @@ class _Run:
             for mode in s.modes:
                 for causal in s.causal_flags(True):
                     group = [c for c in passed if causal in s.causal_flags(c.spec.capabilities.causal)
-                             and (c.max_length is None or length <= c.max_length)]
+                             and c.wants(mode, causal, length)]
                     baselines = []
                     for c in group:
                         entry, module = self.doc["variants"][c.label], self.modules[c.label]
@@ -211,6 +187,8 @@ class _Run:
                         plan.append((c.label, job, variant_flops(module, job, c.is_dense_sdpa),
                                      {"kind": "variant", "variant": c.label}))
                         meta = {"variant": c.label, "needs": [c.label]}
+                        if not s.baselines:
+                            continue
                         if entry["pattern_mask"]:
                             for kind in MASKED:
                                 job = self.job(kind, length, mode, causal, c)
@@ -220,7 +198,7 @@ class _Run:
                             meta_b = {**meta, "kind": "baseline", "baseline": b}
                             baselines.append((f"{c.label}:{b}", job, None, meta_b))
                     if passed and not group:
-                        continue  # every variant is capped below this length (NAME@MAXLEN)
+                        continue  # no variant wants this point (NAME@MAXLEN, a preset's points)
                     needs = [c.label for c in group] if passed else None
                     plan.append(("sdpa", self.job("sdpa", length, mode, causal),
                                  sdpa_flops(s.batch, s.heads, length, s.head_dim, causal),

@@ -39,6 +39,7 @@ MEMORY_METHOD = (
 )
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _POLL_S = 0.02
+_OOM_TEXT = "can't allocate memory"  # DefaultCPUAllocator's message for a refused allocation
 
 
 @dataclass
@@ -127,8 +128,10 @@ def _child(job: Job, threads: int, target_s: float, slow_s: float, repeat: bool,
         conn.send(("done", dict(samples=samples, first_s=first, warmup=warm, peak_bytes=peak,
                                 input_bytes=rss1 - rss0)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, never raised there
+        # torch's CPU allocator refusing a huge request is the point not fitting, not a bug.
+        tag = "memory" if isinstance(exc, MemoryError) or _OOM_TEXT in str(exc) else "error"
         try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            conn.send((tag, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
         except Exception:  # noqa: BLE001
             pass
     finally:
@@ -195,6 +198,8 @@ class Prober:
                     deadline = time.monotonic() + budget + slow_s + 2 * target_s + 10.0
                 elif tag == "done":
                     return ProbeResult("ok", **payload)
+                elif tag == "memory":
+                    return ProbeResult("memory", f"out of memory: {payload}", input_bytes=input_bytes)
                 else:
                     return ProbeResult("error", str(payload), input_bytes=input_bytes)
             elif not proc.is_alive():

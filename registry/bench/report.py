@@ -16,10 +16,9 @@ from rich.table import Table
 from attnreg.core import ConfigError
 
 from .cases import MASKED
-from .derive import point_key
 
 __all__ = [
-    "machine_info", "write_json", "load_results", "results_table", "summary_table", "compare", "print_report",
+    "machine_info", "write_json", "load_results", "results_table", "summary_table", "print_report",
 ]
 
 
@@ -152,34 +151,6 @@ def summary_table(doc: dict[str, Any]) -> Table:
             table.add_row(f"[yellow]{escape(label)}[/]", "-", "-", "-", "-", "-", "-",
                           f"not measured: {escape(str(v.get('reason')))}")
     return table
-
-
-def compare(doc: dict[str, Any], previous: dict[str, Any]) -> tuple[Table, list[dict[str, Any]]]:
-    """Per-point ratios now / before (time, memory) and of the speedup vs SDPA, which is the one
-    number that transfers between machines."""
-    before = {point_key(p): p for p in previous.get("points", []) if p.get("status") == "ok"}
-    rows = []
-    for p in doc["points"]:
-        old = before.get(point_key(p))
-        if p.get("status") != "ok" or old is None:
-            continue
-        mem_now, mem_old = _peak(p), _peak(old)
-        sp_now, sp_old = p.get("speedup", {}).get("sdpa"), old.get("speedup", {}).get("sdpa")
-        rows.append({
-            "series": p["series"], "mode": p["mode"], "causal": p["causal"], "length": p["length"],
-            "time_ratio": p["time"]["median_s"] / old["time"]["median_s"],
-            "memory_ratio": mem_now / mem_old if mem_now and mem_old else None,
-            "speedup_vs_sdpa_ratio": sp_now / sp_old if sp_now and sp_old else None,
-        })
-    table = Table(title="compared with the previous run (now / before; < 1 is faster or smaller)")
-    for col in ("series", "mode", "L", "time", "memory", "speedup vs SDPA"):
-        table.add_column(col, justify="left" if col in ("series", "mode") else "right")
-    for r in rows:
-        t = r["time_ratio"]
-        color = "green" if t < 0.9 else "red" if t > 1.1 else "white"
-        table.add_row(escape(r["series"]), r["mode"] + (" causal" if r["causal"] else ""), str(r["length"]),
-                      f"[{color}]{t:.2f}[/]", _x(r["memory_ratio"]), _x(r["speedup_vs_sdpa_ratio"]))
-    return table, rows
 
 
 def print_report(doc: dict[str, Any], console: Console) -> None:

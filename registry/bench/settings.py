@@ -83,6 +83,13 @@ class VariantChoice:
     spec: VariantSpec
     config: AttentionConfig
     max_length: int | None = None  # ``NAME@4K``: lengths above this are not planned for it
+    only: frozenset[tuple[str, bool, int]] | None = None  # (mode, causal, L) to plan; None = all
+
+    def wants(self, mode: str, causal: bool, length: int) -> bool:
+        """Whether the point (mode, causal, L) is planned for this variant (before capabilities)."""
+        if self.max_length is not None and length > self.max_length:
+            return False
+        return self.only is None or (mode, causal, length) in self.only
 
     @property
     def is_dense_sdpa(self) -> bool:
@@ -153,6 +160,11 @@ class BenchSettings:
     long_gate_max: int = 2048
     seed: int = 0
     quick: bool = False
+    # Time SDPA with each variant's pattern and the variants' own naive baselines (off for the
+    # speed guard, which compares speedups over plain dense SDPA only).
+    baselines: bool = True
+    roof: bool = True  # time a dense GEMM at the start and end (the roof of the GFLOP/s ratios)
+    preset: str | None = None  # "ci" for the speed guard's preset (see presets.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.long_gate_max, int) or self.long_gate_max < 0:

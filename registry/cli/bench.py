@@ -41,8 +41,24 @@ def bench_cmd(
         None, "--causal/--no-causal", help="Only causal / only non-causal (default: both)."
     ),
     quick: bool = typer.Option(False, "--quick", help="Smoke test: tiny sizes, seconds."),
+    ci: bool = typer.Option(
+        False, "--ci", help="The speed guard's fixed preset (about 2 minutes on 2 cores); use with --compare."
+    ),
     out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for results.json and the PNG plots."),
-    compare: Path = typer.Option(None, "--compare", help="An earlier results.json: print per-point ratios."),
+    compare: Path = typer.Option(
+        None, "--compare",
+        help="A baseline results.json: compare speedups over SDPA and peak memory, write compare.json, "
+        "exit 1 on a regression.",
+    ),
+    max_slowdown: float = typer.Option(
+        1.5, "--max-slowdown", help="--compare fails where a speedup over SDPA fell by more than this factor."
+    ),
+    max_memory_growth: float = typer.Option(
+        1.5, "--max-memory-growth", help="--compare fails where peak memory grew by more than this factor."
+    ),
+    guard_from: int = typer.Option(
+        2048, "--guard-from", help="--compare gates only points at lengths >= this (shorter ones are shown)."
+    ),
     max_memory: str = typer.Option(
         None, "--max-memory", help="Per-point memory budget, e.g. 8G (default: half the RAM)."
     ),
@@ -59,8 +75,7 @@ def bench_cmd(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write time.png and memory.png."),
 ) -> None:
     """Correctness-gate, then time and measure memory of variants against SDPA baselines."""
-    from attnreg.bench import BenchSettings, load_results, parse_variant, run_bench
-    from attnreg.bench import compare as compare_runs
+    from attnreg.bench import BenchSettings, GuardSettings, load_results, parse_variant, run_bench
     from attnreg.bench.report import print_report
     from attnreg.bench.settings import parse_bytes, parse_lengths
 
@@ -68,6 +83,8 @@ def bench_cmd(
         import torch
 
         previous = load_results(compare) if compare is not None else None
+        guard = GuardSettings(max_slowdown=max_slowdown, max_memory_growth=max_memory_growth,
+                              min_length=guard_from)
         opts: dict[str, Any] = dict(
             batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, threads=threads, causal=causal,
             modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
@@ -76,26 +93,29 @@ def bench_cmd(
             max_call_s=point_budget, max_baseline_call_s=baseline_budget, target_s=repeat_time,
             time_limit_s=None if time_limit is None else time_limit * 60.0,
         )
-        if quick:
+        if ci:
+            settings, choices = _ci_preset(names, quick, opts)
+        elif quick:
             settings = BenchSettings.quick_settings(**opts)
         else:
             keep = ("causal", "time_limit_s")
             settings = BenchSettings(**{k: v for k, v in opts.items() if v is not None or k in keep})
         torch.set_num_threads(settings.threads)
-        if not names:
-            import attnreg
+        if not ci:
+            if not names:
+                import attnreg
 
-            # dot_product IS the `sdpa` baseline of every run (the same kernel); name it to time it
-            # through the module as well.
-            names = [n for n in attnreg.list_variants() if n != "dot_product"]
-        choices = [parse_variant(n, settings.heads, settings.head_dim) for n in names]
+                # dot_product IS the `sdpa` baseline of every run (the same kernel); name it to time
+                # it through the module as well.
+                names = [n for n in attnreg.list_variants() if n != "dot_product"]
+            choices = [parse_variant(n, settings.heads, settings.head_dim) for n in names]
         bar, update = _progress_bar()
         with bar:
             doc = run_bench(settings, choices, out=out, progress=update)
         print_report(doc, _wide())
+        comparison = None
         if previous is not None:
-            table, _ = compare_runs(doc, previous)
-            _wide().print(table)
+            comparison = _compare(doc, previous, guard, out, compare, settings, choices)
         if plots:
             _plot(doc, out)
         console.print(f"results: {out / 'results.json'}")
@@ -106,6 +126,46 @@ def bench_cmd(
     if failed:
         err_console.print(f"[red]failed the correctness gate (not timed):[/] {', '.join(failed)}")
         raise typer.Exit(EXIT_FAILURE)
+    if comparison is not None and not comparison.ok:
+        err_console.print(f"[red]speed guard: {len(comparison.regressions)} regression(s) against "
+                          f"{compare}[/] (details in {out / 'compare.json'})")
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _ci_preset(names: list[str] | None, quick: bool, opts: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """The CI preset's settings and variants; any option that would change them is a usage error."""
+    from attnreg.bench import ci_choices, ci_settings
+    from attnreg.core import ConfigError
+
+    given = [k for k, v in opts.items() if v is not None and k not in ("dtype", "modes")]
+    if opts.get("dtype") not in (None, "float32"):
+        given.append("dtype")
+    if opts.get("modes") != ("fwd", "fwdbwd"):
+        given.append("modes")
+    if names or quick or given:
+        what = ", ".join((["variant names"] if names else []) + (["--quick"] if quick else []) + given)
+        raise ConfigError(f"--ci runs a fixed preset (its baseline was measured with it); "
+                          f"do not combine it with: {what}")
+    settings = ci_settings()
+    return settings, ci_choices(settings)
+
+
+def _compare(doc: dict[str, Any], previous: dict[str, Any], guard: Any, out: Path, source: Path,
+             settings: Any, choices: list[Any]) -> Any:
+    """Compare with the baseline (re-measuring failing points once to confirm them), print the
+    table, write compare.json; return the comparison."""
+    from attnreg.bench.guard import run_guard
+    from attnreg.bench.report import write_json
+
+    bar, update = _progress_bar()
+    with bar:
+        comparison = run_guard(doc, previous, guard, settings, choices, out, update,
+                               lambda msg: err_console.print(f"[yellow]speed guard: {msg}[/]"))
+    _wide().print(comparison.table())
+    for line in comparison.not_compared:
+        console.print(f"[yellow]not compared[/]: {line}")
+    write_json({**comparison.as_json(), "baseline": str(source)}, out / "compare.json")
+    return comparison
 
 
 def _wide() -> Any:
