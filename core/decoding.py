@@ -85,26 +85,85 @@ class KVCacheState(DecodeState):
     """Keys and values of every position so far, and which of them are real tokens.
 
     The default state of ``Attention.decode``: any causal variant whose ``_attend`` honours
-    ``Masks.q_offset`` decodes with it, at O(length) memory and time per token.
+    ``Masks.q_offset`` decodes with it, at O(length) memory and time per token. The buffers have
+    room for ``capacity`` positions (``max_length`` when given, else doubled as needed), so a step
+    writes only its new positions instead of copying the whole cache; ``key``, ``value`` and
+    ``key_mask`` are views of the first ``length`` positions.
     """
 
-    key: Tensor | None = None  # (B, Hkv, T, E)
-    value: Tensor | None = None  # (B, Hkv, T, Ev)
-    key_mask: Tensor | None = None  # (B, T) bool, None while every position so far is real
+    key_buffer: Tensor | None = None  # (B, Hkv, capacity, E)
+    value_buffer: Tensor | None = None  # (B, Hkv, capacity, Ev)
+    mask_buffer: Tensor | None = None  # (B, capacity) bool; None while every position is real
+
+    @property
+    def key(self) -> Tensor | None:
+        """Cached keys (B, Hkv, length, E), a view of the buffer (None before the first call)."""
+        return None if self.key_buffer is None else self.key_buffer[:, :, : self.length]
+
+    @property
+    def value(self) -> Tensor | None:
+        """Cached values (B, Hkv, length, Ev), a view of the buffer."""
+        return None if self.value_buffer is None else self.value_buffer[:, :, : self.length]
+
+    @property
+    def key_mask(self) -> Tensor | None:
+        """(B, length) bool, True = real token; None while every position so far is real."""
+        return None if self.mask_buffer is None else self.mask_buffer[:, : self.length]
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold room for."""
+        return 0 if self.key_buffer is None else self.key_buffer.shape[2]
 
     def append(self, key: Tensor, value: Tensor, key_mask: Tensor | None) -> KVCacheState:
-        """This cache with ``T`` more positions (new buffers: O(length) copy per call)."""
-        t_new = key.shape[2]
-        k = key if self.key is None else torch.cat([self.key, key], dim=2)  # (B, Hkv, T', E)
-        v = value if self.value is None else torch.cat([self.value, value], dim=2)  # (B, Hkv, T', Ev)
-        km = self.key_mask
-        if key_mask is not None or km is not None:
-            old = km if km is not None else torch.ones(self.batch, self.length, dtype=torch.bool,
-                                                       device=key.device)
-            new = key_mask if key_mask is not None else torch.ones(self.batch, t_new, dtype=torch.bool,
-                                                                  device=key.device)
-            km = torch.cat([old, new], dim=1)  # (B, T')
-        return dataclasses.replace(self, key=k, value=v, key_mask=km, length=self.length + t_new)
+        """This cache with ``T`` more positions. Writes into the buffers in place when they have
+        room (the state passed to ``decode`` is consumed); grows them otherwise. Under autograd
+        (keys or values requiring grad) it concatenates instead, so no saved tensor is overwritten."""
+        end = self.length + key.shape[2]
+        if key.requires_grad or value.requires_grad:
+            return self._concat(key, value, key_mask)
+        kb, vb, mb = self.key_buffer, self.value_buffer, self.mask_buffer
+        if kb is None or vb is None or end > kb.shape[2]:
+            cap = self.max_length if self.max_length is not None else max(end, 2 * self.capacity, 16)
+            kb, vb = _grow(kb, cap, key), _grow(vb, cap, value)
+            mb = None if mb is None else _grow(mb, cap, None)
+        if key_mask is not None and mb is None:
+            mb = torch.ones(self.batch, kb.shape[2], dtype=torch.bool, device=key.device)  # (B, capacity)
+        kb[:, :, self.length:end] = key  # (B, Hkv, T, E) into the free positions
+        vb[:, :, self.length:end] = value
+        if mb is not None:
+            mb[:, self.length:end] = True if key_mask is None else key_mask
+        return dataclasses.replace(self, key_buffer=kb, value_buffer=vb, mask_buffer=mb, length=end)
+
+    def _concat(self, key: Tensor, value: Tensor, key_mask: Tensor | None) -> KVCacheState:
+        old_k, old_v, old_m = self.key, self.value, self.key_mask
+        k = key if old_k is None else torch.cat([old_k, key], dim=2)  # (B, Hkv, T', E)
+        v = value if old_v is None else torch.cat([old_v, value], dim=2)  # (B, Hkv, T', Ev)
+        m = old_m
+        if key_mask is not None or old_m is not None:
+            ones = torch.ones(self.batch, self.length + key.shape[2], dtype=torch.bool, device=key.device)
+            m = ones.clone()  # (B, T')
+            if old_m is not None:
+                m[:, : self.length] = old_m
+            if key_mask is not None:
+                m[:, self.length:] = key_mask
+        return dataclasses.replace(self, key_buffer=k, value_buffer=v, mask_buffer=m,
+                                   length=self.length + key.shape[2])
+
+
+def _grow(buf: Tensor | None, capacity: int, like: Tensor | None) -> Tensor:
+    """A buffer of ``capacity`` positions (dim 2, or dim 1 for a (B, T) mask) holding ``buf``."""
+    if buf is None:
+        assert like is not None
+        shape = (*like.shape[:2], capacity, *like.shape[3:])
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    dim = 2 if buf.dim() == 4 else 1
+    shape = list(buf.shape)
+    old, shape[dim] = shape[dim], capacity
+    new = torch.ones(shape, dtype=buf.dtype, device=buf.device) if buf.dtype == torch.bool else \
+        torch.empty(shape, dtype=buf.dtype, device=buf.device)
+    new.narrow(dim, 0, old).copy_(buf)
+    return new
 
 
 def _shape(t: Tensor) -> str:

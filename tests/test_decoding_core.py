@@ -1,0 +1,111 @@
+"""The core decoding contract: the default KV-cache state, its buffers, reordering and errors;
+lower-right causal alignment in the mask helpers. Per-variant decoding is tested in the
+variants' own tests and, generically, by the conformance suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnreg
+from attnreg.core import Capabilities, KVCacheState, UnsupportedFeatureError, causal_mask, check_inputs
+
+B, H, E = 3, 2, 4
+
+
+def _qkv(length: int, seed: int = 0, grad: bool = False) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, length, E, generator=g, dtype=torch.float64).requires_grad_(grad)
+            for _ in range(3)]
+
+
+def test_causal_mask_offset_is_lower_right_alignment() -> None:
+    m = causal_mask(2, 5, offset=3)
+    assert m.tolist() == [[True] * 4 + [False], [True] * 5]
+    assert torch.equal(causal_mask(4, 4, offset=0), torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_lower_right_is_rejected_or_accepted_by_capabilities() -> None:
+    q, k, v = _qkv(6)
+    plain = Capabilities(causal=True)  # no cross attention, no decoding
+    with pytest.raises(UnsupportedFeatureError, match="lower_right"):
+        check_inputs("toy", plain, q[:, :, :2], k, v, None, None, True, "lower_right")
+    with pytest.raises(UnsupportedFeatureError, match="causal_alignment='lower_right', or use attn.decode"):
+        check_inputs("toy", plain, q[:, :, :2], k, v, None, None, True)
+    dec = Capabilities(causal=True, decoding=True)
+    assert check_inputs("toy", dec, q[:, :, :2], k, v, None, None, True, "lower_right").q_offset == 4
+    assert check_inputs("toy", dec, q, k, v, None, None, True, "lower_right").q_offset == 0
+    with pytest.raises(ValueError, match="query length must be <= key length"):
+        check_inputs("toy", dec, q, k[:, :, :3], v[:, :, :3], None, None, True, "lower_right")
+    with pytest.raises(ValueError, match="needs is_causal=True"):
+        check_inputs("toy", dec, q, k, v, None, None, False, "lower_right")
+    with pytest.raises(ValueError, match="causal_alignment must be one of"):
+        check_inputs("toy", dec, q, k, v, None, None, True, "bottom")
+    with pytest.raises(ValueError, match="decoding=True requires causal=True"):
+        Capabilities(decoding=True)
+
+
+def test_kv_cache_writes_in_place_and_grows_by_doubling() -> None:
+    attn = attnreg.build("dot_product")
+    q, k, v = _qkv(40)
+    state = attn.init_state(B, H, E, dtype=torch.float64)
+    _, state = attn.decode(q[:, :, :3], k[:, :, :3], v[:, :, :3], state)
+    assert isinstance(state, KVCacheState) and state.capacity == 16 and state.key_mask is None
+    buf = state.key_buffer
+    _, state = attn.decode(q[:, :, 3:4], k[:, :, 3:4], v[:, :, 3:4], state)
+    assert state.key_buffer is buf  # room left: no copy of the cache
+    _, state = attn.decode(q[:, :, 4:20], k[:, :, 4:20], v[:, :, 4:20], state)
+    assert state.capacity == 32 and state.length == 20 and torch.equal(state.key, k[:, :, :20])
+    bounded = attn.init_state(B, H, E, dtype=torch.float64, max_length=40)
+    _, bounded = attn.decode(q[:, :, :1], k[:, :, :1], v[:, :, :1], bounded)
+    assert bounded.capacity == 40  # max_length known: allocated once
+    assert bounded.nbytes == 2 * B * H * 40 * E * 8
+
+
+def test_kv_cache_matches_forward_with_padding_and_under_autograd() -> None:
+    attn = attnreg.build("dot_product").double()
+    km = torch.ones(B, 21, dtype=torch.bool)
+    km[1, :4] = False
+    km[2, :21] = False  # a row with nothing real: output 0
+    q, k, v = _qkv(21, grad=True)
+    want = attn(q, k, v, key_mask=km, is_causal=True)
+    want.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    state, outs = attn.init_state(B, H, E, dtype=torch.float64), []
+    for lo, hi in ((0, 5), (5, 6), (6, 7), (7, 21)):
+        out, state = attn.decode(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], state, key_mask=km[:, lo:hi])
+        outs.append(out)
+    got = torch.cat(outs, dim=2)  # (B, H, L, Ev)
+    assert (got - want).abs().max() <= 1e-12 and torch.all(got[2] == 0)
+    got.sum().backward()  # the cache concatenates under autograd: nothing saved is overwritten
+    for t, g in zip((q, k, v), grads, strict=True):
+        assert (t.grad - g).abs().max() <= 1e-12
+
+
+def test_state_reorder_device_and_errors() -> None:
+    attn = attnreg.build("dot_product")
+    q, k, v = _qkv(8)
+    state = attn.init_state(B, H, E, dtype=torch.float64, max_length=10)
+    _, state = attn.decode(q[:, :, :6], k[:, :, :6], v[:, :, :6], state)
+    beams = state.index_select(torch.tensor([2, 2, 0, 1]))
+    assert beams.batch == 4 and torch.equal(beams.key[0], state.key[2])
+    assert torch.equal(beams.key[3], state.key[1])
+    assert beams.key_buffer.data_ptr() != state.key_buffer.data_ptr()  # a copy: both can go on
+    assert state.to("cpu").length == 6
+    with pytest.raises(ValueError, match="outside"):
+        state.index_select(torch.tensor([3]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        state.index_select(torch.tensor([[0]]))
+    with pytest.raises(ValueError, match="exceed the state's max_length 10"):
+        attn.decode(q[:, :, :5], k[:, :, :5], v[:, :, :5], state)
+    with pytest.raises(ValueError, match="do not match the state"):
+        attn.decode(q[:, :1, :1], k[:, :1, :1], v[:, :1, :1], state)
+    with pytest.raises(ValueError, match="float32"):
+        attn.decode(*(t[:, :, :1].float() for t in (q, k, v)), state)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        attn.init_state(0, H, E)
+    with pytest.raises(ValueError, match="key_mask"):
+        attn.decode(q[:, :, 6:7], k[:, :, 6:7], v[:, :, 6:7], state,
+                    key_mask=torch.ones(B, 2, dtype=torch.bool))
