@@ -10,7 +10,15 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from attnreg.core import Attention, AttentionConfig, Capabilities, Masks, causal_mask, masked_softmax
+from attnreg.core import (
+    Attention,
+    AttentionConfig,
+    Capabilities,
+    DecodeState,
+    Masks,
+    causal_mask,
+    masked_softmax,
+)
 
 from .chunked import chunked_attention, chunked_scores
 from .reference import additive_logits
@@ -56,7 +64,7 @@ class AdditiveAttention(Attention):
     variant = "additive"
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
-        dropout=True, normalized=True, permutation_invariant=True, learnable=True,
+        dropout=True, normalized=True, permutation_invariant=True, learnable=True, decoding=True,
         complexity="O(Lq*Lk*d_a) time, O(chunk*Lk*d_a) memory",
     )
 
@@ -95,6 +103,13 @@ class AdditiveAttention(Attention):
         """The configured ``scale``, or 1."""
         return 1.0 if self.scale is None else self.scale
 
+    def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
+                    dtype: torch.dtype, device: torch.device, max_length: int | None) -> DecodeState:
+        if heads != self.num_heads or head_dim != self.head_dim:
+            raise ValueError(f"init_state: heads={heads}, head_dim={head_dim} do not match this additive "
+                             f"attention's parameters (num_heads={self.num_heads}, head_dim={self.head_dim})")
+        return super()._init_state(batch, heads, head_dim, value_dim, dtype, device, max_length)
+
     def _check_sizes(self, query: Tensor) -> None:
         _, h, _, e = query.shape
         if h != self.num_heads or e != self.head_dim:
@@ -131,15 +146,17 @@ class AdditiveAttention(Attention):
 
     def flops(
         self, batch: int, heads: int, q_len: int, k_len: int, head_dim: int, value_dim: int,
-        is_causal: bool,
+        is_causal: bool, q_offset: int = 0,
     ) -> float:
         """Useful forward FLOPs: projections 2*(Lq+Lk)*E*d_a, and per attended (i, j) pair
-        4*d_a (add, tanh, multiply-add with v) + 2*Ev (weights @ V); causal pairs only."""
+        4*d_a (add, tanh, multiply-add with v) + 2*Ev (weights @ V); causal pairs only.
+
+        ``q_offset`` is ``Masks.q_offset``: 0 for upper-left causal, Lk - Lq for lower-right
+        (a decode step or chunked prefill: query i sees keys j <= i + q_offset)."""
         d_a = self.hidden_dim
-        if is_causal:  # upper-left causal: row i sees min(i + 1, Lk) keys
-            full = max(q_len - k_len, 0)
-            tri = min(q_len, k_len)
-            pairs = tri * (tri + 1) // 2 + full * k_len
+        if is_causal:  # row i sees min(i + q_offset + 1, Lk) keys
+            tri = min(q_len, max(k_len - q_offset, 0))  # rows that do not see every key
+            pairs = tri * (q_offset + 1) + tri * (tri - 1) // 2 + (q_len - tri) * k_len
         else:
             pairs = q_len * k_len
         proj = 2.0 * (q_len + k_len) * head_dim * d_a

@@ -5,7 +5,8 @@ at L=2048, d_a=64, H=8 in fp32). Here the projections are computed once, and the
 processed ``chunk`` rows at a time: only one (B, H, chunk, Lk, d_a) tensor lives at a time in
 forward, and each chunk's backward recomputes it (activation checkpointing, with a hand-written
 in-place backward), so backward is bounded by the same O(chunk * Lk * d_a) per batch and head.
-Causal chunks only look at the keys they can see (j < end of the chunk): half the work."""
+Causal chunks only look at the keys they can see (j <= last row of the chunk + ``Masks.q_offset``,
+the lower-right shift of decoding): half the work."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def chunk_allowed(masks: Masks, start: int, stop: int, k_stop: int, device: torc
         km = masks.key_mask[:, None, None, :k_stop]  # (B, 1, 1, k_stop)
         out = km if out is None else out & km
     if masks.is_causal:
-        rows = torch.arange(start, stop, device=device)[:, None]  # (c, 1)
+        rows = torch.arange(start, stop, device=device)[:, None] + masks.q_offset  # (c, 1): key position
         cols = torch.arange(k_stop, device=device)[None, :]  # (1, k_stop)
         cm = (cols <= rows)[None, None]  # (1, 1, c, k_stop)
         out = cm if out is None else out & cm
@@ -77,8 +78,9 @@ def _slice_mask(m: Tensor, start: int, stop: int, k_stop: int) -> Tensor:
 
 
 def _key_stop(masks: Masks, stop: int) -> int:
-    """Keys a chunk ending at query ``stop`` can see: causal rows never look past key stop-1."""
-    return min(stop, masks.k_len) if masks.is_causal else masks.k_len
+    """Keys a chunk ending at query ``stop`` can see: causal row i never looks past key
+    i + q_offset, so the chunk needs keys [0, stop + q_offset)."""
+    return min(stop + masks.q_offset, masks.k_len) if masks.is_causal else masks.k_len
 
 
 class _ChunkedAdditive(torch.autograd.Function):

@@ -2,6 +2,9 @@
 
 Queries are cut into blocks of ``block`` rows. Block ``b`` can only reach keys
 ``[b*block - w, b*block + block + w)`` (``+ block`` only when causal), its window of ``span`` keys.
+Under lower-right causal alignment query i sits at key position ``i + d`` (``d = Masks.q_offset``,
+the decoding / chunked-prefill case): every key window shifts by ``d``, keys before ``d - w`` are
+dropped up front, and the block geometry is otherwise the same.
 
 - Interior blocks (window inside ``[0, L)``): keys/values are an overlapping ``unfold`` view folded
   into SDPA's head dim, ``(B*H, n, span, E)``, no copy; ONE SDPA call with ONE shared
@@ -21,6 +24,7 @@ and kernels): they are opened and their output zeroed, so their gradients are ex
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,7 +37,7 @@ from attnreg.core import Masks, sdpa_safe_mask
 
 from ._views import views
 
-__all__ = ["MaskCache", "band_mask", "block_band", "clear_mask_cache", "local_attention"]
+__all__ = ["MaskCache", "band_mask", "block_band", "clear_mask_cache", "local_attention", "rect_band"]
 
 
 def band_mask(length: int, window: int, is_causal: bool = False,
@@ -45,6 +49,14 @@ def band_mask(length: int, window: int, is_causal: bool = False,
     """
     band = torch.ones(length, length, dtype=torch.bool, device=device)  # (L, L)
     return band.triu_(-window).tril_(0 if is_causal else window)
+
+
+def rect_band(q_len: int, k_len: int, offset: int, window: int, is_causal: bool,
+              device: torch.device | str | None = None) -> Tensor:
+    """Band ``(Lq, Lk)`` bool of queries at key positions ``i + offset``: True where
+    ``|i + offset - j| <= window`` (and ``j <= i + offset`` when causal). ``offset=0``, Lq = Lk is
+    ``band_mask``; ``offset = Lk - Lq`` is the lower-right (decoding) alignment."""
+    return _make_rect_band(q_len, k_len, offset, window, is_causal, torch.bool, device)
 
 
 def block_band(block: int, window: int, is_causal: bool,
@@ -70,8 +82,10 @@ def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Tensor 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
            dropout_p: float, scale: float) -> Tensor:
-    """Short sequences (one block, or a window covering the sequence): one SDPA call, L x L mask."""
-    length = q.shape[2]
+    """Short inputs (one block, or a window covering the sequence): one SDPA call, Lq x Lk mask."""
+    length, d = q.shape[2], masks.q_offset
+    if d:  # lower-right causal (decoding): the band is shifted by d
+        return _dense_offset(q, k, v, masks, window, dropout_p, scale)
     if masks.attn_mask is None and masks.key_mask is None:
         if window >= length - 1:  # the band is everything: plain (causal) SDPA, no mask at all
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
@@ -83,15 +97,45 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
     return _sdpa_masked(q, k, v, allowed, masks.float_mask, dropout_p, scale)
 
 
+def _dense_offset(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
+                  dropout_p: float, scale: float) -> Tensor:
+    """``_dense`` for queries at key positions ``i + d``, ``0 < d <= window`` (causal, Lk = Lq + d)."""
+    lq, lk, d = q.shape[2], k.shape[2], masks.q_offset
+    if masks.attn_mask is None and masks.key_mask is None and lq == 1:
+        # One query at position d <= window sees keys [0, d]: all of them, no mask (a decode step).
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    band = _rect_band(lq, lk, d, window, True, torch.bool, q.device, None)  # (Lq, Lk), memoised
+    if masks.attn_mask is None and masks.key_mask is None:  # the diagonal j = i + d is in every row
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p, scale=scale)
+    allowed = masks.allowed(q.device) & band  # (B|1, H|1, Lq, Lk)
+    return _sdpa_masked(q, k, v, allowed, masks.float_mask, dropout_p, scale)
+
+
+def _drop_keys(k: Tensor, v: Tensor, masks: Masks, cut: int) -> tuple[Tensor, Tensor, Masks]:
+    """Keys/values and masks without the first ``cut`` keys (views): the queries' positions,
+    relative to the remaining keys, move ``cut`` to the left."""
+    km = None if masks.key_mask is None else masks.key_mask[:, cut:]  # (B, Lk - cut)
+    am = masks.attn_mask  # (B|1, H|1, Lq|1, Lk|1)
+    if am is not None and am.shape[3] > 1:
+        am = am[:, :, :, cut:]
+    masks = dataclasses.replace(masks, k_len=masks.k_len - cut, key_mask=km, attn_mask=am,
+                                q_offset=masks.q_offset - cut)
+    return k[:, :, cut:], v[:, :, cut:], masks  # (B, H, Lk - cut, E|Ev)
+
+
 def local_attention(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, block: int,
                     scale: float, dropout_p: float = 0.0, cache: MaskCache | None = None) -> Tensor:
-    """Sliding-window softmax attention, ``(B, H, L, E) x 3 -> (B, H, L, Ev)``; O(L*(block+2w)) work.
+    """Sliding-window softmax attention, ``(B, H, Lq, E) x 3 -> (B, H, Lq, Ev)``; O(Lq*(block+2w)) work.
 
+    Query i sits at key position ``i + masks.q_offset`` (0 unless lower-right causal, Lq < Lk).
     ``cache`` (owned by the calling module) keeps edge masks too big for the process-wide cache.
     """
+    if masks.q_offset > window:  # keys before position q_offset - window are in no query's band
+        k, v, masks = _drop_keys(k, v, masks, masks.q_offset - window)
     length = q.shape[2]
     right = 0 if masks.is_causal else window
-    interior = (length - right) // block - -(-window // block)  # blocks with their whole window in [0, L)
+    # Blocks with their whole window inside the keys (q_offset <= window from here on).
+    interior = (length - right) // block - -(-(window - masks.q_offset) // block)
     if interior < 1 or block + window + right >= length:  # blocking cannot beat one dense call here
         return _dense(q, k, v, masks, window, dropout_p, scale)
     return _blocked(q, k, v, masks, window, block, scale, dropout_p, cache)
@@ -189,7 +233,7 @@ def _rect_band(rows: int, cols: int, offset: int, window: int, is_causal: bool, 
 
 
 def _make_rect_band(rows: int, cols: int, offset: int, window: int, is_causal: bool,
-                    dtype: torch.dtype, device: torch.device) -> Tensor:
+                    dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
     i = torch.arange(rows, device=device)[:, None] + offset  # (rows, 1)
     j = torch.arange(cols, device=device)[None, :]  # (1, cols)
     allowed = (i - j).abs() <= window  # (rows, cols)
@@ -203,17 +247,18 @@ def _make_rect_band(rows: int, cols: int, offset: int, window: int, is_causal: b
 def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
              scale: float, dropout_p: float, cache: MaskCache | None) -> Tensor:
     b_, h_, length, e_ = q.shape
+    k_len, d = k.shape[2], masks.q_offset  # query i is key position i + d (0 <= d <= w), Lk = Lq + d
     ev = v.shape[-1]
     right = 0 if masks.is_causal else w  # keys a block may see beyond its own rows
     span = blk + w + right
-    lo = -(-w // blk)  # first block whose window starts at a key >= 0
-    hi = (length - right) // blk  # blocks [lo, hi) are "interior": whole window inside [0, L)
+    lo = -(-(w - d) // blk)  # first block whose window starts at a key >= 0
+    hi = (length - right) // blk  # blocks [lo, hi) are "interior": whole window inside [0, Lk)
     n = hi - lo
-    s0 = lo * blk - w  # first key of block lo's window
+    s0 = lo * blk + d - w  # first key of block lo's window
     # Pure views (no copies): interior query blocks, their overlapping key/value windows, and the
     # rows of the two edges; one gradient buffer per input in backward (see _views).
-    left = (0, lo * blk), (0, min(length, lo * blk + right))  # edge queries [0, lo*blk) and their keys
-    right_edge = (hi * blk, length), (hi * blk - w, length)  # edge queries [hi*blk, L) and their keys
+    left = (0, lo * blk), (0, min(k_len, lo * blk + d + right))  # edge queries [0, lo*blk), their keys
+    right_edge = (hi * blk, length), (hi * blk + d - w, k_len)  # edge queries [hi*blk, Lq), their keys
     edge_q = ("rows", *left[0]), ("rows", *right_edge[0])
     edge_k = ("rows", *left[1]), ("rows", *right_edge[1])
     q_run, q_left, q_right = views(q, ("blocks", lo * blk, n, blk), *edge_q)  # (B*H, n, blk, E), edges
@@ -258,7 +303,8 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
             bias = None
             if masks.attn_mask is not None:
                 rows = (lo + bk[:, None]) * blk + torch.arange(blk, device=q.device)  # (P, blk): query i
-                cols = (lo + bk[:, None]) * blk - w + torch.arange(span, device=q.device)  # (P, span): key j
+                # key j of window column c: first query row of the block + d - w + c
+                cols = (lo + bk[:, None]) * blk + (d - w) + torch.arange(span, device=q.device)  # (P, span)
                 am = _gather_blocks(masks.attn_mask, bi, rows, cols)  # (P, H|1, blk, span)
                 if am.dtype == torch.bool:
                     allowed = allowed & am
@@ -282,10 +328,11 @@ def _edge(qs: Tensor, ks: Tensor, vs: Tensor, masks: Masks, rows: tuple[int, int
     with a dense rectangular band."""
     (i0, i1), (j0, j1) = rows, cols
     q = qs
-    if masks.key_mask is None and masks.attn_mask is None:  # key i is in cols: no row is empty
-        bias = _rect_band(i1 - i0, j1 - j0, i0 - j0, w, masks.is_causal, q.dtype, q.device, cache)  # (li, lj)
+    offset = i0 + masks.q_offset - j0  # key column of query row 0
+    if masks.key_mask is None and masks.attn_mask is None:  # key i + d is in cols: no row is empty
+        bias = _rect_band(i1 - i0, j1 - j0, offset, w, masks.is_causal, q.dtype, q.device, cache)  # (li, lj)
         return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    allowed = _rect_band(i1 - i0, j1 - j0, i0 - j0, w, masks.is_causal, torch.bool, q.device,
+    allowed = _rect_band(i1 - i0, j1 - j0, offset, w, masks.is_causal, torch.bool, q.device,
                          cache)[None, None]
     if masks.key_mask is not None:
         allowed = allowed & masks.key_mask[:, None, None, j0:j1]  # (B, 1, li, lj)

@@ -14,12 +14,15 @@ from attnreg.core import (
     Attention,
     AttentionConfig,
     Capabilities,
+    DecodeState,
     Masks,
+    check_inputs,
     dot_product_logits,
     masked_softmax,
 )
 
-from ._blocked import MaskCache, band_mask, local_attention
+from ._blocked import MaskCache, band_mask, local_attention, rect_band
+from .decoding import LocalState
 
 __all__ = ["LocalAttention", "LocalConfig"]
 
@@ -45,14 +48,16 @@ class LocalAttention(Attention):
     """Sliding-window softmax attention in O(L * (block + 2w) * E) time and memory (never L x L).
 
     Query i attends key j iff ``|i - j| <= window`` (and ``j <= i`` when causal), ANDed with
-    ``key_mask`` and ``attn_mask``. Self-attention only (Lq == Lk).
+    ``key_mask`` and ``attn_mask``. Self-attention: Lq == Lk, or Lq < Lk under lower-right causal
+    alignment (query i at key position ``i + Lk - Lq``). Decoding keeps only the last ``window``
+    keys and values (``LocalState``).
     """
 
     variant = "local"
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=False,
         dropout=True, normalized=True, permutation_invariant=False, learnable=False,
-        complexity="O(L*w*E)",
+        decoding=True, complexity="O(L*w*E)",
     )
 
     def __init__(self, config: LocalConfig) -> None:
@@ -67,17 +72,39 @@ class LocalAttention(Attention):
         return local_attention(
             query, key, value, masks, self.window, self.block_size,
             self.softmax_scale(query.shape[-1]), self.active_dropout, self._mask_cache,
-        )  # (B, H, L, Ev)
+        )  # (B, H, Lq, Ev)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         acc = self._accum_dtype(query)
-        logits = dot_product_logits(query.to(acc), key.to(acc), self.scale)  # (B, H, L, L)
+        logits = dot_product_logits(query.to(acc), key.to(acc), self.scale)  # (B, H, Lq, Lk)
         if masks.float_mask is not None:
             logits = logits + masks.float_mask.to(acc)
-        allowed = band_mask(masks.q_len, self.window, masks.is_causal, query.device)  # (L, L)
-        extra = masks.allowed(query.device)  # (B|1, H|1, L, L) or None
+        allowed = rect_band(masks.q_len, masks.k_len, masks.q_offset, self.window, masks.is_causal,
+                            query.device)  # (Lq, Lk)
+        extra = masks.allowed(query.device)  # (B|1, H|1, Lq, Lk) or None
         allowed = allowed if extra is None else extra & allowed
         return masked_softmax(logits, allowed).to(query.dtype)
+
+    def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
+                    dtype: torch.dtype, device: torch.device, max_length: int | None) -> DecodeState:
+        return LocalState(
+            batch, heads, head_dim, value_dim, dtype, device, max_length=max_length, window=self.window,
+            key=torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=device),  # (B, H, 0, E)
+            value=torch.empty(batch, heads, 0, value_dim, dtype=dtype, device=device),  # (B, H, 0, Ev)
+        )
+
+    def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
+                key_mask: Tensor | None) -> tuple[Tensor, DecodeState]:
+        if not isinstance(state, LocalState) or state.window != self.window:
+            got = f"window {state.window}" if isinstance(state, LocalState) else type(state).__name__
+            raise ValueError(f"decode: local needs a LocalState from this module's init_state "
+                             f"(window {self.window}), got {got}")
+        k_all, v_all, km = state.extend(key, value, key_mask)  # (B, H, m+T, E|Ev), (B, m+T)
+        # The T queries are the last T of the m + T positions: lower-right causal, Lk - Lq = m.
+        masks = check_inputs(self.variant, self.capabilities, query, k_all, v_all, None, km, True,
+                             "lower_right")
+        out = self._attend(query, k_all, v_all, masks)  # (B, H, T, Ev)
+        return out, state.advanced(k_all, v_all, km, key.shape[2])
 
     def pattern_mask(self, L: int, is_causal: bool = False) -> Tensor:  # noqa: N803 (harness API name)
         """Dense allowed pattern ``(L, L)`` bool: True where ``|i - j| <= window`` (and j <= i if causal)."""
@@ -87,9 +114,13 @@ class LocalAttention(Attention):
               is_causal: bool) -> float:
         """Useful forward FLOPs: 2*(E + Ev) per (query, allowed key) pair of the band, edges exact.
 
-        ``4 * E * (2w + 1)`` per query and head away from the edges when ``Ev == E``.
+        ``4 * E * (2w + 1)`` per query and head away from the edges when ``Ev == E``. Lq < Lk is
+        lower-right causal (the only Lq != Lk local accepts): query i at key position i + Lk - Lq.
         """
-        i = torch.arange(q_len, dtype=torch.float64)
+        if q_len != k_len and not (is_causal and q_len < k_len):
+            raise ValueError(f"local: q_len {q_len} != k_len {k_len} needs is_causal and q_len < k_len "
+                             "(lower-right alignment)")
+        i = torch.arange(q_len, dtype=torch.float64) + (k_len - q_len)  # key position of query i
         hi = torch.clamp(i + (0 if is_causal else self.window), max=k_len - 1)
         lo = torch.clamp(i - self.window, min=0)
         pairs = float((hi - lo + 1).clamp(min=0).sum())
