@@ -6,7 +6,7 @@ pytest-benchmark cases, so every path measures exactly the same thing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from attnreg.core import Attention, AttentionConfig, causal_mask
 
+from .decode import prepare_decode_call
 from .settings import DTYPES
 
 __all__ = ["MASKED", "Job", "Prepared", "prepare", "sdpa_flops", "variant_flops", "pattern_of",
@@ -50,10 +51,12 @@ class Job:
 
 @dataclass
 class Prepared:
-    """A ready-to-run point: ``call()`` runs it once; ``keep`` holds its inputs alive."""
+    """A ready-to-run point: ``call()`` runs it once; ``keep`` holds its inputs alive; ``info``
+    is reported with the measurement (e.g. a decoding state's size)."""
 
     call: Callable[[], None]
     keep: tuple[Any, ...]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def build_module(job: Job) -> Attention:
@@ -138,8 +141,9 @@ def _attention_fn(job: Job) -> tuple[Callable[[Tensor, Tensor, Tensor], Tensor],
 
 
 def prepare(job: Job) -> Prepared:
-    """Inputs and a zero-argument callable running one forward (under ``no_grad``) or one
-    forward+backward (gradients of inputs and parameters, cleared before each call)."""
+    """Inputs and a zero-argument callable running one forward (under ``no_grad``), one
+    forward+backward (gradients of inputs and parameters, cleared before each call), or one
+    decoded token at context ``length`` (``mode="decode"``, see ``decode.py``)."""
     torch.manual_seed(job.seed)
     if job.kind == "gemm":
         gen = torch.Generator().manual_seed(job.seed)
@@ -150,6 +154,13 @@ def prepare(job: Job) -> Prepared:
             torch.mm(a, b)  # (n, n)
 
         return Prepared(call=gemm, keep=(a, b))
+    if job.mode == "decode":
+        if job.kind not in ("variant", "sdpa"):
+            raise ValueError(f"decode mode measures variants and sdpa only, not {job.kind!r}")
+        module = build_module(job) if job.kind == "variant" else None
+        call, keep, info = prepare_decode_call(job.kind, module, job.batch, job.heads, job.head_dim,
+                                               job.length, DTYPES[job.dtype], job.seed)
+        return Prepared(call=call, keep=keep, info=info)
     fn, keep = _attention_fn(job)
     backward = job.mode == "fwdbwd"
     q, k, v = make_inputs(job, requires_grad=backward)

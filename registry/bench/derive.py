@@ -33,6 +33,7 @@ def derive(doc: dict[str, Any]) -> dict[str, Any]:
     fit_min = settings.get("fit_min", 0)
     points = doc["points"]
     index = {point_key(p): p for p in points if p.get("status") == "ok"}
+    kv_cache = [label for label, v in doc.get("variants", {}).items() if v.get("name") == "dot_product"][:1]
     for p in points:
         t = _t(p)
         if t is None:
@@ -49,6 +50,10 @@ def derive(doc: dict[str, Any]) -> dict[str, Any]:
             refs[masked] = (f"{masked}[{p['series']}]", mode, causal, length)
         for b in doc["variants"].get(p["series"], {}).get("baselines", []):
             refs[b] = (f"{p['series']}:{b}", mode, causal, length)
+        if mode == "decode":  # the plain KV cache's step, where dot_product was measured too
+            for label in kv_cache:
+                if label != p["series"]:
+                    refs["dot_product"] = (label, mode, causal, length)
         speed = {name: _t(index.get(key)) / t for name, key in refs.items() if _t(index.get(key))}
         p["speedup"] = speed
     doc["summary"] = _summary(doc, fit_min)

@@ -53,12 +53,15 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_gate(choice: VariantChoice, batch: int, heads: int, head_dim: int, length: int,
              dtype: str, causal_flags: tuple[bool, ...], backward: bool, seed: int = 0, *,
-             long_length: int | None = None, long_heads: int = 1) -> GateResult:
+             long_length: int | None = None, long_heads: int = 1, decode: bool = False) -> GateResult:
     """Check ``choice`` at a small size, then (forward only) at ``long_length`` if it is longer;
     never raises for a broken variant (returns ok=False). Errors at the long length are keyed
-    ``"L=<n>/<dtype>/<full|causal>"``."""
+    ``"L=<n>/<dtype>/<full|causal>"``. With ``decode``, decoding (prefill, single steps, a chunk)
+    must also match the causal oracle at the small size (keys ``"decode/<dtype>"``)."""
     result = _gate_at(choice, choice.config, batch, heads, head_dim, length, dtype, causal_flags,
                       backward, seed, "")
+    if result.ok and decode:
+        result = _gate_decode(choice, batch, heads, head_dim, length, dtype, seed, result)
     if not result.ok or long_length is None or long_length <= length:
         return result
     h = min(heads, long_heads)
@@ -70,6 +73,26 @@ def run_gate(choice: VariantChoice, batch: int, heads: int, head_dim: int, lengt
     result.errors.update(long.errors)
     if not long.ok:
         return GateResult(False, f"at L={long_length} (B=1, H={h}): {long.reason}", result.errors)
+    return result
+
+
+def _gate_decode(choice: VariantChoice, batch: int, heads: int, head_dim: int, length: int,
+                 dtype: str, seed: int, result: GateResult) -> GateResult:
+    from .decode import decode_gate_error
+
+    try:
+        module = choice.spec.factory(choice.config).eval()
+        ref = copy.deepcopy(module).to(torch.float64)
+        checks = [("float64", ref, torch.float64)] if torch.float64 in choice.spec.capabilities.dtypes else []
+        checks.append((dtype, module.to(DTYPES[dtype]), DTYPES[dtype]))
+        for name, m, dt in checks:
+            err = decode_gate_error(m, ref, batch, heads, head_dim, length, dt, seed)
+            result.errors[f"decode/{name}"] = err
+            if not err <= TOLERANCES[name]:
+                return GateResult(False, f"{name} decoding differs from the causal full forward: "
+                                  f"relative error {err:.3g} > {TOLERANCES[name]:g}", result.errors)
+    except Exception as exc:  # noqa: BLE001 - a broken variant is reported, not raised
+        return GateResult(False, f"decoding: {type(exc).__name__}: {exc}", result.errors)
     return result
 
 

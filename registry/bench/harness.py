@@ -94,6 +94,8 @@ class _Run:
                          "min_s": min(res.samples), "repeats": len(res.samples),
                          "warmup_excluded": res.warmup, "samples_s": res.samples}
         point["memory"] = {"peak_bytes": res.peak_bytes, "input_bytes": res.input_bytes}
+        if "state_bytes" in res.info:  # decode mode: what the state keeps between tokens
+            point["memory"]["state_bytes"] = res.info["state_bytes"]
         if res.status == "ok" and res.reason:
             point["note"] = res.reason
         if flops is not None:
@@ -117,7 +119,7 @@ class _Run:
         except Exception as exc:  # noqa: BLE001
             return ProbeResult("error", f"{type(exc).__name__}: {exc}")
         return ProbeResult("ok", f"timed in the main process, memory not measured ({why})",
-                           samples=samples, first_s=first, warmup=warm)
+                           samples=samples, first_s=first, warmup=warm, info=prep.info)
 
     # -- the run ----------------------------------------------------------------------------
     def roof(self, when: str) -> None:
@@ -150,7 +152,8 @@ class _Run:
                 entry.update(status="unsupported", reason="only causal was asked; the variant is not causal")
                 continue
             gate = run_gate(choice, 1, s.heads, s.head_dim, s.gate_length, s.dtype, flags,
-                            "fwdbwd" in s.modes, s.seed, long_length=s.long_gate_length)
+                            "fwdbwd" in s.modes, s.seed, long_length=s.long_gate_length,
+                            decode="decode" in s.modes and caps.decoding)
             entry["gate"] = gate.as_json()
             entry.update(status="passed" if gate.ok else "failed", reason=gate.reason)
             if gate.ok:
@@ -177,17 +180,18 @@ class _Run:
         s, plan = self.s, []
         for length in s.lengths:
             for mode in s.modes:
-                for causal in s.causal_flags(True):
-                    group = [c for c in passed if causal in s.causal_flags(c.spec.capabilities.causal)
-                             and c.wants(mode, causal, length)]
+                for causal in s.causal_flags(True, mode):
+                    group = [c for c in passed if causal in s.causal_flags(c.spec.capabilities.causal, mode)
+                             and c.wants(mode, causal, length)
+                             and (mode != "decode" or c.spec.capabilities.decoding)]
                     baselines = []
                     for c in group:
                         entry, module = self.doc["variants"][c.label], self.modules[c.label]
                         job = self.job("variant", length, mode, causal, c)
-                        plan.append((c.label, job, variant_flops(module, job, c.is_dense_sdpa),
-                                     {"kind": "variant", "variant": c.label}))
+                        flops = None if mode == "decode" else variant_flops(module, job, c.is_dense_sdpa)
+                        plan.append((c.label, job, flops, {"kind": "variant", "variant": c.label}))
                         meta = {"variant": c.label, "needs": [c.label]}
-                        if not s.baselines:
+                        if not s.baselines or mode == "decode":
                             continue
                         if entry["pattern_mask"]:
                             for kind in MASKED:
@@ -200,8 +204,9 @@ class _Run:
                     if passed and not group:
                         continue  # no variant wants this point (NAME@MAXLEN, a preset's points)
                     needs = [c.label for c in group] if passed else None
-                    plan.append(("sdpa", self.job("sdpa", length, mode, causal),
-                                 sdpa_flops(s.batch, s.heads, length, s.head_dim, causal),
+                    dense = (None if mode == "decode"
+                             else sdpa_flops(s.batch, s.heads, length, s.head_dim, causal))
+                    plan.append(("sdpa", self.job("sdpa", length, mode, causal), dense,
                                  {"kind": "sdpa", "variant": None, "needs": needs}))
                     plan.extend(baselines)
         return plan

@@ -30,7 +30,9 @@ def _series_points(doc: dict[str, Any], mode: str, causal: bool,
     for p in doc["points"]:
         if p["mode"] != mode or bool(p["causal"]) != causal or p.get("status") != "ok":
             continue
-        y = p["time"]["median_s"] if metric == "time" else (p.get("memory") or {}).get("peak_bytes")
+        mem = p.get("memory") or {}
+        # Decoding: the memory that matters is what the state keeps between tokens.
+        y = p["time"]["median_s"] if metric == "time" else mem.get("state_bytes", mem.get("peak_bytes"))
         if y:
             out.setdefault(p["series"], []).append((p["length"], y / (1 if metric == "time" else 2**20)))
     return {k: sorted(v) for k, v in out.items()}
@@ -73,8 +75,8 @@ def plot_results(doc: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax.plot(xs, ys, label=label, ms=4, **style)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel("sequence length L")
-            ax.set_ylabel(unit)
+            ax.set_xlabel("context length (tokens in the state)" if mode == "decode" else "sequence length L")
+            ax.set_ylabel("state MiB" if mode == "decode" and metric == "memory" else unit)
             ax.set_title(f"{metric}: {mode}{' causal' if causal else ''}")
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:

@@ -54,6 +54,7 @@ class ProbeResult:
     peak_bytes: int | None = None
     input_bytes: int | None = None
     memory_method: str = MEMORY_METHOD
+    info: dict[str, Any] = field(default_factory=dict)  # the point's own report (Prepared.info)
 
     @property
     def total_bytes(self) -> int | None:
@@ -126,7 +127,7 @@ def _child(job: Job, threads: int, target_s: float, slow_s: float, repeat: bool,
         peak = None if hwm is None or not reset else max(0, hwm - base)
         samples, warm = timed_repeats(prep.call, first, target_s, slow_s) if repeat else ([first], False)
         conn.send(("done", dict(samples=samples, first_s=first, warmup=warm, peak_bytes=peak,
-                                input_bytes=rss1 - rss0)))
+                                input_bytes=rss1 - rss0, info=prep.info)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, never raised there
         # torch's CPU allocator refusing a huge request is the point not fitting, not a bug.
         tag = "memory" if isinstance(exc, MemoryError) or _OOM_TEXT in str(exc) else "error"

@@ -30,7 +30,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (32, 64)
-MODES = ("fwd", "fwdbwd")
+MODES = ("fwd", "fwdbwd", "decode")
+DEFAULT_MODES = ("fwd", "fwdbwd")
 
 
 def default_max_memory() -> int:
@@ -145,7 +146,7 @@ class BenchSettings:
     head_dim: int = 64
     dtype: str = "float32"
     threads: int = field(default_factory=lambda: max(1, torch.get_num_threads()))
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     causal: bool | None = None  # None: both where the variant supports causal
     max_memory: int = field(default_factory=default_max_memory)  # bytes, per point (whole process)
     max_call_s: float = 30.0  # per-point budget: skip variant points whose single call would take longer
@@ -179,6 +180,8 @@ class BenchSettings:
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ConfigError(f"--modes {','.join(self.modes)!r}: expected a subset of {','.join(MODES)}")
+        if self.modes == ("decode",) and self.causal is False:
+            raise ConfigError("--modes decode is causal by definition: drop --no-causal")
         if not self.lengths or any(n < 1 for n in self.lengths):
             raise ConfigError(f"lengths must be positive, got {self.lengths}")
         if min(self.max_memory, self.max_call_s, self.max_baseline_call_s, self.target_s) <= 0:
@@ -207,8 +210,11 @@ class BenchSettings:
         """The ``torch.dtype`` of ``dtype``."""
         return DTYPES[self.dtype]
 
-    def causal_flags(self, supports_causal: bool) -> tuple[bool, ...]:
-        """The causal flags to measure for a variant that does / does not support causal."""
+    def causal_flags(self, supports_causal: bool, mode: str | None = None) -> tuple[bool, ...]:
+        """The causal flags to measure for a variant that does / does not support causal (in
+        ``mode``: decoding is always causal)."""
+        if mode == "decode":
+            return (True,) if supports_causal and self.causal is not False else ()
         flags = (False, True) if self.causal is None else (self.causal,)
         return tuple(c for c in flags if supports_causal or not c)
 

@@ -36,7 +36,9 @@ def bench_cmd(
     head_dim: int = typer.Option(None, "--head-dim", help="Head dim E = Ev (default 64)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float64, bfloat16 or float16."),
     threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's default)."),
-    modes: str = typer.Option("fwd,fwdbwd", "--modes", help="Comma list of fwd, fwdbwd."),
+    modes: str = typer.Option(
+        "fwd,fwdbwd", "--modes", help="Comma list of fwd, fwdbwd, decode (one token at context L)."
+    ),
     causal: bool | None = typer.Option(
         None, "--causal/--no-causal", help="Only causal / only non-causal (default: both)."
     ),
@@ -106,8 +108,9 @@ def bench_cmd(
                 import attnreg
 
                 # dot_product IS the `sdpa` baseline of every run (the same kernel); name it to time
-                # it through the module as well.
-                names = [n for n in attnreg.list_variants() if n != "dot_product"]
+                # it through the module as well. Decoding times its KV cache: the reference there.
+                names = [n for n in attnreg.list_variants()
+                         if n != "dot_product" or "decode" in settings.modes]
             choices = [parse_variant(n, settings.heads, settings.head_dim) for n in names]
         bar, update = _progress_bar()
         with bar:

@@ -1,0 +1,92 @@
+"""The decoding mode of the bench (``--modes decode``): the time of one generated token and the
+memory a variant keeps between tokens, against the context length.
+
+A point at length L is a state holding a context of L positions (B sequences, H heads), then one
+``decode`` call of a single token, timed (under ``no_grad``, eval mode). The dense reference
+(``sdpa``) is the bare kernel of a KV-cache step: SDPA of one query over L cached keys. The state
+is filled by prefilling the context through ``decode`` in chunks; the core KV cache
+(``KVCacheState``, whose step cost depends only on its length) is filled by appending random
+keys directly, so quadratic variants (additive) can be measured at long contexts without an
+O(L^2) prefill.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnreg.core import Attention, KVCacheState
+
+__all__ = ["DECODE_HEADROOM", "PREFILL_CHUNK", "decode_gate_error", "fill_state", "prepare_decode_call"]
+
+PREFILL_CHUNK = 4096  # positions per prefill call (bounds its working memory)
+DECODE_HEADROOM = 128  # max_length = L + this: room for the warm-up and the timed steps
+
+
+def fill_state(module: Attention, batch: int, heads: int, head_dim: int, length: int,
+               dtype: torch.dtype, gen: torch.Generator) -> Any:
+    """A decoding state holding ``length`` random positions (see the module docstring)."""
+    state = module.init_state(batch, heads, head_dim, dtype=dtype, max_length=length + DECODE_HEADROOM)
+    if type(state) is KVCacheState:
+        k = torch.randn(batch, heads, length, head_dim, generator=gen).to(dtype)  # (B, H, L, E)
+        v = torch.randn(batch, heads, length, head_dim, generator=gen).to(dtype)  # (B, H, L, E)
+        return state.append(k, v, None)
+    with torch.no_grad():
+        for start in range(0, length, PREFILL_CHUNK):
+            n = min(PREFILL_CHUNK, length - start)
+            q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen).to(dtype) for _ in range(3))
+            _, state = module.decode(q, k, v, state)
+    return state
+
+
+def prepare_decode_call(kind: str, module: Attention | None, batch: int, heads: int, head_dim: int,
+                        length: int, dtype: torch.dtype, seed: int) -> tuple[Any, tuple[Any, ...], dict]:
+    """(call, objects to keep alive, info) of one decode step at context ``length``.
+
+    ``info["state_bytes"]``: what the state holds after the context is filled.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, 1, head_dim)
+    q1, k1, v1 = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))  # (B, H, 1, E)
+    if kind == "sdpa":
+        keys = torch.randn(batch, heads, length, head_dim, generator=gen).to(dtype)  # (B, H, L, E)
+        values = torch.randn(batch, heads, length, head_dim, generator=gen).to(dtype)  # (B, H, L, E)
+
+        def sdpa_step() -> None:
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q1, keys, values)  # (B, H, 1, E)
+
+        return sdpa_step, (keys, values), {"state_bytes": 2 * keys.numel() * keys.element_size()}
+    assert module is not None
+    holder = [fill_state(module, batch, heads, head_dim, length, dtype, gen)]
+    info = {"state_bytes": holder[0].nbytes}
+
+    def step() -> None:
+        with torch.no_grad():
+            _, holder[0] = module.decode(q1, k1, v1, holder[0])
+
+    return step, (module, holder), info
+
+
+def decode_gate_error(module: Attention, ref: Attention, batch: int, heads: int, head_dim: int,
+                      length: int, dtype: torch.dtype, seed: int) -> float:
+    """Relative error of decoding in ``dtype`` (a prefill of about a third, single steps, then one
+    chunk) against the causal full forward of ``ref`` (a float64 copy of the module)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=gen, dtype=torch.float64)
+               for _ in range(3))  # (B, H, L, E)
+    with torch.no_grad():
+        want = ref(q, k, v, is_causal=True)  # (B, H, L, E) float64
+        state = module.init_state(batch, heads, head_dim, dtype=dtype, max_length=length)
+        cuts = sorted({0, length // 3, length // 3 + 1, length // 3 + 2, length // 2, length})
+        outs: list[Tensor] = []
+        for lo, hi in zip(cuts, cuts[1:], strict=False):
+            out, state = module.decode(*(t[:, :, lo:hi].to(dtype) for t in (q, k, v)), state)
+            outs.append(out)
+        got = torch.cat(outs, dim=2).double()  # (B, H, L, E)
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return (got - want).abs().max().item() / (want.abs().max().item() or 1.0)
