@@ -3,6 +3,7 @@
     import attnreg
     attn = attnreg.build("local", window=128)        # or a dict / config model / YAML file
     out = attn(q, k, v, key_mask=pad, is_causal=True)
+    mha = attnreg.MultiHeadAttention(256, num_heads=8, attention="local")   # (B, L, 256) layer
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
     from ._configs import build, config_type, load_config, validate_config
     from ._plugins import REGISTRY, PluginRecord  # noqa: F401
+    from .multihead import MultiHeadAttention
 
 _LAZY = {
     **{n: "attnreg.core" for n in (
@@ -41,6 +43,7 @@ _LAZY = {
     )},
     **{n: "attnreg._configs" for n in ("build", "config_type", "load_config", "validate_config")},
     **{n: "attnreg._plugins" for n in ("REGISTRY", "PluginRecord")},
+    "MultiHeadAttention": "attnreg.multihead",
 }
 
 
@@ -69,6 +72,7 @@ __all__ = [
     "ConfigError",
     "DuplicateVariantError",
     "Masks",
+    "MultiHeadAttention",
     "PluginLoadError",
     "PluginRecord",
     "UnknownVariantError",

@@ -87,6 +87,12 @@ def build(config: AttentionConfig | Mapping[str, Any] | str, /, **fields: Any) -
 
 def load_config(path: str | Path) -> AttentionConfig:
     """Read a config file (.yaml/.yml with the safe loader, .json, .toml) into a config model."""
+    return validate_config(read_config_file(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a config file (.yaml/.yml with the safe loader, .json, .toml), not yet
+    validated (``attnreg.MultiHeadAttention`` fills in the head sizes first)."""
     import yaml
 
     p = Path(path)
@@ -114,7 +120,7 @@ def load_config(path: str | Path) -> AttentionConfig:
             f"config file {str(p)!r} must hold a mapping with a 'variant' key, "
             f"got {type(data).__name__}"
         )
-    return validate_config(data)
+    return dict(data)
 
 
 def _resolve_alias(data: Any) -> Any:
