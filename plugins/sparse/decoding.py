@@ -43,14 +43,16 @@ class BlockKVState(DecodeState):
     def write(self, key: Tensor, value: Tensor, key_mask: Tensor | None) -> BlockKVState:
         """This state with ``T`` more positions: key/value (B, H, T, E|Ev), key_mask (B, T) or None.
 
-        Writes into the buffers in place (the state passed to ``decode`` is consumed), except
-        under autograd, where earlier steps' graphs must keep their inputs: then out of place.
+        Writes into the buffers in place: the state passed to ``decode`` is consumed. Autograd
+        allows it: no operation saves the buffers themselves for backward (the gather copies
+        the blocks it reads), so a write only adds a node to the graph.
         """
         start, t = self.length, key.shape[2]
         state = self._reserve(start + t)
-        assert state.key is not None and state.value is not None
-        k = _put(state.key, key, start)  # (B, H, capacity, E)
-        v = _put(state.value, value, start)  # (B, H, capacity, Ev)
+        k, v = state.key, state.value  # (B, H, capacity, E|Ev)
+        assert k is not None and v is not None
+        k[:, :, start : start + t] = key
+        v[:, :, start : start + t] = value
         km = state.key_mask
         if key_mask is not None:
             if km is None:
@@ -81,10 +83,3 @@ class BlockKVState(DecodeState):
             value[:, :, :n] = self.value[:, :, :n]
         return dataclasses.replace(self, key=key, value=value, key_mask=km)
 
-
-def _put(buf: Tensor, new: Tensor, start: int) -> Tensor:
-    """``buf`` (B, H, capacity, D) with positions ``start..start+T`` set to ``new`` (B, H, T, D)."""
-    if torch.is_grad_enabled() and (new.requires_grad or buf.requires_grad):
-        return buf.slice_scatter(new, dim=2, start=start, end=start + new.shape[2])
-    buf[:, :, start : start + new.shape[2]] = new
-    return buf
