@@ -62,14 +62,14 @@ class BlockKVState(DecodeState):
 
     def _reserve(self, end: int) -> BlockKVState:
         """Buffers holding at least ``end`` positions: all of ``max_length`` at once when it is
-        known, else doubled (amortised O(1) copy per token)."""
+        known, else at least doubled (amortised O(1) copy per token)."""
         if end <= self.capacity:
             return self
         b = self.block_size
         if self.max_length is not None:
             blocks = math.ceil(self.max_length / b)
-        else:
-            blocks = max(math.ceil(end / b), 2 * self.capacity // b)
+        else:  # a power of two: states of different prompts share the layout tables of few sizes
+            blocks = 1 << (max(math.ceil(end / b), 2 * self.capacity // b) - 1).bit_length()
         cap, n = blocks * b, self.length
         key = torch.zeros(self.batch, self.heads, cap, self.head_dim, dtype=self.dtype, device=self.device)
         value = torch.zeros(self.batch, self.heads, cap, self.value_dim, dtype=self.dtype,
