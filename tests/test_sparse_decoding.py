@@ -190,8 +190,11 @@ def test_missing_max_length_raises_a_clear_error(name, fields, why):
 
 def test_custom_layout_max_length_must_fit_and_decode_beyond_it_is_rejected():
     attn = SparseAttention.from_layout(custom_layout(4), block_size=4)  # lengths 13..16
-    with pytest.raises(ValueError, match="fits lengths 13..16"):
-        attn.init_state(1, 2, E, max_length=20)
+    for bad in (12, 20):
+        with pytest.raises(ValueError, match=rf"max_length={bad} does not fit.*lengths 13\.\.16"):
+            attn.init_state(1, 2, E, max_length=bad)
+    with pytest.raises(ValueError, match="2 heads but the input has 3"):
+        attn.init_state(1, 3, E, max_length=16)
     state = attn.init_state(1, 2, E, EV, dtype=torch.float64, max_length=14)
     q, k, v = inputs(1, 15)
     _, state = attn.decode(q[:, :, :14], k[:, :, :14], v[:, :, :14], state)

@@ -202,10 +202,18 @@ class SparseAttention(Attention):
                 "init_state(..., max_length=L); decoding then equals the causal forward over the "
                 "whole sequence of length L"
             )
-        if max_length is None and self._custom is not None:
-            max_length = self._custom.shape[1] * self.block_size  # all the custom layout covers
+        if self._custom is not None:
+            nb0 = self._custom.shape[1]
+            lo, hi = (nb0 - 1) * self.block_size + 1, nb0 * self.block_size
+            if max_length is None:
+                max_length = hi  # all the custom layout covers
+            elif not lo <= max_length <= hi:
+                raise ValueError(
+                    f"init_state: max_length={max_length} does not fit the custom layout: its {nb0} "
+                    f"blocks of block_size={self.block_size} fit total lengths {lo}..{hi}"
+                )
         if max_length is not None:
-            self._row_table(max_length, heads)  # builds the layout now: a custom misfit raises here
+            self._row_table(max_length, heads)  # built now: layout errors (custom heads) surface here
         return BlockKVState(batch, heads, head_dim, value_dim, dtype, device, max_length=max_length,
                             block_size=self.block_size)
 
