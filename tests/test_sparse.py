@@ -315,9 +315,9 @@ def test_full_rows_differing_per_head_with_attn_mask(shape):
 def test_inference_streams_rows_in_chunks(monkeypatch, layout, stream_bytes, is_causal):
     """Without autograd each group is gathered and attended a few rows at a time; every mask form
     must follow its rows (per-row masks sliced, shared ones broadcast)."""
-    import attnreg.plugins.sparse.attention as sparse_attention
+    import attnreg.plugins.sparse.execute as sparse_execute
 
-    monkeypatch.setattr(sparse_attention, "_STREAM_BYTES", stream_bytes)
+    monkeypatch.setattr(sparse_execute, "_STREAM_BYTES", stream_bytes)
     attn = make(layout, 16, 150)  # partial last block (150 = 9 * 16 + 6)
     q, k, v = (t.detach() for t in inputs(2, 2, 150, seed=21))
     g = torch.Generator().manual_seed(22)

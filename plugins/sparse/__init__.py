@@ -14,6 +14,7 @@ from attnreg.core import VariantSpec, hookimpl
 
 from .attention import BigBirdAttention, SparseAttention
 from .config import BigBirdConfig, SparseConfig
+from .decoding import BlockKVState
 from .gather import release_scratch
 from .reference import sparse_reference
 
@@ -21,6 +22,7 @@ __all__ = [
     "BIGBIRD_SPEC",
     "BigBirdAttention",
     "BigBirdConfig",
+    "BlockKVState",
     "SPEC",
     "SparseAttention",
     "SparseConfig",

@@ -23,7 +23,8 @@ from attnreg.core import sdpa_safe_mask
 from .plan import FullGroup, Group, Plan
 
 __all__ = [
-    "Scratch", "finish_mask", "full_rows_attn_mask", "gather_attn_mask", "gather_rows", "release_scratch",
+    "Gatherer", "Scratch", "finish_mask", "full_rows_attn_mask", "gather_attn_mask", "gather_rows",
+    "release_scratch",
 ]
 
 
@@ -67,19 +68,19 @@ class Scratch:
             self._buffers.clear()
 
     @contextmanager
-    def lease(self, reuse: bool) -> Iterator[_Gatherer]:
+    def lease(self, reuse: bool) -> Iterator[Gatherer]:
         """A gatherer that writes into these buffers while the ``with`` block runs, if ``reuse``
         and no other thread holds them; otherwise one that allocates per call."""
         if not reuse or not self._lock.acquire(blocking=False):
-            yield _Gatherer(None)
+            yield Gatherer(None)
             return
         try:
-            yield _Gatherer(self._buffers)
+            yield Gatherer(self._buffers)
         finally:
             self._lock.release()
 
 
-class _Gatherer:
+class Gatherer:
     """``gather`` for one forward call: into ``store``'s buffers, or plain ``gather_rows``."""
 
     def __init__(self, store: dict[tuple[str, torch.dtype], Tensor] | None) -> None:
@@ -156,19 +157,22 @@ def gather_rows(src: Tensor, index: Tensor) -> Tensor:
     return _GatherRows.apply(src, index)
 
 
-def gather_attn_mask(m: Tensor, g: Group, plan: Plan, b: int, length: int) -> Tensor:
-    """The entries of a 4-D ``attn_mask`` (B|1, H|1, L|1, L|1) that one group reads.
+def gather_attn_mask(m: Tensor, g: Group, plan: Plan, b: int) -> Tensor:
+    """The entries of a 4-D ``attn_mask`` (B|1, H|1, Lq|1, Lk|1) that one group reads.
 
-    Returns (n, B|1, b|1, c*b), same dtype; padded tokens read True / 0 (the structural mask
-    already keeps padded keys out, and padded queries are discarded).
+    Returns (n, B|1, w|1, c*b), same dtype (w = ``plan.q_width``); padded tokens read True / 0
+    (the structural mask already keeps padded keys out, and padded queries are discarded).
     """
     bm, hm, lq, lk = m.shape
     n, c = g.kv_rows.shape
-    pad = plan.padded_len - length
+    w = plan.q_width
     fill = True if m.dtype == torch.bool else 0.0
-    if pad and (lq != 1 or lk != 1):
-        m = F.pad(m, (0, pad if lk != 1 else 0, 0, pad if lq != 1 else 0), value=fill)
-    nq, bq = (plan.nb, b) if lq != 1 else (1, 1)
+    q_back = plan.q_blocks * w - plan.q_front - lq if lq != 1 else 0
+    q_front = plan.q_front if lq != 1 else 0
+    k_pad = plan.padded_len - lk if lk != 1 else 0
+    if q_front or q_back or k_pad:
+        m = F.pad(m, (0, k_pad, q_front, q_back), value=fill)
+    nq, bq = (plan.q_blocks, w) if lq != 1 else (1, 1)
     nk, bk = (plan.nb, b) if lk != 1 else (1, 1)
     m6 = m.reshape(bm, hm, nq, bq, nk, bk)
     zeros = torch.zeros_like(g.heads)

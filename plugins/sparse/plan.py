@@ -1,6 +1,6 @@
 """Execution plan of a block layout: query blocks grouped so that each group is one 4-D SDPA call.
 
-For one (layout, length, causal) the plan lists, per group, the query-block rows ``h * nb + I``
+For one (layout, length, causal) the plan lists, per group, the query-block rows ``h * nq + I``
 and the key blocks each of them attends to. Rows in a group have the same number of active
 key blocks ``c``, so the gathered keys are a dense ``(B, n_rows, c * block, E)`` tensor and SDPA
 runs on 4-D inputs. Within a row the key blocks are ordered so that the one block that may need a
@@ -16,19 +16,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FullGroup", "Group", "Plan", "make_plan"]
+__all__ = ["FullGroup", "Group", "Plan", "RowTable", "make_plan", "offset_plan", "row_table"]
 
 
 @dataclass(frozen=True)
 class Group:
     """Query-block rows with the same active key-block count (one SDPA call)."""
 
-    rows: Tensor  # (n,) long: flattened row h * nb + I
+    rows: Tensor  # (n,) long: flattened query row h * q_blocks + (I - first query block)
     kv_rows: Tensor  # (n, c) long: flattened key block h * nb + J, special block last
     key_blocks: Tensor  # (n, c) long: J (head-free, for key_mask)
     heads: Tensor  # (n,) long: h
-    query_blocks: Tensor  # (n,) long: I
-    struct_mask: Tensor | None  # (block, c * block) bool, shared by the rows; None = no mask
+    query_blocks: Tensor  # (n,) long: I - first query block (the block's index among the queries)
+    struct_mask: Tensor | None  # (q_width, c * block) bool, shared by the rows; None = no mask
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,24 @@ class FullGroup:
 
 @dataclass(frozen=True)
 class Plan:
-    """All groups of one layout and length (non-causal or its causal part)."""
+    """All groups of one layout and length (non-causal or its causal part).
+
+    The keys are ``nb`` blocks per (batch, head), ``padded_len = nb * block`` tokens. The queries
+    are ``q_blocks`` blocks of ``q_width`` rows each, the first ``q_front`` rows padding: the
+    same blocks as the keys for a full call; the query blocks of the last positions for a
+    lower-right call (``offset_plan``), ``q_width`` < block when they all fit in one block.
+    """
 
     nb: int
     padded_len: int
     groups: tuple[Group, ...]
     full: FullGroup | None
-    inverse: Tensor  # (H * nb,) long: where row r sits in [group outputs | full outputs | 0 block]
+    inverse: Tensor  # (H * q_blocks,) long: where row r sits in [group outputs | full outputs | 0 block]
     active_pairs: int  # number of (h, I, J) blocks computed
     has_empty: bool  # some row attends to no block (its output is 0)
+    q_blocks: int
+    q_width: int
+    q_front: int
 
 
 def make_plan(layout: Tensor, block: int, length: int, causal: bool, device: torch.device) -> Plan:
@@ -112,7 +121,8 @@ def make_plan(layout: Tensor, block: int, length: int, causal: bool, device: tor
         cat = torch.cat(order)
         inverse[cat] = torch.arange(cat.numel())
     has_empty = bool((counts == 0).any())
-    return Plan(nb, nb * block, tuple(groups), full, inverse.to(device), int(layout.sum()), has_empty)
+    return Plan(nb, nb * block, tuple(groups), full, inverse.to(device), int(layout.sum()), has_empty,
+                q_blocks=nb, q_width=block, q_front=0)
 
 
 def _struct_mask(c: int, block: int, tail: int, causal: bool) -> Tensor:
@@ -123,4 +133,89 @@ def _struct_mask(c: int, block: int, tail: int, causal: bool) -> Tensor:
         last.copy_(torch.ones(block, block, dtype=torch.bool).tril())  # token j <= token i
     else:
         last[:, tail:] = False  # padded keys of the partial last block
+    return mask
+
+
+@dataclass(frozen=True)
+class RowTable:
+    """The causal part of a layout, one row per (head, query block): what lower-right calls read.
+
+    Built once per (length, heads); a call for the queries of blocks I0..I1 then reads
+    O(H * (I1 - I0 + 1) * C) entries of it, whatever the context length.
+    """
+
+    key_blocks: Tensor  # (H, nb, C) long: active J <= I ascending, the diagonal block last; then filler
+    counts: Tensor  # (H, nb) long: active key blocks of the row
+    diagonal: Tensor  # (H, nb) bool: the row reads its own block (the one needing a triangular mask)
+
+
+def row_table(layout: Tensor) -> RowTable:
+    """The ``RowTable`` of ``layout (H, nb, nb)`` (CPU)."""
+    heads, nb, _ = layout.shape
+    idx = torch.arange(nb)
+    causal = layout & (idx[None, :] <= idx[:, None])  # (H, nb, nb)
+    counts = causal.sum(-1)  # (H, nb)
+    width = max(1, int(counts.max()))
+    eye = torch.eye(nb, dtype=torch.bool)
+    key_blocks = torch.empty(heads, nb, width, dtype=torch.long)
+    for h in range(heads):  # one head at a time: the ranks are nb x nb int64
+        rank = torch.where(causal[h], idx[None, :], nb + 1)  # (nb, nb) inactive blocks sort last
+        rank = rank.masked_fill(eye & causal[h], nb)  # the diagonal just before them
+        key_blocks[h] = rank.argsort(dim=-1)[:, :width]
+    return RowTable(key_blocks, counts, causal[:, idx, idx])
+
+
+def offset_plan(
+    table: RowTable, block: int, q_start: int, q_end: int, key_blocks: int, device: torch.device
+) -> Plan:
+    """Plan of the queries at positions ``q_start..q_end-1`` attending causally to the keys at
+    ``0..q_end-1`` through ``table`` (the layout of the total length, which may exceed q_end).
+
+    The keys are held in ``key_blocks >= ceil(q_end / block)`` blocks per (batch, head); a key
+    past ``q_end`` only ever sits in a diagonal block, behind its triangular mask. Queries
+    within one block are taken as they are (``q_width = q_end - q_start``: a decoded token costs
+    one row, not a block); otherwise the first block is padded in front to whole blocks.
+    """
+    heads = table.counts.shape[0]
+    first, last = q_start // block, (q_end - 1) // block
+    nq = last - first + 1
+    if nq == 1:
+        width, front, shift = q_end - q_start, 0, q_start - first * block
+    else:
+        width, front, shift = block, q_start - first * block, 0
+    counts = table.counts[:, first : last + 1]  # (H, nq)
+    code = (counts * 2 + table.diagonal[:, first : last + 1]).reshape(-1)  # (H*nq,) one SDPA per code
+    groups: list[Group] = []
+    order: list[Tensor] = []  # each group's rows, on the CPU
+    for value in torch.unique(code).tolist():
+        c, special = value // 2, bool(value % 2)
+        if c == 0:
+            continue  # no key block: output 0
+        rows = (code == value).nonzero().squeeze(1)  # (n,)
+        order.append(rows)
+        h, qi = rows // nq, rows % nq
+        kb = table.key_blocks[h, qi + first, :c]  # (n, c), diagonal last
+        groups.append(
+            Group(
+                rows=rows.to(device),
+                kv_rows=(h[:, None] * key_blocks + kb).to(device),
+                key_blocks=kb.to(device),
+                heads=h.to(device),
+                query_blocks=qi.to(device),
+                struct_mask=_diagonal_mask(c, block, width, shift).to(device) if special else None,
+            )
+        )
+    inverse = torch.full((heads * nq,), sum(int(o.numel()) for o in order), dtype=torch.long)
+    if order:
+        cat = torch.cat(order)
+        inverse[cat] = torch.arange(cat.numel())
+    return Plan(key_blocks, key_blocks * block, tuple(groups), None, inverse.to(device),
+                int(counts.sum()), bool((counts == 0).any()), q_blocks=nq, q_width=width, q_front=front)
+
+
+def _diagonal_mask(c: int, block: int, width: int, shift: int) -> Tensor:
+    """(width, c * block) bool: query row t (token ``shift + t`` of its block) sees token s of the
+    diagonal block (the last of the c) where s <= shift + t, every token of the others."""
+    mask = torch.ones(width, c * block, dtype=torch.bool)
+    mask[:, (c - 1) * block :] = torch.arange(block)[None, :] <= torch.arange(width)[:, None] + shift
     return mask
