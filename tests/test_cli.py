@@ -31,7 +31,7 @@ def test_show_prints_fields_bounds_and_capabilities() -> None:
     res = _run("show", "sdpa")
     assert res.exit_code == 0, res.output
     for text in ("dot_product", "Vaswani", "dropout", ">= 0.0", "< 1.0", "scale", "> 0.0",
-                 "permutation_invariant", "float_mask"):
+                 "permutation_invariant", "float_mask", "decoding", "grouped_query"):
         assert text in res.output
 
 

@@ -11,57 +11,16 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
 
 import pytest
 import torch
 import torch.nn.functional as F
-from pydantic import Field, create_model
+from conformance_toys import Textbook, spec_for
 from torch import Tensor
 
 import attnreg
 from attnreg.conformance import CHECKS, CheckFailure, NotApplicable, build_cases, run_check
-from attnreg.core import (
-    Attention,
-    AttentionConfig,
-    Capabilities,
-    Masks,
-    VariantSpec,
-    dot_product_logits,
-    masked_softmax,
-)
-
-ALL = Capabilities(causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
-                   dropout=True, complexity="O(Lq*Lk*E)")
-
-
-class Textbook(Attention):
-    """softmax(scale * Q K^T + mask) V, straight from the formula: must pass every check."""
-
-    variant = "selftest_textbook"
-    capabilities = ALL
-
-    def _allowed(self, masks: Masks, device: torch.device) -> Tensor | None:
-        return masks.allowed(device)
-
-    def _logits(self, q: Tensor, k: Tensor, masks: Masks) -> Tensor:
-        acc = self._accum_dtype(q)
-        logits = dot_product_logits(q.to(acc), k.to(acc), self.scale)  # (B, H, Lq, Lk)
-        if masks.float_mask is not None:
-            logits = logits + masks.float_mask.to(acc)
-        return logits
-
-    def _softmax(self, logits: Tensor, allowed: Tensor | None) -> Tensor:
-        return masked_softmax(logits, allowed)
-
-    def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
-        w = self._softmax(self._logits(query, key, masks), self._allowed(masks, query.device))
-        return w.to(query.dtype)
-
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
-        w = self._softmax(self._logits(query, key, masks), self._allowed(masks, query.device))
-        w = F.dropout(w, self.active_dropout)  # (B, H, Lq, Lk)
-        return (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)
+from attnreg.core import Capabilities, Masks, VariantSpec
 
 
 class LeaksFuture(Textbook):
@@ -172,17 +131,6 @@ class NeedsContiguous(Textbook):
         b, h, lq, e = query.shape
         flat = query.view(b * h, lq, e)  # (B*H, Lq, E): fails on non-contiguous input
         return super()._attend(flat.view(b, h, lq, e), key, value, masks)
-
-
-def spec_for(cls: type[Textbook], **extra: Any) -> VariantSpec:
-    """A ``VariantSpec`` (with its own config model) for one of the classes above."""
-    name = cls.variant
-    config = create_model(
-        f"{cls.__name__}Config", __base__=AttentionConfig,
-        variant=(Literal[name], Field(name, description="Variant name.")),  # type: ignore[valid-type]
-    )
-    return VariantSpec(name=name, config=config, factory=cls, capabilities=cls.capabilities,
-                       summary=cls.__doc__ or name, reference="attnreg conformance self-test", **extra)
 
 
 # broken class -> (the check that must catch it, a correct variant with the same capabilities)

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from ._app import EXIT_FAILURE, app, console, user_errors
 
-_KEY_CAPS = ("causal", "key_mask", "attn_mask", "cross_attention", "dropout", "learnable")
+_KEY_CAPS = ("causal", "key_mask", "attn_mask", "cross_attention", "dropout", "learnable", "decoding",
+             "grouped_query")
 
 
 def _yes(flag: bool) -> str:

@@ -11,7 +11,14 @@ import torch
 import attnreg
 from attnreg.core import VariantSpec
 
-from . import _checks_contract, _checks_masking, _checks_numeric  # noqa: F401 - registers the checks
+# Importing the check modules registers their checks.
+from . import (  # noqa: F401
+    _checks_contract,
+    _checks_decoding,
+    _checks_grouped,
+    _checks_masking,
+    _checks_numeric,
+)
 from ._checks_contract import split_check_key
 from ._framework import (
     CHECKS,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -9,6 +11,7 @@ import torch
 import attnreg
 from attnreg.core import ConfigError, UnknownVariantError, UnsupportedFeatureError
 
+from ._checks_decoding import decode_api_refused, feature_calls_decoding
 from ._framework import (
     CHECKS,
     EV,
@@ -108,34 +111,49 @@ def learnable_parameters(s: Subject) -> None:
         raise CheckFailure("building with torch.manual_seed(0) and (1) gave identical parameters")
 
 
-def _feature_calls(s: Subject, lq: int = 7) -> list[tuple[str, str, dict[str, Any]]]:
-    """(capability flag, label, forward kwargs) for every mask-like feature."""
+def _feature_calls(s: Subject) -> list[tuple[str, str, tuple[torch.Tensor, ...], dict[str, Any]]]:
+    """(capability flag, label, (query, key, value), forward kwargs) for every call-level feature:
+    the mask kinds (Lq = Lk = 7), lower-right causal alignment with Lq=5 < Lk=7 (``decoding``) and
+    key/value with H/2 heads (``grouped_query``)."""
+    lq = 7
+    qkv = s.inputs(lq=lq)
     km = torch.ones(B, lq, dtype=torch.bool, device=s.device)
     am = torch.ones(lq, lq, dtype=torch.bool, device=s.device)
     fm = torch.zeros(lq, lq, dtype=s.dtype, device=s.device)
-    return [("causal", "is_causal=True", {"is_causal": True}), ("key_mask", "key_mask", {"key_mask": km}),
-            ("attn_mask", "a bool attn_mask", {"attn_mask": am}),
-            ("float_mask", "a float attn_mask", {"attn_mask": fm})]
+    q5 = s.randn(B, H, 5, E, seed=8)  # (B, H, 5, E): the last 5 positions of the 7 keys
+    k1, v1 = qkv[1][:, : H // 2], qkv[2][:, : H // 2]  # (B, H/2, Lk, E): grouped key/value
+    return [("causal", "is_causal=True", qkv, {"is_causal": True}),
+            ("key_mask", "key_mask", qkv, {"key_mask": km}),
+            ("attn_mask", "a bool attn_mask", qkv, {"attn_mask": am}),
+            ("float_mask", "a float attn_mask", qkv, {"attn_mask": fm}),
+            ("decoding", "is_causal=True, causal_alignment='lower_right' with Lq=5 < Lk=7",
+             (q5, qkv[1], qkv[2]), {"is_causal": True, "causal_alignment": "lower_right"}),
+            ("grouped_query", f"key/value with {H // 2} head(s) for {H} query heads (grouped-query)",
+             (qkv[0], k1, v1), {})]
 
 
 @check("unsupported_features_raise", "manifest")
 def unsupported_features_raise(s: Subject) -> None:
     """Every capability declared False raises ``UnsupportedFeatureError`` when used, from both
     ``forward`` and ``attention_weights``: ``is_causal=True``, ``key_mask``, bool and float
-    ``attn_mask``, Lq != Lk, every dtype not in ``dtypes``; ``dropout > 0`` at build time (a
-    ``ConfigError`` from a config bound is accepted too). A declared-False feature that silently
-    works is a false manifest."""
+    ``attn_mask``, Lq != Lk, lower-right causal alignment with Lq < Lk and ``init_state`` /
+    ``decode`` (``decoding``), key/value with fewer heads than the query (``grouped_query``),
+    every dtype not in ``dtypes``; ``dropout > 0`` at build time (a ``ConfigError`` from a config
+    bound is accepted too). A declared-False feature that silently works is a false manifest."""
     m = s.build()
     q, k, v = s.inputs(lq=7)
     tried = 0
-    for flag, label, kw in _feature_calls(s):
+    for flag, label, (fq, fk, fv), kw in _feature_calls(s):
         if getattr(s.caps, flag):
             continue
         tried += 1
-        what = f"{label} with {flag}=False declared ({sizes_of(q, k, v)})"
-        expect_raises(UnsupportedFeatureError, lambda kw=kw: m(q, k, v, **kw), what="forward: " + what)
-        expect_raises(UnsupportedFeatureError, lambda kw=kw: m.attention_weights(q, k, **kw),
+        what = f"{label} with {flag}=False declared ({sizes_of(fq, fk, fv)})"
+        expect_raises(UnsupportedFeatureError, lambda fq=fq, fk=fk, fv=fv, kw=kw: m(fq, fk, fv, **kw),
+                      what="forward: " + what)
+        expect_raises(UnsupportedFeatureError, lambda fq=fq, fk=fk, kw=kw: m.attention_weights(fq, fk, **kw),
                       what="attention_weights: " + what)
+    if not s.caps.decoding:
+        decode_api_refused(s, m)
     if not s.caps.cross_attention:
         tried += 1
         for lq, lk in ((5, 7), (7, 5)):
@@ -163,19 +181,29 @@ def unsupported_features_raise(s: Subject) -> None:
 
 @check("declared_features_work", "manifest")
 def declared_features_work(s: Subject) -> None:
-    """Every capability declared True works when used: ``is_causal``, ``key_mask``, bool and
-    float ``attn_mask``, Lq != Lk both ways, ``dropout`` in train mode, every declared dtype; each
-    call returns a finite output of the right shape and dtype."""
+    """Every capability declared True works when used, in ``forward`` and
+    ``attention_weights``: ``is_causal``, ``key_mask``, bool and float ``attn_mask``, Lq != Lk
+    both ways, lower-right causal alignment with Lq < Lk and ``init_state`` + ``decode``
+    (``decoding``), key/value with H/2 heads (``grouped_query``), ``dropout`` in train mode, every
+    declared dtype; each call returns a finite output of the right shape and dtype."""
     m = s.build()
     q, k, v = s.inputs(lq=7)
-    calls = [(label, kw) for flag, label, kw in _feature_calls(s) if getattr(s.caps, flag)]
-    for label, kw in calls:
-        try:
-            out = m(q, k, v, **kw)
-        except Exception as err:  # noqa: BLE001 - a declared feature failing is the finding
-            raise CheckFailure(
-                f"{label} is declared supported but failed: {type(err).__name__}: {err}") from err
-        assert_finite(out, what=f"forward with {label}", sizes=sizes_of(q, k, v))
+    for flag, label, (fq, fk, fv), kw in _feature_calls(s):
+        if not getattr(s.caps, flag):
+            continue
+        sz = sizes_of(fq, fk, fv)
+        calls = (("forward", partial(m, fq, fk, fv, **kw), fv.shape[-1]),
+                 ("attention_weights", partial(m.attention_weights, fq, fk, **kw), fk.shape[2]))
+        for fn_name, call, last in calls:
+            out = _works(call, f"{fn_name} with {label}", sz)
+            if tuple(out.shape) != (B, H, fq.shape[2], last):
+                raise CheckFailure(f"{fn_name} with {label}: shape {tuple(out.shape)}, expected "
+                                   f"{(B, H, fq.shape[2], last)} ({sz})")
+    if s.caps.decoding:
+        for label, call in feature_calls_decoding(s, m):
+            out = _works(call, label, f"B={B} H={H} E={E} Ev={EV} {dtype_name(s.dtype)}")
+            if tuple(out.shape) != (B, H, 6, EV):
+                raise CheckFailure(f"{label}: outputs of shape {tuple(out.shape)}, expected {(B, H, 6, EV)}")
     if s.caps.cross_attention:
         for lq, lk in ((5, 7), (7, 5)):
             q2, k2, v2 = s.inputs(lq=lq, lk=lk)
@@ -187,6 +215,17 @@ def declared_features_work(s: Subject) -> None:
         out = _call_ok(s.build(dtype=d), qd, kd, vd, f"dtype {dtype_name(d)}")
         if out.dtype != d:
             raise CheckFailure(f"output dtype {out.dtype} for {dtype_name(d)} inputs")
+
+
+def _works(call: Callable[[], torch.Tensor], label: str, sz: str) -> torch.Tensor:
+    """``call()``'s finite result; a declared feature that raises or gives non-finite values fails."""
+    try:
+        out = call()
+    except Exception as err:  # noqa: BLE001 - a declared feature failing is the finding
+        raise CheckFailure(f"{label} is declared supported but failed ({sz}): "
+                           f"{type(err).__name__}: {err}") from err
+    assert_finite(out, what=label, sizes=sz)
+    return out
 
 
 def _call_ok(m: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -9,7 +9,16 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from attnreg.core import Attention, AttentionConfig, Capabilities, Masks, dot_product_logits
+from attnreg.core import (
+    Attention,
+    AttentionConfig,
+    Capabilities,
+    DecodeState,
+    KVCacheState,
+    Masks,
+    check_inputs,
+    dot_product_logits,
+)
 
 
 class SigmoidConfig(AttentionConfig):
@@ -28,12 +37,17 @@ class SigmoidAttention(Attention):
     Rows are NOT normalised (``normalized=False``): each weight is independent of the others in
     its row. Attention dropout is not implemented (``dropout=False``: a config with dropout > 0 is
     refused with ``UnsupportedFeatureError`` instead of being silently ignored).
+
+    Decoding (``decoding=True``) uses attnreg's KV cache: ``masks.allowed()`` honours the
+    lower-right causal offset. The default bias ``-log(Lk)`` depends on the length of the whole
+    sequence, which a cache only knows from ``init_state(..., max_length=L)``: decoding then
+    equals the causal forward over those L positions.
     """
 
     variant = "sigmoid"
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
-        dropout=False, normalized=False, permutation_invariant=True, learnable=False,
+        dropout=False, normalized=False, permutation_invariant=True, learnable=False, decoding=True,
         complexity="O(Lq*Lk*E)",
     )
 
@@ -41,10 +55,11 @@ class SigmoidAttention(Attention):
         super().__init__(config)
         self.bias = config.bias
 
-    def _weights_acc(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
-        """Weights (B, H, Lq, Lk) in the accumulation dtype (float32 for half inputs)."""
+    def _weights_acc(self, query: Tensor, key: Tensor, masks: Masks, length: int | None = None) -> Tensor:
+        """Weights (B, H, Lq, Lk) in the accumulation dtype (float32 for half inputs); ``length``
+        is the sequence length of the default bias (Lk unless decoding)."""
         acc = self._accum_dtype(query)
-        b = self.bias if self.bias is not None else -math.log(key.shape[2])
+        b = self.bias if self.bias is not None else -math.log(length or key.shape[2])
         logits = dot_product_logits(query.to(acc), key.to(acc), self.scale) + b  # (B, H, Lq, Lk)
         if masks.float_mask is not None:
             logits = logits + masks.float_mask.to(acc)  # -inf -> sigmoid 0, gradient 0
@@ -59,3 +74,23 @@ class SigmoidAttention(Attention):
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         w = self._weights_acc(query, key, masks)  # (B, H, Lq, Lk)
         return (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)
+
+    def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int, dtype: torch.dtype,
+                    device: torch.device, max_length: int | None) -> DecodeState:
+        if self.bias is None and max_length is None:
+            raise ValueError("init_state: sigmoid's default bias -log(L) needs the total length L: pass "
+                             "max_length=L (or build with an explicit bias)")
+        return super()._init_state(batch, heads, head_dim, value_dim, dtype, device, max_length)
+
+    def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
+                key_mask: Tensor | None) -> tuple[Tensor, DecodeState]:
+        if not isinstance(state, KVCacheState):
+            raise ValueError(f"decode: sigmoid needs the state of its own init_state, "
+                             f"got {type(state).__name__}")
+        state = state.append(key, value, key_mask)
+        assert state.key is not None and state.value is not None
+        # The T new queries are the last positions of the cached keys: lower-right causal.
+        masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
+                             state.key_mask, True, "lower_right")
+        w = self._weights_acc(query, state.key, masks, length=state.max_length)  # (B, H, T, Lk)
+        return (w @ state.value.to(w.dtype)).to(query.dtype), state  # (B, H, T, Ev)

@@ -1,0 +1,297 @@
+"""Checks of incremental decoding (``Capabilities.decoding``): decode == causal full forward,
+lower-right causal alignment, state reordering, and decode input errors.
+
+A variant gets these for free by declaring ``decoding=True``: they only use the public
+interface (``init_state``, ``decode``, ``forward(..., causal_alignment="lower_right")``) and
+``DecodeState``'s generic methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attnreg.core import Attention, DecodeState, UnsupportedFeatureError
+
+from ._framework import (
+    EV,
+    LONG,
+    TOLERANCES,
+    B,
+    CheckFailure,
+    E,
+    H,
+    Subject,
+    assert_close,
+    check,
+    expect_raises,
+    heads_for,
+    sizes_of,
+)
+
+__all__ = ["SHORT", "decode_tol", "left_padding", "run_decode", "schedules"]
+
+SHORT = 13
+# Chunk lengths of one decode run: a prefill of a prefix, single-token steps, one multi-token
+# chunk, more single steps. Prime/odd lengths, so no call boundary or prefix length is a
+# multiple of a block, chunk or window size the variants use; the second short schedule starts
+# from an empty state with single tokens (generation from a BOS token).
+_SCHEDULES = {SHORT: ((5, 1, 1, 5, 1), (1, 1, 3, 7, 1)), LONG: ((67, 1, 1, 1, 59, 1, 1),)}
+
+
+def schedules(n: int) -> tuple[tuple[int, ...], ...]:
+    """The decode-call lengths used for a sequence of ``n`` positions (each sums to ``n``)."""
+    return _SCHEDULES[n]
+
+
+def decode_tol(s: Subject) -> tuple[float, float]:
+    """Decoding equals the full forward to 1e-10 (times max(1, max|want|)) in float64, else the
+    reference dtype's tolerance."""
+    return (1e-10, 0.0) if s.dtype == torch.float64 else TOLERANCES[s.dtype]
+
+
+def left_padding(s: Subject, b: int, n: int, prefix: int) -> Tensor:
+    """key_mask (b, n), True = real token, rows padded differently: row 0 is real but for one
+    hole at position 2, row 1 is left-padded by 3, row 2 by ``prefix + 1`` (the whole first
+    decode call is padding), further rows by 2*i."""
+    km = torch.ones(b, n, dtype=torch.bool)
+    km[0, 2] = False
+    for i in range(1, b):
+        km[i, : (3 if i == 1 else prefix + 1 if i == 2 else 2 * i)] = False
+    return km.to(s.device)
+
+
+def run_decode(s: Subject, m: Attention, state: DecodeState, q: Tensor, k: Tensor, v: Tensor,
+               km: Tensor | None, segments: Sequence[int], start: int = 0) -> tuple[Tensor, DecodeState]:
+    """Decode positions ``start, start + sum(segments)`` of q/k/v (B, H|Hkv, L, E|Ev) in calls
+    of ``segments`` tokens; returns the outputs (B, H, T, Ev) concatenated and the last state.
+
+    Calls whose slice of ``km`` is all True pass ``key_mask=None``, so that calls with and
+    without a key_mask are mixed. Each call's output shape and ``state.length`` are checked.
+    """
+    outs = []
+    pos = start
+    for t in segments:
+        sl = slice(pos, pos + t)
+        kmt = None if km is None or bool(km[:, sl].all()) else km[:, sl]
+        s.last_sizes = sizes_of(q, k, v) + f" (decode call of positions {pos}..{pos + t - 1})"
+        out, state = m.decode(q[:, :, sl], k[:, :, sl], v[:, :, sl], state, key_mask=kmt)
+        want = (q.shape[0], q.shape[1], t, v.shape[-1])
+        if tuple(out.shape) != want:
+            raise CheckFailure(f"decode output shape {tuple(out.shape)}, expected {want} ({s.last_sizes})")
+        if not isinstance(state, DecodeState):
+            raise CheckFailure(f"decode returned a {type(state).__name__} as its state, not a DecodeState")
+        pos += t
+        if state.length != pos:
+            raise CheckFailure(f"state.length = {state.length} after decoding positions 0..{pos - 1}, "
+                               f"expected {pos} ({s.last_sizes})")
+        outs.append(out)
+    return torch.cat(outs, dim=2), state  # (B, H, sum(segments), Ev)
+
+
+def _padding_cases(s: Subject, b: int, n: int, prefix: int) -> list[tuple[str, Tensor | None]]:
+    out: list[tuple[str, Tensor | None]] = [("no padding", None)]
+    if s.caps.key_mask:
+        out.append(("left padding via key_mask", left_padding(s, b, n, prefix)))
+    return out
+
+
+@check("decode_matches_forward", "decoding", requires=("decoding",))
+def decode_matches_forward(s: Subject) -> None:
+    """``init_state`` (``max_length`` = the total length) + ``decode`` in calls of a prefill of a
+    random prefix, single tokens and one multi-token chunk (lengths 13 and 131, B=3, odd call
+    boundaries; one schedule starts from single tokens) equals the causal full forward over the
+    whole sequence to 1e-10 in float64, without padding and with left padding via ``key_mask``
+    (rows padded by different amounts, one whose whole prefill is padding, one with a hole);
+    every call returns (B, H, T, Ev) and advances ``state.length`` by T."""
+    b = 3
+    for n in (SHORT, LONG):
+        h = heads_for(n)
+        m = s.build(heads=h)
+        q, k, v = s.inputs(b, h, n, ev=EV, seed=n + 20)
+        for segments in schedules(n):
+            for label, km in _padding_cases(s, b, n, segments[0]):
+                want = m(q, k, v, is_causal=True, key_mask=km)  # (B, H, L, Ev)
+                state = m.init_state(b, h, E, EV, dtype=s.dtype, device=s.device, max_length=n)
+                got, _ = run_decode(s, m, state, q, k, v, km, segments)
+                assert_close(got, want, what=f"decode in calls of {segments} tokens vs the causal full "
+                             f"forward ({label})", sizes=sizes_of(q, k, v), dtype=s.dtype, tol=decode_tol(s))
+
+
+@check("lower_right_alignment", "decoding", requires=("decoding",))
+def lower_right_alignment(s: Subject) -> None:
+    """``is_causal=True, causal_alignment="lower_right"`` with the last T queries (T = 1, 5,
+    L/2 + 1 and L, lengths 13 and 131) against all L keys: forward and ``attention_weights``
+    equal the last T rows of the causal full forward to 1e-10 in float64, without and with left
+    padding via ``key_mask``; the gradients w.r.t. query, key and value are equal too."""
+    for n in (SHORT, LONG):
+        h = heads_for(n)
+        m = s.build(heads=h)
+        q, k, v = s.inputs(B, h, n, ev=EV, seed=n + 30)
+        sz = sizes_of(q, k, v)
+        for label, km in _padding_cases(s, B, n, n // 2):
+            full = m(q, k, v, is_causal=True, key_mask=km)  # (B, H, L, Ev)
+            w_full = m.attention_weights(q, k, is_causal=True, key_mask=km)  # (B, H, L, L)
+            for t in sorted({1, 5, n // 2 + 1, n}):
+                kw = {"is_causal": True, "causal_alignment": "lower_right", "key_mask": km}
+                what = f"last {t} queries (lower_right) vs the causal full forward ({label})"
+                tol = decode_tol(s)
+                assert_close(m(q[:, :, n - t:], k, v, **kw), full[:, :, n - t:], what="output of the " + what,
+                             sizes=sz, dtype=s.dtype, tol=tol)
+                assert_close(m.attention_weights(q[:, :, n - t:], k, **kw), w_full[:, :, n - t:],
+                             what="attention_weights of the " + what, sizes=sz, dtype=s.dtype, tol=tol)
+                if t < n:
+                    _same_gradients(s, m, n, t, h, km, label)
+
+
+def _same_gradients(s: Subject, m: Attention, n: int, t: int, h: int, km: Tensor | None, label: str) -> None:
+    qf, kf, vf = s.inputs(B, h, n, ev=EV, seed=n + 30, grad=True)
+    g = s.randn(B, h, t, EV, seed=n + t)  # (B, H, T, Ev) upstream gradient of the last T outputs
+    (m(qf, kf, vf, is_causal=True, key_mask=km)[:, :, n - t:] * g).sum().backward()
+    ql = qf.detach()[:, :, n - t:].clone().requires_grad_(True)  # (B, H, T, E)
+    kl, vl = (x.detach().clone().requires_grad_(True) for x in (kf, vf))
+    (m(ql, kl, vl, is_causal=True, causal_alignment="lower_right", key_mask=km) * g).sum().backward()
+    sz = sizes_of(ql, kl, vl)
+    for name, got, want in (("query", ql.grad, qf.grad[:, :, n - t:]), ("key", kl.grad, kf.grad),
+                            ("value", vl.grad, vf.grad)):
+        if got is None:
+            raise CheckFailure(f"no gradient w.r.t. {name} through causal_alignment='lower_right' ({sz})")
+        assert_close(got, want, what=f"gradient w.r.t. {name} of the last {t} outputs, lower_right vs "
+                     f"the causal full forward ({label})", sizes=sz, dtype=s.dtype, tol=decode_tol(s))
+
+
+@check("state_reorder", "decoding", requires=("decoding",))
+def state_reorder(s: Subject) -> None:
+    """Beam-search style reordering: after a prefix, ``state.index_select([2, 0, 2])`` (rows
+    reordered, one dropped, one repeated) and more decoding equals decoding the reordered batch
+    from scratch (1e-10 in float64, with left padding via ``key_mask`` where declared, lengths 13
+    and 131); the original state still decodes correctly afterwards (``index_select`` copies);
+    ``state.to(its device)`` keeps the type and decodes the same; ``nbytes`` is an int > 0."""
+    for n in (SHORT, LONG):
+        _reorder_case(s, n, torch.tensor([2, 0, 2], device=s.device))
+
+
+def _reorder_case(s: Subject, n: int, idx: Tensor) -> None:
+    b, h = 3, heads_for(n)
+    m = s.build(heads=h)
+    q, k, v = s.inputs(b, h, n, ev=EV, seed=n + 40)
+    segments = schedules(n)[0]
+    head, rest = segments[:2], segments[2:]
+    p = sum(head)
+    km = left_padding(s, b, n, segments[0]) if s.caps.key_mask else None
+    sz = sizes_of(q, k, v) + f", reordered after {p} positions"
+    tol = decode_tol(s)
+
+    def scratch(q: Tensor, k: Tensor, v: Tensor, km: Tensor | None) -> Tensor:
+        fresh = m.init_state(b, h, E, EV, dtype=s.dtype, device=s.device, max_length=n)
+        return run_decode(s, m, fresh, q, k, v, km, segments)[0][:, :, p:]  # (B, H, L - p, Ev)
+
+    state = m.init_state(b, h, E, EV, dtype=s.dtype, device=s.device, max_length=n)
+    _, state = run_decode(s, m, state, q, k, v, km, head)
+    reordered = state.index_select(idx)
+    if type(reordered) is not type(state) or reordered.batch != len(idx):
+        raise CheckFailure(f"index_select gave a {type(reordered).__name__} of batch {reordered.batch}, "
+                           f"expected a {type(state).__name__} of batch {len(idx)}")
+    qr, kr, vr = (x[idx] for x in (q, k, v))
+    kmr = None if km is None else km[idx]
+    got, _ = run_decode(s, m, reordered, qr, kr, vr, kmr, rest, start=p)
+    assert_close(got, scratch(qr, kr, vr, kmr), what=f"decoding after state.index_select({idx.tolist()}) "
+                 "vs decoding the reordered batch from scratch", sizes=sz, dtype=s.dtype, tol=tol)
+    moved = state.to(s.device)
+    if type(moved) is not type(state) or moved.device != s.device:
+        raise CheckFailure(f"state.to({s.device}) gave a {type(moved).__name__} on {moved.device}")
+    got, last = run_decode(s, m, moved, q, k, v, km, rest, start=p)
+    assert_close(got, scratch(q, k, v, km), what="decoding the original state (moved with .to(its "
+                 "device)) after decoding a reordered copy vs decoding from scratch", sizes=sz,
+                 dtype=s.dtype, tol=tol)
+    nbytes = last.nbytes
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
+        raise CheckFailure(f"state.nbytes after decoding {n} positions is {nbytes!r}, expected an int > 0")
+
+
+@dataclasses.dataclass
+class _ForeignState(DecodeState):
+    """A well-formed state of some other variant: ``decode`` must refuse it by type."""
+
+    key: Tensor | None = None
+
+
+@check("decode_invalid_inputs", "errors", requires=("decoding",))
+def decode_invalid_inputs(s: Subject) -> None:
+    """Malformed ``init_state`` / ``decode`` input raises ``ValueError`` naming the problem:
+    batch, heads, head_dim or max_length < 1; query/key/value of the wrong rank; B, heads, E or
+    Ev not matching the state; T = 0 new positions; a dtype other than the state's; a
+    ``key_mask`` of the wrong shape or dtype; exceeding ``max_length``; a state that is not this
+    variant's (another ``DecodeState`` subclass, or not a state at all)."""
+    m = s.build()
+    new = {"dtype": s.dtype, "device": s.device}
+    for arg, bad_kw in (("batch", {"batch": 0}), ("heads", {"heads": 0}), ("head_dim", {"head_dim": -1}),
+                        ("max_length", {"max_length": 0})):
+        kw = {"batch": B, "heads": H, "head_dim": E, "max_length": 9, **bad_kw}
+        expect_raises(ValueError, lambda kw=kw: m.init_state(kw["batch"], kw["heads"], kw["head_dim"], EV,
+                                                             max_length=kw["max_length"], **new),
+                      what=f"init_state with {arg}={bad_kw[arg]}", names=(arg,))
+    q, k, v = s.inputs(B, H, 2, ev=EV, seed=5)
+    other = torch.float32 if s.dtype != torch.float32 else torch.float64
+    bad: list[tuple[str, tuple[str, ...], dict[str, object]]] = [
+        ("query of rank 3", ("query",), {"query": q[0]}),
+        ("key of rank 5", ("key",), {"key": k[None]}),
+        ("value of rank 3", ("value",), {"value": v[0]}),
+        ("query with another batch size", ("query", "B="), {"query": q[:1]}),
+        ("key and value with another batch size", ("key",), {"key": k[:1], "value": v[:1]}),
+        ("key and value with H + 1 heads", ("key", "heads"),
+         {"key": torch.cat([k, k[:, :1]], 1), "value": torch.cat([v, v[:, :1]], 1)}),
+        ("query with H + 1 heads", ("query", "heads"), {"query": torch.cat([q, q[:, :1]], 1)}),
+        ("query with another E", ("query", "E="), {"query": q[..., :-1]}),
+        ("key with another E", ("key",), {"key": k[..., :-1]}),
+        ("value with another Ev", ("value",), {"value": v[..., :-1]}),
+        ("T = 0 new positions", ("T >= 1", "T=0", "empty", "zero"),
+         {"query": q[:, :, :0], "key": k[:, :, :0], "value": v[:, :, :0]}),
+        (f"inputs in {other} (state in {s.dtype})", ("dtype", "float"),
+         {"query": q.to(other), "key": k.to(other), "value": v.to(other)}),
+        ("key_mask of shape (B, T + 1)", ("key_mask",),
+         {"key_mask": torch.ones(B, 3, dtype=torch.bool, device=s.device)}),
+        ("float key_mask", ("key_mask",), {"key_mask": torch.ones(B, 2, dtype=s.dtype, device=s.device)}),
+        ("a state that is not a DecodeState", ("state",), {"state": object()}),
+        ("another DecodeState subclass", ("state",),
+         {"state": _ForeignState(B, H, E, EV, s.dtype, s.device, max_length=9)}),
+    ]
+    for label, names, override in bad:
+        args = {"query": q, "key": k, "value": v, "key_mask": None, **override}
+        args.setdefault("state", m.init_state(B, H, E, EV, max_length=9, **new))
+        expect_raises(ValueError, lambda a=args: m.decode(a["query"], a["key"], a["value"], a["state"],
+                                                          key_mask=a["key_mask"]),
+                      what=f"decode with {label} ({sizes_of(q, k, v)})", names=names)
+    state = m.init_state(B, H, E, EV, max_length=3, **new)
+    _, state = m.decode(q, k, v, state)
+    expect_raises(ValueError, lambda: m.decode(q, k, v, state),
+                  what="decode of 2 + 2 positions into a state of max_length=3", names=("max_length",))
+
+
+def feature_calls_decoding(s: Subject, m: Attention) -> list[tuple[str, object]]:
+    """(label, thunk) for the decoding API, used both ways by the manifest checks."""
+    b, lq = B, 5
+    q, k, v = s.inputs(b, H, lq, ev=EV, seed=6)
+
+    def prefill_and_step() -> Tensor:
+        state = m.init_state(b, H, E, EV, dtype=s.dtype, device=s.device, max_length=lq + 1)
+        out, state = m.decode(q, k, v, state)
+        step, _ = m.decode(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
+        return torch.cat([out, step], dim=2)  # (B, H, T + 1, Ev)
+
+    return [("init_state + decode (a prefill of 5 and one step)", prefill_and_step)]
+
+
+def decode_api_refused(s: Subject, m: Attention) -> None:
+    """With ``decoding=False`` declared, ``init_state`` and ``decode`` raise UnsupportedFeatureError."""
+    from attnreg.core import KVCacheState
+
+    expect_raises(UnsupportedFeatureError, lambda: m.init_state(B, H, E, EV, dtype=s.dtype, device=s.device),
+                  what="init_state with decoding=False declared")
+    q, k, v = s.inputs(B, H, 3, ev=EV, seed=6)
+    state = KVCacheState(B, H, E, EV, s.dtype, s.device)
+    expect_raises(UnsupportedFeatureError, lambda: m.decode(q, k, v, state),
+                  what="decode (with a KVCacheState) with decoding=False declared")
