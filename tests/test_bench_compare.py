@@ -80,7 +80,10 @@ def test_a_gated_point_that_could_not_be_measured_now_fails() -> None:
     assert not result.ok and "not measured in this run (skipped" in result.regressions[0].problems[0]
     now = _doc()
     del now["points"][1]["speedup"]  # no SDPA point in this run to compare with
-    assert "no dense SDPA point" in compare_runs(now, _doc()).regressions[0].problems[0]
+    assert "no dense SDPA time" in compare_runs(now, _doc()).regressions[0].problems[0]
+    now = _doc()
+    del now["points"][1]["memory"]
+    assert "peak memory not measured" in compare_runs(now, _doc()).regressions[0].problems[0]
 
 
 def test_unplanned_points_and_changed_configs_are_listed_not_compared() -> None:
@@ -91,7 +94,30 @@ def test_unplanned_points_and_changed_configs_are_listed_not_compared() -> None:
     changed = copy.deepcopy(_doc(local_speedup=1.0))
     changed["variants"]["local(window=256)"]["config"]["window"] = 128
     result = compare_runs(changed, _doc())
-    assert result.ok and not result.changes and all("config differs" in x for x in result.not_compared)
+    assert not result.changes and all("config differs" in x for x in result.not_compared)
+    assert not result.ok and result.as_json()["reason"] == "no gated point was compared"
+
+
+def test_a_preset_that_lost_a_gated_point_fails() -> None:
+    base, now = _doc(), _doc()
+    for d in (base, now):
+        d["settings"]["preset"] = "ci"
+    now["points"] = [p for p in now["points"] if p["length"] != 4096 or p["kind"] != "variant"]
+    now["points"].append(_point("bigbird", 4096, 0.1, 40 * MB, 10.0))
+    base["points"].append(_point("bigbird", 4096, 0.1, 40 * MB, 10.0))
+    result = compare_runs(now, base)
+    (reg,) = result.regressions
+    assert reg.series == "local(window=256)" and "no longer measures this point" in reg.problems[0]
+
+
+def test_paired_speedups_are_preferred_and_must_match_in_kind() -> None:
+    base, now = _doc(), _doc(local_speedup=2.0)  # separately timed SDPA says 5x slower ...
+    for d, paired in ((base, 10.0), (now, 9.0)):
+        d["points"][1]["speedup"]["sdpa_paired"] = paired  # ... the paired timing says 10% slower
+    assert compare_runs(now, base).ok
+    del now["points"][1]["speedup"]["sdpa_paired"]
+    (reg,) = compare_runs(now, base).regressions
+    assert "not comparable" in reg.problems[0]
 
 
 def test_runs_with_other_settings_are_refused() -> None:
@@ -134,12 +160,12 @@ def test_feasibility_skips_a_point_that_cannot_fit_without_running_it() -> None:
 
 def test_ci_preset_plans_only_its_points_at_fast_path_lengths() -> None:
     settings = ci_settings()
-    assert settings.threads == 2 and not settings.baselines and settings.preset == "ci"
+    assert settings.threads == 1 and settings.paired and not settings.baselines and settings.preset == "ci"
     choices = {c.label: c for c in ci_choices(settings)}
     assert set(choices) == {"local(window=256)", "bigbird", "linear", "additive"}
     local = choices["local(window=256)"]
     assert local.wants("fwd", True, 8192) and local.wants("fwdbwd", True, 4096)
-    assert not local.wants("fwdbwd", False, 4096) and not local.wants("fwd", False, 2048)
+    assert not local.wants("fwdbwd", False, 4096) and not local.wants("fwd", False, 8192)
     assert min(n for e in CI_PRESET for n in e.lengths) >= 2048
     assert all(n >= GuardSettings().min_length for c in choices.values() for _, _, n in c.only or ())
 

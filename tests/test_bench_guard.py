@@ -13,8 +13,9 @@ from attnreg.bench import BenchSettings, GuardSettings, parse_variant, run_bench
 
 @pytest.fixture(scope="module")
 def settings() -> BenchSettings:
+    # As the CI preset: one thread, each variant point timed alternately with dense SDPA.
     return BenchSettings(lengths=(4096,), modes=("fwd",), causal=False, baselines=False, roof=False,
-                         threads=2, target_s=0.4, long_gate_max=1024)
+                         paired=True, threads=1, target_s=0.5, long_gate_max=1024)
 
 
 def test_guard_catches_a_slowed_variant_and_passes_a_rerun(settings: BenchSettings) -> None:

@@ -1,4 +1,4 @@
-"""attnreg.bench: one benchmark over every registered variant (shared/DESIGN.md section 7).
+"""attnreg.bench: one benchmark over every registered variant (see docs/benchmarks.md).
 
     from attnreg.bench import BenchSettings, parse_variant, run_bench
     s = BenchSettings(lengths=(1024, 4096), threads=2)

@@ -43,10 +43,12 @@ class Job:
     config: AttentionConfig | None = None
     baseline: str | None = None
     seed: int = 0
+    # Timed alternately with this job in the same process (the speed guard's paired timing).
+    reference: Job | None = None
 
     def at_length(self, length: int) -> Job:
-        """The same job at another length (for warm-up and calibration)."""
-        return replace(self, length=length)
+        """The same job at another length (for warm-up and calibration; without its reference)."""
+        return replace(self, length=length, reference=None)
 
 
 @dataclass

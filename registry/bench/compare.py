@@ -5,7 +5,9 @@ over dense SDPA measured in the same run moves much less (both sides see the sam
 So the guard compares, for every variant point both runs measured:
 
 - the speedup over the run's own dense SDPA: ``change = speedup_now / speedup_before``; a fall
-  by more than ``max_slowdown`` (``change < 1 / max_slowdown``) is a regression;
+  by more than ``max_slowdown`` (``change < 1 / max_slowdown``) is a regression. Where the run
+  timed each variant point alternately with SDPA in one process (``paired``, the CI preset), the
+  speedup is the median of the per-pair ratios (``sdpa_paired``); both runs must use the same kind;
 - the peak memory of the call (a fresh process's peak RSS, which does not depend on the
   machine's load): ``growth = peak_now / peak_before``; above ``max_memory_growth`` is a
   regression, unless both are below ``memory_floor`` (page-granularity noise).
@@ -13,7 +15,8 @@ So the guard compares, for every variant point both runs measured:
 Only points at ``length >= min_length`` are gated: below it the fast paths have not started
 (local's window of 256 is dense at L=512) and per-call overheads dominate the ratio. A gated
 baseline point that the new run planned but could not measure (skipped by the guards, failed)
-is a regression too: a variant that became too slow to measure must not pass silently.
+is a regression too: a variant that became too slow to measure must not pass silently. So is a
+gated baseline point that the same preset no longer plans, and a comparison that gated nothing.
 
 A regression is confirmed before it fails a run: the CLI measures just the failing points once
 more and keeps, per point, the better of the two measurements (``best_of``). One disturbed
@@ -104,14 +107,15 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        """Whether the guard passes."""
-        return not self.regressions
+        """Whether the guard passes: no regression, and at least one gated point compared."""
+        return not self.regressions and any(c.gated for c in self.changes)
 
     def as_json(self) -> dict[str, Any]:
         """The ``compare.json`` document."""
         spread = [c.speedup_change for c in self.changes if c.gated and c.speedup_change]
         return {
             "status": "pass" if self.ok else "fail",
+            "reason": None if self.ok or self.regressions else "no gated point was compared",
             "guard": asdict(self.guard),
             "gated_points": sum(c.gated for c in self.changes),
             "speedup_change_range": [min(spread), max(spread)] if spread else None,
@@ -166,6 +170,8 @@ def compare_runs(doc: dict[str, Any], baseline: dict[str, Any],
     guard = guard or GuardSettings()
     _check_comparable(doc, baseline)
     now = {point_key(p): p for p in doc.get("points", []) if p.get("kind") == "variant"}
+    preset = doc.get("settings", {}).get("preset")
+    same_preset = preset is not None and preset == baseline.get("settings", {}).get("preset")
     changes, not_compared = [], []
     for old in baseline.get("points", []):
         if old.get("kind") != "variant" or old.get("status") != "ok":
@@ -174,6 +180,13 @@ def compare_runs(doc: dict[str, Any], baseline: dict[str, Any],
         series, mode, causal, length = key
         label = f"{series} {mode}{' causal' if causal else ''} L={length}"
         new = now.get(key)
+        gated = length >= guard.min_length
+        kind, before = _speedup(old)
+        if new is None and same_preset and gated:  # the preset lost a point: refresh the baseline
+            c = PointChange(series, mode, causal, length, True, speedup_before=before)
+            c.problems.append(f"the {preset!r} preset no longer measures this point: refresh the baseline")
+            changes.append(c)
+            continue
         if new is None:
             not_compared.append(f"{label}: not planned in this run")
             continue
@@ -182,22 +195,36 @@ def compare_runs(doc: dict[str, Any], baseline: dict[str, Any],
         if cfg_old != cfg_new:
             not_compared.append(f"{label}: the variant's config differs ({cfg_old} -> {cfg_new})")
             continue
-        c = PointChange(series, mode, causal, length, gated=length >= guard.min_length,
-                        speedup_before=old.get("speedup", {}).get("sdpa"),
+        c = PointChange(series, mode, causal, length, gated=gated, speedup_before=before,
                         memory_before=(old.get("memory") or {}).get("peak_bytes"))
         if new.get("status") != "ok":
             c.problems.append(f"not measured in this run ({new.get('status')}: {new.get('reason')})")
         else:
-            c.speedup_now = new.get("speedup", {}).get("sdpa")
+            kind_now, c.speedup_now = _speedup(new)
             c.memory_now = (new.get("memory") or {}).get("peak_bytes")
+            if kind_now is not None and kind is not None and kind_now != kind:
+                c.speedup_now = None
+                c.problems.append(f"speedup timed as {kind_now!r} now, {kind!r} in the baseline: not "
+                                  "comparable (use the baseline's settings or refresh it)")
             _judge(c, guard)
         changes.append(c)
     return Comparison(guard, changes, not_compared)
 
 
+def _speedup(p: dict[str, Any]) -> tuple[str | None, float | None]:
+    """(kind, value) of a point's speedup over dense SDPA: paired timing where measured."""
+    sp = p.get("speedup", {})
+    for kind in ("sdpa_paired", "sdpa"):
+        if sp.get(kind):
+            return kind, sp[kind]
+    return None, None
+
+
 def _judge(c: PointChange, guard: GuardSettings) -> None:
-    if c.speedup_before and not c.speedup_now:
-        c.problems.append("no dense SDPA point to compare with in this run")
+    if c.speedup_before and not c.speedup_now and not c.problems:
+        c.problems.append("no dense SDPA time to compare with in this run")
+    if c.memory_before and c.memory_now is None:
+        c.problems.append("peak memory not measured in this run")
     change = c.speedup_change
     if change is not None and change < 1.0 / guard.max_slowdown:
         c.problems.append(f"speedup over SDPA fell {1 / change:.2f}x "
@@ -214,12 +241,12 @@ def best_of(doc: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
     the higher speedup over SDPA (each speedup is from its own run's SDPA point)."""
     better = {}
     for p in again.get("points", []):
-        if p.get("kind") == "variant" and p.get("status") == "ok" and p.get("speedup", {}).get("sdpa"):
+        if p.get("kind") == "variant" and p.get("status") == "ok" and _speedup(p)[1]:
             better[point_key(p)] = p
     points = []
     for p in doc.get("points", []):
         alt = better.get(point_key(p)) if p.get("kind") == "variant" else None
-        mine = p.get("speedup", {}).get("sdpa") if p.get("status") == "ok" else None
-        use = alt is not None and (mine is None or alt["speedup"]["sdpa"] > mine)
+        mine = _speedup(p)[1] if p.get("status") == "ok" else None
+        use = alt is not None and (mine is None or (_speedup(alt)[1] or 0) > mine)
         points.append({**alt, "confirmation": True} if use else p)
     return {**doc, "points": points}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .analysis import crossover, fit_exponent
+from .analysis import crossover, fit_exponent, median
 from .cases import MASKED
 
 __all__ = ["derive", "point_key"]
@@ -55,6 +55,8 @@ def derive(doc: dict[str, Any]) -> dict[str, Any]:
                 if label != p["series"]:
                     refs["dot_product"] = (label, mode, causal, length)
         speed = {name: _t(index.get(key)) / t for name, key in refs.items() if _t(index.get(key))}
+        if p.get("paired", {}).get("ratios"):  # timed alternately with SDPA: the median pair ratio
+            speed["sdpa_paired"] = median(p["paired"]["ratios"])
         p["speedup"] = speed
     doc["summary"] = _summary(doc, fit_min)
     return doc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,9 @@ class _Run:
         point["time"] = {"median_s": median(res.samples), "iqr_s": iqr(res.samples),
                          "min_s": min(res.samples), "repeats": len(res.samples),
                          "warmup_excluded": res.warmup, "samples_s": res.samples}
+        if res.ref_samples:
+            point["paired"] = {"series": "sdpa", "samples_s": res.ref_samples,
+                               "ratios": [r / v for r, v in zip(res.ref_samples, res.samples, strict=True)]}
         point["memory"] = {"peak_bytes": res.peak_bytes, "input_bytes": res.input_bytes}
         if "state_bytes" in res.info:  # decode mode: what the state keeps between tokens
             point["memory"]["state_bytes"] = res.info["state_bytes"]
@@ -188,6 +192,8 @@ class _Run:
                     for c in group:
                         entry, module = self.doc["variants"][c.label], self.modules[c.label]
                         job = self.job("variant", length, mode, causal, c)
+                        if s.paired:
+                            job = replace(job, reference=self.job("sdpa", length, mode, causal))
                         flops = None if mode == "decode" else variant_flops(module, job, c.is_dense_sdpa)
                         plan.append((c.label, job, flops, {"kind": "variant", "variant": c.label}))
                         meta = {"variant": c.label, "needs": [c.label]}
@@ -201,8 +207,8 @@ class _Run:
                             job = self.job("baseline", length, mode, causal, c, b)
                             meta_b = {**meta, "kind": "baseline", "baseline": b}
                             baselines.append((f"{c.label}:{b}", job, None, meta_b))
-                    if passed and not group:
-                        continue  # no variant wants this point (NAME@MAXLEN, a preset's points)
+                    if (passed and not group) or s.paired:
+                        continue  # no variant wants this point; or SDPA is timed with each variant
                     needs = [c.label for c in group] if passed else None
                     dense = (None if mode == "decode"
                              else sdpa_flops(s.batch, s.heads, length, s.head_dim, causal))

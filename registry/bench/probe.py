@@ -10,7 +10,10 @@ but never run an operator (so OpenMP thread pools are never inherited across ``f
 4. runs the point once: ``peak_bytes = VmHWM - RSS before the call`` is what the call itself
    allocated (activations, output, gradients, workspace),
 5. times repeats (the first call is the excluded warm-up), unless that first call was slower than
-   ``slow_s``: then it is the only sample.
+   ``slow_s``: then it is the only sample;
+6. for a job with a ``reference`` (the speed guard's paired timing), builds the reference too and
+   times the two calls alternately (ref, job, job, ref, ...): both see the same machine load, so
+   the per-pair ratios hold on a busy machine where separately timed points do not.
 
 Why peak RSS and not torch allocator statistics: torch has no CPU allocator statistics for
 ordinary tensors, and RSS also sees memory that kernels (oneDNN, SDPA workspaces) allocate outside
@@ -55,6 +58,7 @@ class ProbeResult:
     input_bytes: int | None = None
     memory_method: str = MEMORY_METHOD
     info: dict[str, Any] = field(default_factory=dict)  # the point's own report (Prepared.info)
+    ref_samples: list[float] = field(default_factory=list)  # paired timing: the reference's times
 
     @property
     def total_bytes(self) -> int | None:
@@ -104,6 +108,28 @@ def timed_repeats(call: Callable[[], None], first_s: float, target_s: float, slo
     return samples, True
 
 
+def paired_repeats(call: Callable[[], None], ref: Callable[[], None], target_s: float,
+                   min_pairs: int = 5, max_pairs: int = 50, slow_s: float = 2.0
+                   ) -> tuple[list[float], list[float]]:
+    """Time ``call`` and ``ref`` alternately (the order flips every pair, so neither always runs
+    right after the other): about ``target_s`` in all, at least ``min_pairs`` pairs (3 when a
+    pair takes longer than ``slow_s``: a median of 3 still rejects one disturbed pair)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    budget_end = None
+    for i in range(max_pairs):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            (call if which == 0 else ref)()
+            times[which].append(time.perf_counter() - t0)
+        if budget_end is None:
+            budget_end = time.perf_counter() + target_s - (times[0][0] + times[1][0])
+            if times[0][0] + times[1][0] > slow_s:
+                min_pairs = min(min_pairs, 3)
+        if i + 1 >= min_pairs and time.perf_counter() >= budget_end:
+            break
+    return times
+
+
 def _child(job: Job, threads: int, target_s: float, slow_s: float, repeat: bool, conn: Any) -> None:
     """Body of the measuring process (see the module docstring)."""
     try:
@@ -125,9 +151,16 @@ def _child(job: Job, threads: int, target_s: float, slow_s: float, repeat: bool,
         first = time.perf_counter() - t0
         hwm = _status_bytes("self", "VmHWM")
         peak = None if hwm is None or not reset else max(0, hwm - base)
-        samples, warm = timed_repeats(prep.call, first, target_s, slow_s) if repeat else ([first], False)
+        ref_samples: list[float] = []
+        if job.reference is not None and repeat:
+            ref = prepare(job.reference)
+            ref.call()  # its warm-up
+            samples, ref_samples = paired_repeats(prep.call, ref.call, target_s)
+            warm = True
+        else:
+            samples, warm = timed_repeats(prep.call, first, target_s, slow_s) if repeat else ([first], False)
         conn.send(("done", dict(samples=samples, first_s=first, warmup=warm, peak_bytes=peak,
-                                input_bytes=rss1 - rss0, info=prep.info)))
+                                input_bytes=rss1 - rss0, info=prep.info, ref_samples=ref_samples)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, never raised there
         # torch's CPU allocator refusing a huge request is the point not fitting, not a bug.
         tag = "memory" if isinstance(exc, MemoryError) or _OOM_TEXT in str(exc) else "error"

@@ -165,6 +165,9 @@ class BenchSettings:
     # speed guard, which compares speedups over plain dense SDPA only).
     baselines: bool = True
     roof: bool = True  # time a dense GEMM at the start and end (the roof of the GFLOP/s ratios)
+    # Time each variant point alternately with dense SDPA in one process (speedup "sdpa_paired"),
+    # instead of as a separate SDPA point: the speed guard's robust ratio on a busy machine.
+    paired: bool = False
     preset: str | None = None  # "ci" for the speed guard's preset (see presets.py)
 
     def __post_init__(self) -> None:
