@@ -44,7 +44,7 @@ class ForgetfulState(KVCacheState):
     """index_select reorders every buffer but the values."""
 
     def index_select(self, index: Tensor) -> ForgetfulState:
-        return dataclasses.replace(super().index_select(index), value=self.value)
+        return dataclasses.replace(super().index_select(index), value_buffer=self.value_buffer)
 
 
 class BadReorder(Textbook):

@@ -7,10 +7,12 @@ from __future__ import annotations
 from attnreg.core import VariantSpec, hookimpl
 
 from .attention import LinearAttention, LinearConfig, PerformerAttention, PerformerConfig
+from .decoding import LinearState
 
 __all__ = [
     "LinearAttention",
     "LinearConfig",
+    "LinearState",
     "PerformerAttention",
     "PerformerConfig",
     "SPECS",
@@ -30,7 +32,7 @@ SPECS = (
         factory=LinearAttention,
         capabilities=LinearAttention.capabilities,
         summary="phi(Q) (phi(K)^T V) / (phi(Q) sum phi(K)); phi = elu+1 (default), relu or favor; "
-        "O(L) causal via chunked prefix states",
+        "O(L) causal via chunked prefix states; decodes with an O(1) recurrent state",
         reference=f"{_KATHAROPOULOS}; FAVOR+: {_PERFORMER}",
         aliases=("linear_attention",),
         # Several causal chunks at L >= 7, streamed two chunks per segment.

@@ -2,13 +2,15 @@
 
     out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / max(phi(q_i)^T sum_j phi(k_j), eps)
 
-over the allowed keys j (real keys; j <= i when causal). Non-causal: two matmuls; causal: the
-chunked prefix-state algorithm; both stream over the sequence (``kernels.py``). Half inputs are
-computed in float32.
+over the allowed keys j (real keys; j <= i when causal, j <= i + Lk - Lq when lower-right).
+Non-causal: two matmuls; causal: the chunked prefix-state algorithm; both stream over the
+sequence (``kernels.py``). Decoding keeps the recurrent state [S | z] (``decoding.py``): O(1)
+memory and time per token. Half inputs are computed in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,8 +20,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from attnreg.core import Attention, AttentionConfig, Capabilities, Masks
+from attnreg.core import Attention, AttentionConfig, Capabilities, DecodeState, Masks
 
+from .decoding import LinearState, init_linear_state, recurrent_step
 from .features import FeaturePair, favor_projection, feature_pair
 from .kernels import linear_attention, linear_weights
 
@@ -127,7 +130,7 @@ def cached_favor_projection(num_features: int, head_dim: int, seed: int) -> Tens
 
 _CAPS = dict(
     causal=True, key_mask=True, attn_mask=False, float_mask=False, cross_attention=True,
-    dropout=False, normalized=True, permutation_invariant=True, learnable=False,
+    dropout=False, normalized=True, permutation_invariant=True, learnable=False, decoding=True,
 )
 
 
@@ -157,31 +160,63 @@ class LinearAttention(Attention):
         cpu = cached_favor_projection(self.config.num_features, head_dim, self.config.seed)  # (m, E)
         return cpu.to(device=device, dtype=dtype, copy=True)  # (m, E); copy: the memo stays intact
 
-    def _features(self, query: Tensor, key: Tensor, masks: Masks) -> FeaturePair:
-        """Features in the accumulation dtype (float32 for half inputs)."""
+    def _features(self, query: Tensor, key: Tensor, key_mask: Tensor | None, is_causal: bool,
+                  anchor: Tensor | None = None) -> FeaturePair:
+        """Features in the accumulation dtype (float32 for half inputs); ``anchor`` continues a
+        causal FAVOR+ sequence (decoding, see ``feature_pair``)."""
         acc = self._accum_dtype(query)
         q, k = query.to(acc), key.to(acc)  # (B, H, L, E)
-        allowed = None if masks.key_mask is None else masks.key_mask[:, None, :, None]  # (B, 1, Lk, 1)
+        allowed = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, Lk, 1)
         proj, scale = None, 1.0
         if self.feature_map == "favor":
             e = query.shape[-1]
             proj = self.projection(e, query.device, acc)  # (m, E)
             scale = self.softmax_scale(e)
-        return feature_pair(self.feature_map, q, k, allowed, self.eps, proj, scale, masks.is_causal)
+        return feature_pair(self.feature_map, q, k, allowed, self.eps, proj, scale, is_causal, anchor)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         allowed = None if masks.key_mask is None else masks.key_mask[:, None, :, None]  # (B, 1, Lk, 1)
         q, k, fmap, thr = query, key, self.feature_map, self.eps  # elu / relu: applied inside, per segment
         if self.feature_map == "favor":  # its key stabiliser needs every key first: features up front
-            fp = self._features(query, key, masks)
+            fp = self._features(query, key, masks.key_mask, masks.is_causal)
             q, k, fmap, thr = fp.phi_q, fp.phi_k, "identity", fp.thr
         out = linear_attention(q, k, value, fmap, allowed, thr, masks.is_causal, self.chunk_size,
-                               self._accum_dtype(query), self.config.segment_size)  # (B, H, Lq, Ev)
+                               self._accum_dtype(query), self.config.segment_size,
+                               masks.q_offset)  # (B, H, Lq, Ev)
         return out.to(query.dtype)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
-        fp = self._features(query, key, masks)
-        return linear_weights(fp.phi_q, fp.phi_k, fp.thr, masks.is_causal).to(query.dtype)
+        fp = self._features(query, key, masks.key_mask, masks.is_causal)
+        return linear_weights(fp.phi_q, fp.phi_k, fp.thr, masks.is_causal, masks.q_offset).to(query.dtype)
+
+    # -- incremental decoding: the recurrent state [S | z] (decoding.py) -----------------------------
+    def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
+                    dtype: torch.dtype, device: torch.device, max_length: int | None) -> LinearState:
+        features = self.config.num_features if self.feature_map == "favor" else head_dim
+        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # as _accum_dtype
+        return init_linear_state(batch, heads, head_dim, value_dim, dtype, device, max_length,
+                                 self.feature_map, features, acc)
+
+    def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
+                key_mask: Tensor | None) -> tuple[Tensor, LinearState]:
+        features = self.config.num_features if self.feature_map == "favor" else state.head_dim
+        if (not isinstance(state, LinearState) or state.feature_map != self.feature_map
+                or state.kv is None or state.kv.shape[2] != features):
+            got = (f"{type(state).__name__}(feature_map={getattr(state, 'feature_map', None)!r})")
+            raise ValueError(f"decode: {self.variant} with feature_map={self.feature_map!r} and F="
+                             f"{features} features needs the state of its own init_state, got {got}")
+        allowed = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, T, 1)
+        q, k, fmap, thr, anchor = query, key, self.feature_map, self.eps, state.anchor
+        if self.feature_map == "favor":  # the stabiliser of the full forward: the first real key's
+            assert state.anchor is not None
+            fp = self._features(query, key, key_mask, True, state.anchor[:, :, None, None])
+            q, k, fmap, thr = fp.phi_q, fp.phi_k, "identity", fp.thr
+            assert fp.anchor is not None
+            anchor = fp.anchor[:, :, 0, 0]  # (B, H): fixed once a real key has been seen
+        out, kv = recurrent_step(q, k, value, fmap, allowed, thr, state.kv, self.chunk_size,
+                                 self._accum_dtype(query), self.config.segment_size)  # (B, H, T, Ev)
+        new = dataclasses.replace(state, kv=kv, anchor=anchor, length=state.length + query.shape[2])
+        return out.to(query.dtype), new
 
     # -- benchmark harness hooks -------------------------------------------------------------------
     def flops(

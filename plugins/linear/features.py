@@ -3,7 +3,9 @@
 Every map turns queries and keys (B, H, L, E) into non-negative features (B, H, L, F) such that
 ``phi(q_i) . phi(k_j)`` is the (unnormalised) attention score. FAVOR+ features are returned
 *stabilised*: ``exp(arg - c)`` with ``c`` a per-query-row maximum (queries) or a per-(batch, head)
-maximum over the real keys (keys). Such a positive rescaling cancels in ``num / den``; the
+constant (keys: the maximum over the real keys; causal: that of the first real key, which a
+decoder can fix once and keep, see ``_key_stabiliser``). Such a positive rescaling cancels in
+``num / den``; the
 threshold ``thr`` of the normaliser is rescaled by the same factor so that the result equals the
 unstabilised formula ``num / max(den, eps)`` exactly (see ``FeaturePair``).
 """
@@ -28,12 +30,11 @@ def pointwise_features(x: Tensor, feature_map: str, allowed: Tensor | None = Non
     False, and the masked entries never reach the map (poisoned padding cannot make NaN)."""
     if allowed is not None:
         x = x.masked_fill(~allowed, 0.0)
-    if feature_map == "elu":
-        phi = F.elu(x).add_(1.0)
-    elif feature_map == "relu":
-        phi = F.relu(x)
-    else:
+    if feature_map == "relu":
+        return F.relu(x)  # relu(0) = 0 on masked entries; nothing in place: autograd keeps the output
+    if feature_map != "elu":
         raise ValueError(f"{feature_map!r} is not a pointwise feature map; expected 'elu' or 'relu'")
+    phi = F.elu(x).add_(1.0)  # in place is safe: elu's backward reads its input, not its output
     return phi.masked_fill_(~allowed, 0.0) if allowed is not None else phi
 
 
@@ -76,6 +77,8 @@ class FeaturePair:
     phi_q: Tensor  # (B, H, Lq, F)
     phi_k: Tensor  # (B, H, Lk, F), exactly 0 on masked keys
     thr: float | Tensor
+    # favor, causal: the largest exponent of the first real key, (B, H, 1, 1); -inf where none.
+    anchor: Tensor | None = None
 
 
 def feature_pair(
@@ -87,17 +90,21 @@ def feature_pair(
     projection: Tensor | None = None,
     scale: float = 1.0,
     is_causal: bool = False,
+    anchor: Tensor | None = None,
 ) -> FeaturePair:
     """Compute the features of ``query`` (B, H, Lq, E) and ``key`` (B, H, Lk, E).
 
     ``key_allowed`` (B, 1, Lk, 1) bool marks real keys; masked keys get features 0 and no
     gradient, whatever they hold (poisoned padding cannot leak into the result or make NaN).
-    ``is_causal`` picks a FAVOR+ key stabiliser that depends on no future key (see below).
+    ``is_causal`` picks a FAVOR+ key stabiliser that depends on no future key (see below);
+    ``anchor`` (B, H, 1, 1), from an earlier call's ``FeaturePair.anchor``, continues a causal
+    sequence whose earlier keys are not in ``key`` (decoding): where finite, it replaces the
+    first real key of ``key``, so every call of a sequence uses the stabiliser of its full forward.
     """
     if feature_map == "favor":
         if key_allowed is not None:
             key = key.masked_fill(~key_allowed, 0.0)  # (B, H, Lk, E): padding values never reach math
-        return _favor_pair(query, key, key_allowed, eps, projection, scale, is_causal)
+        return _favor_pair(query, key, key_allowed, eps, projection, scale, is_causal, anchor)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {FEATURE_MAPS}")
     phi_q = pointwise_features(query, feature_map)  # (B, H, Lq, E)
@@ -106,7 +113,7 @@ def feature_pair(
 
 def _favor_pair(
     query: Tensor, key: Tensor, key_allowed: Tensor | None, eps: float,
-    projection: Tensor | None, scale: float, is_causal: bool,
+    projection: Tensor | None, scale: float, is_causal: bool, anchor: Tensor | None,
 ) -> FeaturePair:
     if projection is None:
         raise ValueError("feature_map 'favor' needs its projection matrix (m, E)")
@@ -117,14 +124,14 @@ def _favor_pair(
         arg_k = arg_k.masked_fill(~key_allowed, float("-inf"))  # exp -> 0 with zero gradient
     # Stabilisers are constants of the math (they cancel exactly), hence detached.
     c_q = arg_q.amax(dim=-1, keepdim=True).detach()  # (B, H, Lq, 1)
-    c_k = _key_stabiliser(arg_k, key_allowed, projection, is_causal)  # (B, H, 1, 1)
+    c_k, first = _key_stabiliser(arg_k, key_allowed, projection, is_causal, anchor)  # (B, H, 1, 1) x2
     phi_q = torch.exp(arg_q - c_q)  # (B, H, Lq, m), max 1 per row
     phi_k = torch.exp(arg_k - c_k)  # (B, H, Lk, m)
     # True features are exp(arg) / sqrt(m): den_true = den * exp(c_q + c_k) / m, so
     # max(den_true, eps) corresponds to max(den, eps * m * exp(-c_q - c_k)) here.
     log_thr = math.log(eps * m) - c_q - c_k  # (B, H, Lq, 1)
     thr = torch.exp(log_thr).clamp_min(torch.finfo(arg_q.dtype).tiny)  # (B, H, Lq, 1), > 0
-    return FeaturePair(phi_q, phi_k, thr)
+    return FeaturePair(phi_q, phi_k, thr, first)
 
 
 # Largest exponent a key feature may get relative to the causal stabiliser: e^60 ~ 1e26 leaves
@@ -133,21 +140,23 @@ _CAUSAL_HEADROOM = 60.0
 
 
 def _key_stabiliser(
-    arg_k: Tensor, key_allowed: Tensor | None, projection: Tensor, is_causal: bool
-) -> Tensor:
-    """One constant per (batch, head) subtracted from every key exponent (cancels exactly).
+    arg_k: Tensor, key_allowed: Tensor | None, projection: Tensor, is_causal: bool,
+    anchor: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """One constant per (batch, head) subtracted from every key exponent (cancels exactly), and
+    the causal anchor it came from (None when not causal).
 
     Non-causal: the maximum over real keys and features (all key features <= 1).
     Causal: the maximum must not depend on future keys, or outputs would change (in the last
     bits) when later tokens change. Every query that has a real key sees the FIRST real key, so
-    its own maximum is a causal anchor; it is raised to at least ``bound - 60``, where
-    ``bound = max_r |w_r|^2 / 2`` bounds every exponent (w.x - |x|^2/2 <= |w|^2/2), so no key
-    feature can exceed e^60.
+    its own maximum is a causal anchor (or ``anchor``, where finite: the first real key of earlier
+    calls); it is raised to at least ``bound - 60``, where ``bound = max_r |w_r|^2 / 2`` bounds
+    every exponent (w.x - |x|^2/2 <= |w|^2/2), so no key feature can exceed e^60.
     """
     arg_k = arg_k.detach()
     if not is_causal:
         c_k = arg_k.amax(dim=(-2, -1), keepdim=True)  # (B, H, 1, 1), over real keys only
-        return torch.where(torch.isfinite(c_k), c_k, torch.zeros_like(c_k))  # no real key at all
+        return torch.where(torch.isfinite(c_k), c_k, torch.zeros_like(c_k)), None  # no real key at all
     b, h = arg_k.shape[:2]
     if key_allowed is None:
         first = arg_k[:, :, :1].amax(dim=-1, keepdim=True)  # (B, H, 1, 1)
@@ -155,5 +164,7 @@ def _key_stabiliser(
         idx = key_allowed[:, 0, :, 0].to(torch.int8).argmax(dim=-1)  # (B,): first real key (0 if none)
         idx = idx[:, None, None, None].expand(b, h, 1, arg_k.shape[-1])  # (B, H, 1, m)
         first = arg_k.gather(2, idx).amax(dim=-1, keepdim=True)  # (B, H, 1, 1); -inf if none
+    if anchor is not None:
+        first = torch.where(torch.isfinite(anchor), anchor.to(first.dtype), first)  # (B, H, 1, 1)
     bound = 0.5 * projection.detach().square().sum(dim=-1).max()  # scalar
-    return torch.maximum(first, bound - _CAUSAL_HEADROOM)  # (B, H, 1, 1), finite
+    return torch.maximum(first, bound - _CAUSAL_HEADROOM), first  # (B, H, 1, 1) finite, anchor

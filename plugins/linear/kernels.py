@@ -8,7 +8,10 @@ as an extra all-ones value column, so numerator and denominator come out of the 
 Causal positions are cut into chunks of C: inside a chunk the masked quadratic form
 tril(phi_q phi_k^T) V, across chunks a running prefix state phi_k^T [V, 1] (Katharopoulos et al.
 2020, sec. 3.3, in its chunked form). Queries that see every key (non-causal, or causal queries past
-the last key) read the final state with one matmul.
+the last key) read the final state with one matmul. Lower-right causal (``offset = Lk - Lq > 0``:
+the queries are the last Lq positions) starts the chunked pass from the state of the keys before
+the first query, like the state a decoder carries (``linear_attention_step``); with ``offset < 0``
+the first ``-offset`` queries have no key to see and give 0.
 
 Why streamed: the whole computation, feature maps included, walks the sequence in segments of a
 few chunks (about 1 MB per tensor) and never materialises a full-length feature or score tensor.
@@ -37,7 +40,7 @@ from attnreg.core import causal_mask
 
 from .features import pointwise_features
 
-__all__ = ["FEATURE_FNS", "linear_attention", "linear_weights", "segment_length"]
+__all__ = ["FEATURE_FNS", "linear_attention", "linear_attention_step", "linear_weights", "segment_length"]
 
 FEATURE_FNS = ("elu", "relu", "identity")  # identity: query and key already are features (FAVOR+)
 
@@ -60,27 +63,62 @@ class _Plan:
     chunk: int
     segment: int
     acc: torch.dtype  # dtype of all arithmetic (float32 for half inputs)
+    offset: int = 0  # causal: query i sees keys j <= i + offset
 
 
-def linear_attention(
-    query: Tensor, key: Tensor, value: Tensor, fmap: str, key_allowed: Tensor | None,
-    thr: float | Tensor, is_causal: bool, chunk: int, acc: torch.dtype, segment: int | None = None,
-) -> Tensor:
-    """Normalised linear attention, ``(B, H, Lq, E), (B, H, Lk, E), (B, H, Lk, Ev) -> (B, H, Lq, Ev)``.
+def _layout(lq: int, lk: int, plan: _Plan) -> tuple[int, int, int, int]:
+    """``(qs, ks, n, pre)``: queries ``qs + t`` and keys ``ks + t`` (t < n) meet position by
+    position in the chunked causal pass; keys ``[0, pre)`` are in every query's past (all of them
+    when not causal). Queries before ``qs`` see nothing; queries from ``qs + n`` on see the final
+    state; keys from ``ks + n`` on are in nobody's past."""
+    if not plan.causal:
+        return 0, 0, 0, lk
+    qs, ks = max(0, -plan.offset), max(0, plan.offset)
+    return qs, ks, min(lq - qs, lk - ks), ks
 
-    ``fmap`` is applied to query and key inside (``identity``: they already are features, 0 on
-    masked keys). ``key_allowed`` (B, 1, Lk, 1) bool marks real keys: masked keys and values never
-    reach the arithmetic and get gradient 0. ``thr`` is the normaliser's lower bound, a float or a
-    (B, H, Lq, 1) tensor. Causal is upper-left aligned (SDPA semantics). Result in ``acc``.
-    """
+
+def _plan(query: Tensor, key: Tensor, value: Tensor, fmap: str, is_causal: bool, chunk: int,
+          acc: torch.dtype, segment: int | None, offset: int) -> _Plan:
     if fmap not in FEATURE_FNS:
         raise ValueError(f"unknown feature function {fmap!r}; expected one of {FEATURE_FNS}")
     b, h, lq = query.shape[:3]
     if is_causal:  # no chunk longer than the causal part (flops() counts min(C, n) too)
         chunk = min(chunk, max(1, min(lq, key.shape[2])))
     width = max(query.shape[-1], value.shape[-1] + 1)
-    plan = _Plan(fmap, is_causal, chunk, segment_length(b * h, width, chunk, segment), acc)
-    return _Streamed.apply(query, key, value, key_allowed, thr, plan)
+    return _Plan(fmap, is_causal, chunk, segment_length(b * h, width, chunk, segment), acc, offset)
+
+
+def linear_attention(
+    query: Tensor, key: Tensor, value: Tensor, fmap: str, key_allowed: Tensor | None,
+    thr: float | Tensor, is_causal: bool, chunk: int, acc: torch.dtype, segment: int | None = None,
+    offset: int = 0,
+) -> Tensor:
+    """Normalised linear attention, ``(B, H, Lq, E), (B, H, Lk, E), (B, H, Lk, Ev) -> (B, H, Lq, Ev)``.
+
+    ``fmap`` is applied to query and key inside (``identity``: they already are features, 0 on
+    masked keys). ``key_allowed`` (B, 1, Lk, 1) bool marks real keys: masked keys and values never
+    reach the arithmetic and get gradient 0. ``thr`` is the normaliser's lower bound, a float or a
+    (B, H, Lq, 1) tensor. Causal: query i sees keys j <= i + ``offset`` (0: upper-left, SDPA's
+    default; Lk - Lq: lower-right). Result in ``acc``.
+    """
+    plan = _plan(query, key, value, fmap, is_causal, chunk, acc, segment, offset)
+    return _Streamed.apply(query, key, value, key_allowed, thr, None, plan)[0]
+
+
+def linear_attention_step(
+    query: Tensor, key: Tensor, value: Tensor, fmap: str, key_allowed: Tensor | None,
+    thr: float | Tensor, state: Tensor, chunk: int, acc: torch.dtype, segment: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Causal linear attention of T new positions after a prefix summarised by ``state``.
+
+    ``state`` (B, H, F, Ev + 1) is ``sum phi(k_j) [v_j, 1]^T`` over the earlier keys; query t sees
+    them and the new keys ``<= t``. Returns the output (B, H, T, Ev) and the state after the T
+    keys, both in ``acc`` and both differentiable (also with respect to ``state``).
+    """
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"a step needs as many queries as keys, got {query.shape[2]} and {key.shape[2]}")
+    plan = _plan(query, key, value, fmap, True, chunk, acc, segment, 0)
+    return _Streamed.apply(query, key, value, key_allowed, thr, state, plan)
 
 
 def _features(x: Tensor, plan: _Plan, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -150,25 +188,32 @@ class _Streamed(torch.autograd.Function):
     """Linear attention over segments, forward and a hand-written backward (see module docstring).
 
     Autograd of the same ops is correct too, but keeps every full-length intermediate alive and
-    spends most of its time in zero-fills, slices and copies.
+    spends most of its time in zero-fills, slices and copies. Outputs: the attention output and
+    the final running state (keys ``[0, ks + n)``, after ``init``), both differentiable.
     """
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None,  # type: ignore[override]
-                thr: float | Tensor, plan: _Plan) -> Tensor:
+                thr: float | Tensor, init: Tensor | None, plan: _Plan) -> tuple[Tensor, Tensor]:
         b, h, lq, f = q.shape
         lk, ev = k.shape[2], v.shape[-1]
         g, c, seg = b * h, plan.chunk, plan.segment
-        n_sq = min(lq, lk) if plan.causal else 0  # positions computed causally
+        qs, ks, n_sq, pre = _layout(lq, lk, plan)
         out = torch.empty(b, h, lq, ev, dtype=plan.acc, device=q.device)  # (B, H, Lq, Ev)
         div = torch.empty(b, h, lq, 1, dtype=plan.acc, device=q.device)  # the normaliser used
         live = torch.empty(b, h, lq, 1, dtype=torch.bool, device=q.device)  # normaliser >= thr
-        run = torch.zeros(g, f, ev + 1, dtype=plan.acc, device=q.device)  # sum phi_k^T [v, 1] so far
-        keep = any(ctx.needs_input_grad[:3])  # save for backward only when there will be one
-        prefixes = []
-        for s0, s1 in _spans(0, n_sq, seg):
+        if init is None:  # sum phi_k^T [v, 1] so far (G, F, Ev + 1)
+            run = torch.zeros(g, f, ev + 1, dtype=plan.acc, device=q.device)
+        else:
+            run = init.to(plan.acc).reshape(g, f, ev + 1).clone()
+        keep = any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[5]  # will there be a backward
+        for s0, s1 in _spans(0, pre, seg):  # keys in every query's past
             _, pk, _, v1 = _keys(k, v, allowed, plan, s0, s1)
-            q3 = _chunks(_features(q[:, :, s0:s1], plan, None)[1], c)  # (GN, C, F)
+            run.baddbmm_(pk.reshape(g, s1 - s0, f).mT, v1.reshape(g, s1 - s0, ev + 1))
+        prefixes = []
+        for s0, s1 in _spans(0, n_sq, seg):  # query qs + t meets key ks + t
+            _, pk, _, v1 = _keys(k, v, allowed, plan, ks + s0, ks + s1)
+            q3 = _chunks(_features(q[:, :, qs + s0:qs + s1], plan, None)[1], c)  # (GN, C, F)
             k3, v3 = _chunks(pk, c), _chunks(v1, c)  # (GN, C, F), (GN, C, Ev + 1)
             n = q3.shape[0] // g
             states = torch.bmm(k3.mT, v3).view(g, n, f, ev + 1)  # each chunk's phi_k^T [v, 1]
@@ -180,38 +225,41 @@ class _Streamed(torch.autograd.Function):
             run = prefix[:, -1] + states[:, -1]
             scores = torch.bmm(q3, k3.mT).tril_()  # (GN, C, C): intra-chunk, causal
             nd = torch.bmm(scores, v3).baddbmm_(q3, prefix.view(g * n, f, ev + 1))  # (GN, C, Ev + 1)
-            _normalise(_unchunk(nd, b, h, s1 - s0), _rows(thr, s0, s1), out, div, live, s0, s1)
+            a0, a1 = qs + s0, qs + s1
+            _normalise(_unchunk(nd, b, h, s1 - s0), _rows(thr, a0, a1), out, div, live, a0, a1)
             if keep:
                 prefixes.append(prefix)
-        if not plan.causal:  # every key goes into the state read by every query
-            for s0, s1 in _spans(0, lk, seg):
-                _, pk, _, v1 = _keys(k, v, allowed, plan, s0, s1)
-                run.baddbmm_(pk.reshape(g, s1 - s0, f).mT, v1.reshape(g, s1 - s0, ev + 1))
-        for s0, s1 in _spans(n_sq, lq, seg):  # queries that see every key (in the past, if causal)
+        if qs:  # lower-right with Lq > Lk: the first queries have no key at all
+            out[:, :, :qs] = 0.0
+            div[:, :, :qs] = 1.0
+            live[:, :, :qs] = False
+        for s0, s1 in _spans(qs + n_sq, lq, seg):  # queries that see every key (in the past, if causal)
             pq = _features(q[:, :, s0:s1], plan, None)[1].reshape(g, s1 - s0, f)  # (G, S, F)
             nd = torch.bmm(pq, run).view(b, h, s1 - s0, ev + 1)  # (B, H, S, Ev + 1)
             _normalise(nd, _rows(thr, s0, s1), out, div, live, s0, s1)
         if keep:
             ctx.save_for_backward(q, k, v, allowed, out, div, live, run, *prefixes)
         ctx.plan = plan
-        return out
+        return out, run.view(b, h, f, ev + 1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor, grad_state: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, allowed, out, div, live, run, *prefixes = ctx.saved_tensors
         plan: _Plan = ctx.plan
         b, h, lq, f = q.shape
         lk, ev = k.shape[2], v.shape[-1]
         g, c, seg = b * h, plan.chunk, plan.segment
-        n_sq = min(lq, lk) if plan.causal else 0
+        qs, ks, n_sq, pre = _layout(lq, lk, plan)
         grad = grad.to(plan.acc)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         # Keys past the last query get no gradient in causal mode: they are in everyone's future.
-        new = torch.zeros_like if n_sq < lk and plan.causal else torch.empty_like
+        new = torch.zeros_like if ks + n_sq < lk and plan.causal else torch.empty_like
         dq = torch.empty_like(q) if need_q else None
         dk = new(k) if need_k else None
         dv = new(v) if need_v else None
+        if dq is not None and qs:
+            dq[:, :, :qs] = 0.0  # queries with no key: output 0 whatever they hold
 
         def g_num_den(s0: int, s1: int) -> Tensor:  # (B, H, S, Ev + 1): gradient of [num, den]
             gn = torch.empty(b, h, s1 - s0, ev + 1, dtype=plan.acc, device=q.device)
@@ -220,29 +268,21 @@ class _Streamed(torch.autograd.Function):
             gn[..., ev:] = g_den.masked_fill_(~live[:, :, s0:s1], 0.0)  # eps was the divisor: constant
             return gn
 
-        d_run = torch.zeros_like(run)  # (G, F, Ev + 1): gradient of the state read after a position
-        for s0, s1 in _spans(n_sq, lq, seg):
+        # Gradient of the state read after a position, starting with that of the returned state.
+        d_run = grad_state.to(plan.acc).reshape(g, f, ev + 1).clone()  # (G, F, Ev + 1)
+        for s0, s1 in _spans(qs + n_sq, lq, seg):
             xq, pq = _features(q[:, :, s0:s1], plan, None)  # (B, H, S, F)
             gn = g_num_den(s0, s1).view(g, s1 - s0, ev + 1)
             d_run.baddbmm_(pq.reshape(g, s1 - s0, f).mT, gn)
             if dq is not None:
                 d_pq = torch.bmm(gn, run.mT).view(b, h, s1 - s0, f)
                 _feature_grad(xq, pq, d_pq, plan, None, dq[:, :, s0:s1])
-        if not plan.causal and (need_k or need_v):
-            for s0, s1 in _spans(0, lk, seg):
-                xk, pk, km, v1 = _keys(k, v, allowed, plan, s0, s1)
-                v1 = v1.reshape(g, s1 - s0, ev + 1)
-                if dv is not None:  # before _feature_grad, which may overwrite pk
-                    d_v = torch.bmm(pk.reshape(g, s1 - s0, f), d_run[..., :ev]).view(b, h, s1 - s0, ev)
-                    _store(dv, s0, s1, d_v, km)
-                if dk is not None:
-                    d_pk = torch.bmm(v1, d_run.mT).view(b, h, s1 - s0, f)
-                    _feature_grad(xk, pk, d_pk, plan, km, dk[:, :, s0:s1])
         for (s0, s1), prefix in zip(reversed(_spans(0, n_sq, seg)), reversed(prefixes), strict=True):
-            xq, pq = _features(q[:, :, s0:s1], plan, None)
-            xk, pk, km, v1 = _keys(k, v, allowed, plan, s0, s1)
+            a0, a1, k0, k1 = qs + s0, qs + s1, ks + s0, ks + s1  # query rows, key rows
+            xq, pq = _features(q[:, :, a0:a1], plan, None)
+            xk, pk, km, v1 = _keys(k, v, allowed, plan, k0, k1)
             q3, k3, v3 = _chunks(pq, c), _chunks(pk, c), _chunks(v1, c)  # (GN, C, F|F|Ev + 1)
-            g3 = _chunks(g_num_den(s0, s1), c)  # (GN, C, Ev + 1)
+            g3 = _chunks(g_num_den(a0, a1), c)  # (GN, C, Ev + 1)
             n = q3.shape[0] // g
             d_scores = torch.bmm(g3, v3.mT).tril_()  # (GN, C, C)
             d_prefix = torch.bmm(q3.mT, g3).view(g, n, f, ev + 1)
@@ -263,12 +303,24 @@ class _Streamed(torch.autograd.Function):
             if dv is not None:
                 scores = torch.bmm(q3, k3.mT).tril_()  # (GN, C, C), recomputed
                 d_v = torch.bmm(scores.mT, g3).baddbmm_(k3, ds3)  # (GN, C, Ev + 1)
-                _store(dv, s0, s1, _unchunk(d_v, b, h, s)[..., :ev], km)
+                _store(dv, k0, k1, _unchunk(d_v, b, h, s)[..., :ev], km)
             if d_pq is not None:
-                _feature_grad(xq, pq, _unchunk(d_pq, b, h, s), plan, None, dq[:, :, s0:s1])
+                _feature_grad(xq, pq, _unchunk(d_pq, b, h, s), plan, None, dq[:, :, a0:a1])
             if d_pk is not None:
-                _feature_grad(xk, pk, _unchunk(d_pk, b, h, s), plan, km, dk[:, :, s0:s1])
-        return dq, dk, dv, None, None, None
+                _feature_grad(xk, pk, _unchunk(d_pk, b, h, s), plan, km, dk[:, :, k0:k1])
+        # d_run is now the gradient of the state before the causal pass: keys [0, pre) and init.
+        if need_k or need_v:
+            for s0, s1 in _spans(0, pre, seg):
+                xk, pk, km, v1 = _keys(k, v, allowed, plan, s0, s1)
+                v1 = v1.reshape(g, s1 - s0, ev + 1)
+                if dv is not None:  # before _feature_grad, which may overwrite pk
+                    d_v = torch.bmm(pk.reshape(g, s1 - s0, f), d_run[..., :ev]).view(b, h, s1 - s0, ev)
+                    _store(dv, s0, s1, d_v, km)
+                if dk is not None:
+                    d_pk = torch.bmm(v1, d_run.mT).view(b, h, s1 - s0, f)
+                    _feature_grad(xk, pk, d_pk, plan, km, dk[:, :, s0:s1])
+        d_init = d_run.view(b, h, f, ev + 1) if ctx.needs_input_grad[5] else None
+        return dq, dk, dv, None, None, d_init, None
 
 
 def _store(dst: Tensor, s0: int, s1: int, src: Tensor, allowed: Tensor | None) -> None:
@@ -291,12 +343,12 @@ def _normalise(nd: Tensor, thr: float | Tensor, out: Tensor, div: Tensor, live: 
 
 
 def linear_weights(
-    phi_q: Tensor, phi_k: Tensor, thr: float | Tensor, is_causal: bool
+    phi_q: Tensor, phi_k: Tensor, thr: float | Tensor, is_causal: bool, offset: int = 0
 ) -> Tensor:
     """The dense normalised weights (B, H, Lq, Lk) of the same computation (O(Lq * Lk))."""
     scores = phi_q @ phi_k.transpose(-2, -1)  # (B, H, Lq, Lk), 0 on masked keys
     if is_causal:
-        allowed = causal_mask(scores.shape[-2], scores.shape[-1], scores.device)  # (Lq, Lk)
+        allowed = causal_mask(scores.shape[-2], scores.shape[-1], scores.device, offset)  # (Lq, Lk)
         scores = scores.masked_fill(~allowed, 0.0)
     den = scores.sum(dim=-1, keepdim=True)  # (B, H, Lq, 1)
     if isinstance(thr, Tensor):
