@@ -6,13 +6,20 @@ variant's own ``DecodeState`` instead of growing key/value tensors: a rolling wi
 Its ``update`` returns the new keys/values unchanged and the attention function advances the
 state with ``Attention.decode``.
 
-``generate()`` builds a ``DynamicCache`` for the model; on the first call of each layer with no
-autograd and in eval mode (generation), that layer's still-empty ``DynamicLayer`` is replaced by
-an ``AttnregCacheLayer``. With autograd or in training mode the ``DynamicLayer`` stays, and the
-variant attends to its keys with lower-right causal alignment.
+``generate()`` builds a ``DynamicCache`` for the model; for a model with attnreg layers, its
+cache preparation (``prepare_generation_cache``, set on the model instance when the variants are
+attached) then replaces the attnreg layers' empty ``DynamicLayer`` by ``AttnregCacheLayer`` s
+sized for the prompt plus the new tokens. ``decoding_cache(model, max_length)`` builds such a
+cache by hand. Any other cache (a ``DynamicCache`` made by the model's forward with
+``use_cache=True``, one passed by the user) keeps transformers' keys and values, and the variant
+attends to them with lower-right causal alignment.
 """
 
 from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +33,8 @@ from transformers.cache_utils import (
 
 from attnreg.core import Attention, DecodeState, UnsupportedFeatureError
 
-__all__ = ["AttnregCacheLayer", "decoding_cache", "forget_cache", "layer_of", "remember_cache"]
+__all__ = ["AttnregCacheLayer", "decoding_cache", "forget_cache", "install_states", "layer_of",
+           "prepare_generation_cache", "remember_cache"]
 
 _LAYER = "_attnreg_cache_layer"  # HF attention module attribute: its state layer during a call
 
@@ -151,44 +159,73 @@ class AttnregCacheLayer(CacheLayerMixin):
 
 
 def _state_layer(module: nn.Module, cache: object) -> AttnregCacheLayer | None:
-    """This module's state layer in ``cache``, swapped in for a still-empty ``DynamicLayer``
-    when the call runs without autograd and in eval mode; None otherwise."""
+    """This module's state layer in ``cache``, or None (no cache, or a KV cache layer)."""
     if isinstance(cache, EncoderDecoderCache):
         if getattr(module, "is_cross_attention", False):
             return None
         cache = cache.self_attention_cache
     idx = getattr(module, "layer_idx", None)
-    if not isinstance(cache, Cache) or not isinstance(idx, int):
-        return None
-    layers = cache.layers
-    if idx < len(layers) and isinstance(layers[idx], AttnregCacheLayer):
-        return layers[idx]
-    attn = module._modules.get("attnreg")
-    if not isinstance(attn, Attention) or not attn.capabilities.decoding:
-        return None
-    if module.training or torch.is_grad_enabled():
-        return None
-    if idx >= len(layers):
-        if cache.layer_class_to_replicate is not DynamicLayer:
-            return None
-        while len(layers) < idx:  # what Cache.update does for the layers before this one
-            layers.append(DynamicLayer())
-        layers.append(AttnregCacheLayer())
-        return layers[idx]
-    if type(layers[idx]) is DynamicLayer and not layers[idx].is_initialized:
-        layers[idx] = AttnregCacheLayer()
-        return layers[idx]
+    if isinstance(cache, Cache) and isinstance(idx, int) and idx < len(cache.layers):
+        layer = cache.layers[idx]
+        return layer if isinstance(layer, AttnregCacheLayer) else None
     return None
 
 
-def decoding_cache(model: nn.Module, max_length: int | None = None) -> DynamicCache:
-    """A ``DynamicCache`` for ``model`` whose attnreg layers hold decoding states from the start.
+def install_states(model: nn.Module, cache: Cache, max_length: int | None) -> int:
+    """Give every self-attention layer of ``model`` whose attnreg variant declares decoding an
+    ``AttnregCacheLayer`` in ``cache`` (replacing its still-empty ``DynamicLayer``); returns
+    how many. A layer that already holds positions raises: its keys would be lost."""
+    layers, count = cache.layers, 0
+    for m in model.modules():
+        attn, idx = m._modules.get("attnreg"), getattr(m, "layer_idx", None)
+        if not (isinstance(attn, Attention) and attn.capabilities.decoding and isinstance(idx, int)) \
+                or getattr(m, "is_cross_attention", False):
+            continue
+        while len(layers) <= idx:  # a cache without a config creates its layers on first use
+            layers.append(DynamicLayer())
+        old = layers[idx]
+        if isinstance(old, AttnregCacheLayer):
+            continue
+        if type(old) is not DynamicLayer or old.is_initialized:
+            raise ValueError(f"layer {idx} of the cache is a {type(old).__name__} already in use; attnreg "
+                             "decoding states replace only empty DynamicLayers")
+        layers[idx] = AttnregCacheLayer(max_length)
+        count += 1
+    return count
 
-    Pass it as ``generate(..., past_key_values=decoding_cache(model, max_length=P + N))``:
-    ``max_length`` (the prompt plus the new tokens) lets states preallocate, and is required by
-    variants whose pattern depends on the total length (sparse layouts with a length-derived
-    stride, BigBird's random blocks); decoding then follows the pattern of that length. Layers
-    given a state here keep it with autograd or in training mode too.
+
+def prepare_generation_cache(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``GenerationMixin._prepare_cache_for_generation`` for a model with attnreg layers: the
+    same, then the ``DynamicCache`` generate() made for itself gets decoding states sized for
+    ``max_cache_length`` (prompt + new tokens - 1). A cache passed by the user is left alone."""
+    original = type(model)._prepare_cache_for_generation
+    out = original(model, *args, **kwargs)
+    try:
+        bound = inspect.signature(original).bind(model, *args, **kwargs).arguments
+    except TypeError:
+        bound = {}
+    model_kwargs = bound.get("model_kwargs")
+    length = bound.get("max_cache_length")
+    if not isinstance(model_kwargs, dict) or not isinstance(length, int):
+        warnings.warn("attnreg: generate()'s cache preparation has an unknown signature; generation runs "
+                      "on transformers' KV cache instead of the variants' decoding states", stacklevel=2)
+        return out
+    cache = model_kwargs.get("past_key_values")
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    if isinstance(cache, DynamicCache) and not getattr(cache, "_is_user_defined", False):
+        install_states(model, cache, length if length > 0 else None)
+    return out
+
+
+def decoding_cache(model: nn.Module, max_length: int | None = None) -> DynamicCache:
+    """A ``DynamicCache`` for ``model`` whose attnreg layers hold decoding states.
+
+    generate() makes one itself; build it by hand for your own decoding loop
+    (``model(ids, past_key_values=cache, use_cache=True)``) or to choose ``max_length``:
+    states preallocate for it, and variants whose pattern depends on the total length (sparse
+    layouts with a length-derived stride, BigBird's random blocks) need it; decoding then
+    follows the pattern of that length.
     """
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be None or an integer >= 1, got {max_length!r}")
@@ -196,20 +233,12 @@ def decoding_cache(model: nn.Module, max_length: int | None = None) -> DynamicCa
     if config is None:
         raise ValueError(f"decoding_cache needs a transformers model, got {type(model).__name__}")
     cache = DynamicCache(config=config)
-    for m in model.modules():
-        attn = m._modules.get("attnreg")
-        idx = getattr(m, "layer_idx", None)
-        if isinstance(attn, Attention) and attn.capabilities.decoding and isinstance(idx, int) \
-                and not getattr(m, "is_cross_attention", False):
-            if idx >= len(cache.layers):
-                raise ValueError(f"the cache built from the model config has {len(cache.layers)} layers, "
-                                 f"the model an attention layer {idx}")
-            cache.layers[idx] = AttnregCacheLayer(max_length)
+    install_states(model, cache, max_length)
     return cache
 
 
 def remember_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook of an attention module: find (or swap in) its state layer."""
+    """Forward pre-hook of an attention module: remember its state layer for the call."""
     module.__dict__[_LAYER] = _state_layer(module, kwargs.get("past_key_values"))
 
 

@@ -20,7 +20,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from attnreg._configs import build
 from attnreg.core import Attention
 
-from ._cache import forget_cache, remember_cache
+from ._cache import forget_cache, prepare_generation_cache, remember_cache
 from ._keys import is_attnreg_key, layer_config
 
 __all__ = ["attach", "attached", "attention_modules", "install_post_init"]
@@ -82,10 +82,13 @@ def attach(model: nn.Module) -> int:
                                         and m.__dict__.get(_KEY) == key):
             _attach_one(m, key)
             count += 1
-    if count:
+    if any(m._modules.get(ATTACHED) is not None for m in attention_modules(model)):
         for sub in model.modules():
-            if isinstance(sub, PreTrainedModel):
+            if isinstance(sub, PreTrainedModel) and "_init_weights" not in sub.__dict__:
                 sub.__dict__["_init_weights"] = functools.partial(_init_weights, sub)
+            prepare = "_prepare_cache_for_generation"  # generate()'s: decoding states
+            if hasattr(type(sub), prepare) and prepare not in sub.__dict__:
+                sub.__dict__[prepare] = functools.partial(prepare_generation_cache, sub)
     return count
 
 
