@@ -65,7 +65,8 @@ def build(arch: str, impl: str, variant: str | None = None, seed: int = 0,
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).to(dtype)
 
 
-def batch(seed: int = 1, length: int = 9, pads: tuple[int, ...] = (0, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(seed: int = 1, length: int = 9, pads: tuple[int, ...] = (0, 3)
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, L) and a left-padding mask (B, L) (1 = real token), row b with pads[b] pads."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (len(pads), length), generator=g)  # (B, L)

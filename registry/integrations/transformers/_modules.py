@@ -53,13 +53,18 @@ def _head_sizes(module: nn.Module) -> tuple[int, int]:
     return heads, head_dim
 
 
-def _attach_one(module: nn.Module, key: str) -> Attention:
+def _build(module: nn.Module, key: str) -> Attention:
+    """The variant of ``key`` for this layer, on the layer's device and dtype."""
     heads, head_dim = _head_sizes(module)
     attn = build(layer_config(key, module.config, heads, head_dim))
     like = next((p for p in module.parameters() if p.is_floating_point()), None)
     if like is not None:
         attn.to(device=like.device, dtype=like.dtype)
     attn.__dict__[_OURS] = True
+    return attn
+
+
+def _install(module: nn.Module, key: str, attn: Attention) -> Attention:
     if ATTACHED in module.__dict__:
         raise ValueError(f"{type(module).__name__} already has a non-module attribute {ATTACHED!r}")
     module.add_module(ATTACHED, attn)
@@ -80,7 +85,7 @@ def attach(model: nn.Module) -> int:
         key = m.config._attn_implementation
         if is_attnreg_key(key) and not (m._modules.get(ATTACHED) is not None
                                         and m.__dict__.get(_KEY) == key):
-            _attach_one(m, key)
+            _install(m, key, _build(m, key))
             count += 1
     if any(m._modules.get(ATTACHED) is not None for m in attention_modules(model)):
         for sub in model.modules():
@@ -106,17 +111,13 @@ def attached(module: nn.Module) -> Attention:
     if not hasattr(module, "layer_idx"):
         raise ValueError(f"{type(module).__name__} has no layer_idx: attnreg attends only inside "
                          "transformers attention layers")
-    old = module._modules.pop(ATTACHED, None)
-    attn = _attach_one(module, key)
+    attn = _build(module, key)
     if any(True for _ in attn.parameters()):
-        module._modules.pop(ATTACHED)
-        if old is not None:
-            module._modules[ATTACHED] = old
         raise RuntimeError(
             f"'{attn.variant}' has parameters, and {type(module).__name__} (layer {module.layer_idx}) "
             f"has none for {key!r}: call attnreg.integrations.transformers.attach(model) after "
             "set_attn_implementation (and before building the optimizer or loading weights)")
-    return attn
+    return _install(module, key, attn)
 
 
 def _init_weights(model: PreTrainedModel, module: nn.Module) -> None:
