@@ -3,6 +3,7 @@ layer's variant config comes from."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -59,12 +60,14 @@ def test_every_registered_variant_has_a_key_in_both_interfaces() -> None:
     assert keys["attnreg"].variant is None
 
 
-class _Toy(DotProductAttention):  # a third-party variant: softmax attention renamed
+class _Toy(DotProductAttention):  # a third-party variant: softmax attention renamed, no decoding
     variant = "toy_softmax"
+    capabilities = dataclasses.replace(DotProductAttention.capabilities, decoding=False)
 
 
 def test_third_party_plugin_registered_at_runtime() -> None:
-    """A plugin registered after the import gets its key from register(), and runs like sdpa."""
+    """A plugin registered after the import gets its key from register(), and runs like sdpa.
+    It declares no decoding: generate() with a cache says to use use_cache=False, which works."""
     from typing import Literal
 
     from pydantic import Field
@@ -83,6 +86,10 @@ def test_third_party_plugin_registered_at_runtime() -> None:
         with torch.no_grad():
             a, b = ref(ids, attention_mask=mask).logits, toy(ids, attention_mask=mask).logits
         torch.testing.assert_close(a[mask.bool()], b[mask.bool()], rtol=0, atol=1e-5)
+        kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+        with pytest.raises(UnsupportedFeatureError, match="use_cache=False"):
+            toy.generate(ids, **kw)
+        assert torch.equal(toy.generate(ids, use_cache=False, **kw), ref.generate(ids, **kw))
     finally:
         attnreg.unregister("toy_softmax")
         for mapping in (AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping):
@@ -164,7 +171,8 @@ def test_set_attn_implementation_then_attach() -> None:
 
 
 def test_unsupported_uses_raise() -> None:
-    """Dropout for a variant without it, cropping a decoding state, model-side soft-capping."""
+    """Dropout for a variant without it, cropping a decoding state, a static cache, model-side
+    soft-capping."""
     ids, mask = batch()
     model = build("llama", "attnreg:linear", attention_dropout=0.1).train()
     with pytest.raises(UnsupportedFeatureError, match="attention dropout"):
@@ -174,7 +182,30 @@ def test_unsupported_uses_raise() -> None:
                          return_dict_in_generate=True)
     with pytest.raises(UnsupportedFeatureError, match="cropping"):
         out.past_key_values.crop(-1)
+    with pytest.raises(UnsupportedFeatureError, match="StaticCache"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD,
+                       cache_implementation="static")
     attn_module = next(hf.attention_modules(model))
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(UnsupportedFeatureError, match="soft-capping"):
         hf.attention_forward(attn_module, q, q, q, None, softcap=30.0)
+
+
+def test_docs_snippets_run() -> None:
+    """The README's transformers snippet and the docs page's usage and decoding_cache snippets."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = [c for c in re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), flags=re.S)
+              if "attnreg.integrations.transformers" in c]
+    page = re.findall(r"```python\n(.*?)```", (root / "docs" / "transformers.md").read_text(), flags=re.S)
+    assert len(readme) == 1 and len(page) == 2
+    ns: dict = {}
+    exec(compile(readme[0], "README.md", "exec", dont_inherit=True), ns)
+    assert [a.window for a in _variants(ns["model"])] == [64] * 4
+    ns = {}
+    for code in page:
+        exec(compile(code, "docs/transformers.md", "exec", dont_inherit=True), ns)
+    assert ns["out"].shape == (2, 12 + 20)
+    assert ns["cache"].get_seq_length() == 12 + 20 - 1

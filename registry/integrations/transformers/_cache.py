@@ -213,6 +213,13 @@ def prepare_generation_cache(model: nn.Module, *args: Any, **kwargs: Any) -> Any
     cache = model_kwargs.get("past_key_values")
     if isinstance(cache, EncoderDecoderCache):
         cache = cache.self_attention_cache
+    if isinstance(cache, Cache) and cache.is_compileable:
+        variant = next((m.attnreg.variant for m in model.modules()
+                        if isinstance(m._modules.get("attnreg"), Attention)), "attnreg")
+        raise UnsupportedFeatureError(
+            variant, f"transformers' {type(cache).__name__} (static, compileable caches)",
+            "generate with the default dynamic cache (attnreg keeps each variant's own state in it)",
+        )
     if isinstance(cache, DynamicCache) and not getattr(cache, "_is_user_defined", False):
         install_states(model, cache, length if length > 0 else None)
     return out
