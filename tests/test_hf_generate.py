@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 
 from hf_models import BUILTINS, FIELDS, PAD, batch, build  # noqa: E402
 
+from attnreg.core import UnsupportedFeatureError  # noqa: E402
 from attnreg.integrations.transformers import AttnregCacheLayer, decoding_cache  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,3 +137,34 @@ def test_variant_fields_reach_the_layers() -> None:
     model = build("gpt2", "attnreg:local", "local")
     attns = [m.attnreg for m in model.modules() if hasattr(m, "attnreg")]
     assert len(attns) == 2 and all(a.window == FIELDS["local"]["window"] for a in attns)
+
+
+@pytest.mark.parametrize("arch", ["MistralConfig", "Qwen2Config", "Qwen3Config", "GemmaConfig", "PhiConfig"])
+@pytest.mark.parametrize("variant", ["local", "linear"])
+def test_other_decoder_architectures(arch: str, variant: str) -> None:
+    """The attention modules of other transformers decoders are found, and cached generation
+    equals recomputation there too. A model-side sliding window (Mistral's) is refused."""
+    import transformers
+
+    kw = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, pad_token_id=PAD, eos_token_id=None,
+              max_position_embeddings=64, attnreg=FIELDS[variant])
+    if arch == "PhiConfig":
+        del kw["num_key_value_heads"], kw["head_dim"]
+    ids, mask = batch()
+    impl = f"attnreg:{variant}"
+    if arch == "MistralConfig":
+        cfg = transformers.MistralConfig(**kw, sliding_window=8)
+        windowed = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+        with pytest.raises(UnsupportedFeatureError, match="sliding"):
+            _generate(windowed, ids, mask)
+        with pytest.raises(UnsupportedFeatureError, match="sliding"):
+            windowed(ids, attention_mask=mask, use_cache=False)
+        kw["sliding_window"] = None
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, arch)(**kw),
+                                                          attn_implementation=impl).eval()
+    assert sum(1 for m in model.modules() if hasattr(m, "attnreg")) == 2
+    cached, recomputed = _generate(model, ids, mask), _generate(model, ids, mask, use_cache=False)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert isinstance(cached.past_key_values.layers[0], AttnregCacheLayer)

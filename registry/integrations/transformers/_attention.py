@@ -156,10 +156,8 @@ def _forward(attn: Attention, query: Tensor, key: Tensor, value: Tensor, causal:
     if key_mask is not None and key_mask.shape[1] != lk:
         raise ValueError(f"the padding mask covers {key_mask.shape[1]} keys, the layer got {lk}")
     k, v = kv_heads(attn, query, key, value)  # (B, Hkv|H, Lk, E)
-    if lq == lk or not causal:
+    if lq == lk or not causal:  # a dense mask (never causal) holds the whole pattern, any lengths
         return attn(query, k, v, attn_mask=dense, key_mask=key_mask, is_causal=causal)  # (B, H, Lq, Ev)
-    if dense is not None:
-        raise UnsupportedFeatureError(attn.variant, "a dense 4-D mask together with cached keys")
     if not attn.capabilities.decoding:
         raise UnsupportedFeatureError(
             attn.variant, "attending to transformers' KV cache (queries at the end of longer keys)",

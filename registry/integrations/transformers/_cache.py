@@ -117,9 +117,8 @@ class AttnregCacheLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
-        if self.state is None or self.state.max_length is None:
-            return -1
-        return self.state.max_length
+        length = self.max_length if self.state is None else self.state.max_length
+        return -1 if length is None else length
 
     def reset(self) -> None:
         self.state = None
@@ -186,9 +185,14 @@ def install_states(model: nn.Module, cache: Cache, max_length: int | None) -> in
         old = layers[idx]
         if isinstance(old, AttnregCacheLayer):
             continue
-        if type(old) is not DynamicLayer or old.is_initialized:
-            raise ValueError(f"layer {idx} of the cache is a {type(old).__name__} already in use; attnreg "
-                             "decoding states replace only empty DynamicLayers")
+        if type(old) is not DynamicLayer:
+            raise UnsupportedFeatureError(
+                attn.variant, f"transformers' {type(old).__name__} (layer {idx} of the cache)",
+                "attnreg keeps its state in place of a plain DynamicLayer; a sliding or chunked layer "
+                "comes from the model config (e.g. sliding_window: set it to None, use attnreg:local)")
+        if old.is_initialized:
+            raise ValueError(f"layer {idx} of the cache already holds positions; attnreg decoding states "
+                             "replace only empty layers")
         layers[idx] = AttnregCacheLayer(max_length)
         count += 1
     return count
