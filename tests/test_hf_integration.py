@@ -185,6 +185,15 @@ def test_unsupported_uses_raise() -> None:
     with pytest.raises(UnsupportedFeatureError, match="StaticCache"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD,
                        cache_implementation="static")
+    def lose_state_layer(module: torch.nn.Module, args: tuple) -> None:  # as if the hook found no cache
+        module.__dict__["_attnreg_cache_layer"] = None
+
+    cache = hf.decoding_cache(model)
+    next(hf.attention_modules(model)).register_forward_pre_hook(lose_state_layer)
+    with pytest.raises(RuntimeError, match="never decoded"):  # an update whose attention never came
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)  # silently cacheless...
+            model(ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)  # ...then caught
     attn_module = next(hf.attention_modules(model))
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(UnsupportedFeatureError, match="soft-capping"):

@@ -56,6 +56,7 @@ class AttnregCacheLayer(CacheLayerMixin):
         self.state: DecodeState | None = None
         self.max_length = max_length  # passed to init_state: the total length the sequence may reach
         self.variant = "attnreg"
+        self.pending = 0  # positions handed through by update() and not yet decoded
 
     def __repr__(self) -> str:
         return f"AttnregCacheLayer({self.variant}, state={type(self.state).__name__})"
@@ -67,8 +68,14 @@ class AttnregCacheLayer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object
                ) -> tuple[Tensor, Tensor]:
         """The new keys/values, unchanged: the attention function decodes them into the state."""
+        if self.pending:
+            raise RuntimeError(
+                f"{self.pending} positions handed through this attnreg cache layer were never decoded: "
+                "the attention call did not find its state layer (the model must pass past_key_values "
+                "to its attention module), so its output ignored the cached positions")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.pending = key_states.shape[-2]
         return key_states, value_states
 
     def attend(self, attn: Attention, query: Tensor, key: Tensor, value: Tensor,
@@ -88,6 +95,7 @@ class AttnregCacheLayer(CacheLayerMixin):
                                  f"holds {self.state.length} and {t} are new")
             key_mask = key_mask[:, -t:]  # (B, T)
         out, self.state = attn.decode(query, key, value, self.state, key_mask=key_mask)
+        self.pending = 0
         return out  # (B, H, T, Ev)
 
     def _init_state(self, attn: Attention, batch: int, heads: int, head_dim: int, value_dim: int,
@@ -122,6 +130,7 @@ class AttnregCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state = None
+        self.pending = 0
         self.is_initialized = False
 
     def _select(self, index: Tensor) -> None:
@@ -250,7 +259,10 @@ def decoding_cache(model: nn.Module, max_length: int | None = None) -> DynamicCa
 
 def remember_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of an attention module: remember its state layer for the call."""
-    module.__dict__[_LAYER] = _state_layer(module, kwargs.get("past_key_values"))
+    cache = kwargs.get("past_key_values")
+    if cache is None:  # passed positionally
+        cache = next((a for a in args if isinstance(a, Cache)), None)
+    module.__dict__[_LAYER] = _state_layer(module, cache)
 
 
 def forget_cache(module: nn.Module, args: tuple, output: object) -> None:
