@@ -22,9 +22,20 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["DecodeState", "KVCacheState", "check_decode_inputs"]
+__all__ = ["DecodeState", "KVCacheState", "canonical_device", "check_decode_inputs"]
 
 S = TypeVar("S", bound="DecodeState")
+
+
+def canonical_device(device: torch.device | str | None) -> torch.device:
+    """The device tensors created on ``device`` report: ``cpu:0`` -> ``cpu``, ``cuda`` ->
+    ``cuda:<current>``. States store it so that ``t.device == state.device`` holds for their tensors."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.index is not None:
+        return dev
+    return torch.empty(0, device=dev).device  # the backend's current index
 
 
 @dataclass
@@ -46,6 +57,9 @@ class DecodeState:
     device: torch.device
     length: int = 0
     max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        self.device = canonical_device(self.device)
 
     def tensors(self) -> dict[str, Tensor]:
         """The tensor fields (batch first), by name."""
@@ -71,7 +85,7 @@ class DecodeState:
 
     def to(self: S, device: torch.device | str) -> S:
         """The state on ``device`` (a new object; buffers copied only where the device differs)."""
-        dev = torch.device(device)
+        dev = canonical_device(device)
         return self._map(lambda t: t.to(dev), device=dev)
 
     @property
@@ -141,8 +155,7 @@ class KVCacheState(DecodeState):
         v = value if old_v is None else torch.cat([old_v, value], dim=2)  # (B, Hkv, T', Ev)
         m = old_m
         if key_mask is not None or old_m is not None:
-            ones = torch.ones(self.batch, self.length + key.shape[2], dtype=torch.bool, device=key.device)
-            m = ones.clone()  # (B, T')
+            m = torch.ones(self.batch, self.length + key.shape[2], dtype=torch.bool, device=key.device)  # (B, T')
             if old_m is not None:
                 m[:, : self.length] = old_m
             if key_mask is not None:

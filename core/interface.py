@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .capabilities import Capabilities
 from .config import AttentionConfig
-from .decoding import DecodeState, KVCacheState, check_decode_inputs
+from .decoding import DecodeState, KVCacheState, canonical_device, check_decode_inputs
 from .errors import UnsupportedFeatureError
 from .masks import CausalAlignment, Masks, check_inputs
 
@@ -117,12 +117,13 @@ class Attention(nn.Module):
                           ("value_dim", value_dim)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"init_state: {name} must be an integer >= 1, got {val!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                       or max_length < 1):
             raise ValueError(f"init_state: max_length must be None or an integer >= 1, got {max_length!r}")
         if not isinstance(dtype, torch.dtype) or dtype not in self.capabilities.dtypes:
             raise UnsupportedFeatureError(self.variant, f"dtype {dtype}",
                                           f"supported: {self.capabilities.dtypes}")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = canonical_device(device)  # "cpu:0" / "cuda" as their tensors report it
         return self._init_state(batch, heads, head_dim, value_dim, dtype, dev, max_length)
 
     def decode(

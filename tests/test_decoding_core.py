@@ -109,3 +109,25 @@ def test_state_reorder_device_and_errors() -> None:
     with pytest.raises(ValueError, match="key_mask"):
         attn.decode(q[:, :, 6:7], k[:, :, 6:7], v[:, :, 6:7], state,
                     key_mask=torch.ones(B, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ["dot_product", "local", "linear", "sparse"])
+def test_states_store_the_device_their_tensors_report(name: str) -> None:
+    """'cpu:0' (like 'cuda' for cuda:0) names the device tensors report as 'cpu': a state made
+    or moved with it must still accept those tensors."""
+    attn = attnreg.build(name, **({"block_size": 2} if name == "sparse" else {}))
+    q, k, v = _qkv(3)
+    for state in (attn.init_state(B, H, E, dtype=torch.float64, device="cpu:0", max_length=8),
+                  attn.init_state(B, H, E, dtype=torch.float64, max_length=8).to("cpu:0")):
+        assert state.device == torch.device("cpu") == q.device
+        out, state = attn.decode(q, k, v, state)
+        out, state = attn.decode(q[:, :, :1], k[:, :, :1], v[:, :, :1], state.to(torch.device("cpu", 0)))
+        assert out.shape == (B, H, 1, E) and state.length == 4
+
+
+def test_init_state_rejects_bool_sizes() -> None:
+    attn = attnreg.build("dot_product")
+    with pytest.raises(ValueError, match="max_length must be None or an integer >= 1, got True"):
+        attn.init_state(1, 1, 4, max_length=True)
+    with pytest.raises(ValueError, match="batch must be an integer >= 1, got True"):
+        attn.init_state(True, 1, 4)
