@@ -129,12 +129,23 @@ class KVCacheState(DecodeState):
         """Positions the buffers hold room for."""
         return 0 if self.key_buffer is None else self.key_buffer.shape[2]
 
-    def append(self, key: Tensor, value: Tensor, key_mask: Tensor | None) -> KVCacheState:
-        """This cache with ``T`` more positions. Writes into the buffers in place when they have
-        room (the state passed to ``decode`` is consumed); grows them otherwise. Under autograd
-        (keys or values requiring grad) it concatenates instead, so no saved tensor is overwritten."""
+    def append(self, key: Tensor, value: Tensor, key_mask: Tensor | None, *,
+               in_place: bool | None = None) -> KVCacheState:
+        """This cache with ``T`` more positions.
+
+        ``in_place=True`` writes into the buffers when they have room (the state passed to
+        ``decode`` is consumed) and grows them otherwise: O(T) per call. ``in_place=False``
+        concatenates into new buffers, O(length) per call: required whenever the previous call
+        may have recorded an autograd graph, since that graph saved views of the buffers for
+        backward and an in-place write would invalidate them (query, key, value, a module
+        parameter or the cache itself requiring grad, with grad mode on: see
+        ``Attention.records_graph``). ``None`` (the default) writes in place only when grad
+        mode is off, which is always safe.
+        """
         end = self.length + key.shape[2]
-        if key.requires_grad or value.requires_grad:
+        if in_place is None:
+            in_place = not torch.is_grad_enabled()
+        if not in_place:
             return self._concat(key, value, key_mask)
         kb, vb, mb = self.key_buffer, self.value_buffer, self.mask_buffer
         if kb is None or vb is None or end > kb.shape[2]:

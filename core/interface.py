@@ -151,11 +151,20 @@ class Attention(nn.Module):
         if not isinstance(state, KVCacheState):
             raise ValueError(f"decode: {self.variant} needs the state of its own init_state, "
                              f"got {type(state).__name__}")
-        state = state.append(key, value, key_mask)
+        in_place = not self.records_graph(query, key, value, *state.tensors().values())
+        state = state.append(key, value, key_mask, in_place=in_place)
         assert state.key is not None and state.value is not None
         masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
                              state.key_mask, True, "lower_right")
         return self._attend(query, state.key, state.value, masks), state  # (B, H, T, Ev)
+
+    def records_graph(self, *tensors: Tensor) -> bool:
+        """Whether autograd records a call on ``tensors``: grad mode is on and one of them or
+        one of this module's parameters requires grad. A decoding state's buffers may then be
+        saved for backward, so ``decode`` must not write into them in place."""
+        if not torch.is_grad_enabled():
+            return False
+        return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.parameters())
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement _attend")

@@ -121,6 +121,56 @@ def decode_matches_forward(s: Subject) -> None:
                              f"forward ({label})", sizes=sizes_of(q, k, v), dtype=s.dtype, tol=decode_tol(s))
 
 
+@check("decode_gradients", "decoding", requires=("decoding",))
+def decode_gradients(s: Subject) -> None:
+    """Backward through decoding: the gradients w.r.t. query, key, value and the module's
+    parameters of ``init_state`` + ``decode`` (the schedules of ``decode_matches_forward``: a
+    prefill, single tokens and a multi-token chunk; lengths 13 and 131, B=3, an upstream
+    gradient on every output) equal those of the causal full forward to 1e-10 in float64,
+    without and with left padding via ``key_mask``, when everything requires grad and when only
+    the query does (for learnable variants also when only the parameters do): an in-place write
+    into a cache that an earlier call saved for backward fails here."""
+    b = 3
+    for n in (SHORT, LONG):
+        h = heads_for(n)
+        m = s.build(heads=h)
+        params = [p for p in m.parameters() if p.requires_grad]
+        q0, k0, v0 = s.inputs(b, h, n, ev=EV, seed=n + 50)
+        g = s.randn(b, h, n, EV, seed=n + 51)  # (B, H, L, Ev) upstream gradient
+        cases = [("query, key, value and parameters", (0, 1, 2), True), ("only the query", (0,), False)]
+        if params:
+            cases.append(("only the parameters", (), True))
+        segments = schedules(n)[0]
+        for label, km in _padding_cases(s, b, n, segments[0]):
+            for who, idx, with_params in cases:
+                grads = []
+                for decode in (False, True):
+                    leaves = [t.detach().clone().requires_grad_(i in idx) for i, t in enumerate((q0, k0, v0))]
+                    for p in params:
+                        p.requires_grad_(with_params)
+                        p.grad = None
+                    q, k, v = leaves
+                    if decode:
+                        state = m.init_state(b, h, E, EV, dtype=s.dtype, device=s.device, max_length=n)
+                        out, _ = run_decode(s, m, state, q, k, v, km, segments)  # (B, H, L, Ev)
+                    else:
+                        out = m(q, k, v, is_causal=True, key_mask=km)  # (B, H, L, Ev)
+                    (out * g).sum().backward()
+                    grads.append([leaves[i].grad for i in idx] + ([p.grad for p in params] if with_params else []))
+                for p in params:
+                    p.requires_grad_(True)
+                names = [("query", "key", "value")[i] for i in idx] + (
+                    [f"parameter {i}" for i in range(len(params))] if with_params else [])
+                sz = sizes_of(q0, k0, v0)
+                for name, want, got in zip(names, *grads, strict=True):
+                    if got is None:
+                        raise CheckFailure(f"no gradient w.r.t. {name} through decode ({who} requiring "
+                                           f"grad, {label}; {sz})")
+                    assert_close(got, want, what=f"gradient w.r.t. {name} through decode in calls of "
+                                 f"{segments} vs the causal full forward ({who} requiring grad, {label})",
+                                 sizes=sz, dtype=s.dtype, tol=decode_tol(s))
+
+
 @check("lower_right_alignment", "decoding", requires=("decoding",))
 def lower_right_alignment(s: Subject) -> None:
     """``is_causal=True, causal_alignment="lower_right"`` with the last T queries (T = 1, 5,

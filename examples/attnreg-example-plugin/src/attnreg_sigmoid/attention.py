@@ -87,7 +87,9 @@ class SigmoidAttention(Attention):
         if not isinstance(state, KVCacheState):
             raise ValueError(f"decode: sigmoid needs the state of its own init_state, "
                              f"got {type(state).__name__}")
-        state = state.append(key, value, key_mask)
+        # In place unless this call may record a graph that saves views of the cache for backward.
+        in_place = not self.records_graph(query, key, value, *state.tensors().values())
+        state = state.append(key, value, key_mask, in_place=in_place)
         assert state.key is not None and state.value is not None
         # The T new queries are the last positions of the cached keys: lower-right causal.
         masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
