@@ -166,7 +166,8 @@ class KVCacheState(DecodeState):
         v = value if old_v is None else torch.cat([old_v, value], dim=2)  # (B, Hkv, T', Ev)
         m = old_m
         if key_mask is not None or old_m is not None:
-            m = torch.ones(self.batch, self.length + key.shape[2], dtype=torch.bool, device=key.device)  # (B, T')
+            m = torch.ones(self.batch, self.length + key.shape[2], dtype=torch.bool,
+                           device=key.device)  # (B, T')
             if old_m is not None:
                 m[:, : self.length] = old_m
             if key_mask is not None:

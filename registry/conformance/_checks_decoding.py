@@ -134,41 +134,51 @@ def decode_gradients(s: Subject) -> None:
     for n in (SHORT, LONG):
         h = heads_for(n)
         m = s.build(heads=h)
-        params = [p for p in m.parameters() if p.requires_grad]
-        q0, k0, v0 = s.inputs(b, h, n, ev=EV, seed=n + 50)
+        qkv = s.inputs(b, h, n, ev=EV, seed=n + 50)
         g = s.randn(b, h, n, EV, seed=n + 51)  # (B, H, L, Ev) upstream gradient
-        cases = [("query, key, value and parameters", (0, 1, 2), True), ("only the query", (0,), False)]
-        if params:
+        cases = [("query, key, value and parameters", ("query", "key", "value"), True),
+                 ("only the query", ("query",), False)]
+        if any(p.requires_grad for p in m.parameters()):
             cases.append(("only the parameters", (), True))
         segments = schedules(n)[0]
+        sz = sizes_of(*qkv)
         for label, km in _padding_cases(s, b, n, segments[0]):
-            for who, idx, with_params in cases:
-                grads = []
-                for decode in (False, True):
-                    leaves = [t.detach().clone().requires_grad_(i in idx) for i, t in enumerate((q0, k0, v0))]
-                    for p in params:
-                        p.requires_grad_(with_params)
-                        p.grad = None
-                    q, k, v = leaves
-                    if decode:
-                        state = m.init_state(b, h, E, EV, dtype=s.dtype, device=s.device, max_length=n)
-                        out, _ = run_decode(s, m, state, q, k, v, km, segments)  # (B, H, L, Ev)
-                    else:
-                        out = m(q, k, v, is_causal=True, key_mask=km)  # (B, H, L, Ev)
-                    (out * g).sum().backward()
-                    grads.append([leaves[i].grad for i in idx] + ([p.grad for p in params] if with_params else []))
-                for p in params:
-                    p.requires_grad_(True)
-                names = [("query", "key", "value")[i] for i in idx] + (
-                    [f"parameter {i}" for i in range(len(params))] if with_params else [])
-                sz = sizes_of(q0, k0, v0)
-                for name, want, got in zip(names, *grads, strict=True):
-                    if got is None:
-                        raise CheckFailure(f"no gradient w.r.t. {name} through decode ({who} requiring "
-                                           f"grad, {label}; {sz})")
-                    assert_close(got, want, what=f"gradient w.r.t. {name} through decode in calls of "
-                                 f"{segments} vs the causal full forward ({who} requiring grad, {label})",
-                                 sizes=sz, dtype=s.dtype, tol=decode_tol(s))
+            for who, inputs, params in cases:
+                want = _gradients(s, m, qkv, g, km, inputs, params, None)
+                got = _gradients(s, m, qkv, g, km, inputs, params, segments)
+                for name, gw in want.items():
+                    what = (f"gradient w.r.t. {name} through decode in calls of {segments} vs the causal "
+                            f"full forward ({who} requiring grad, {label})")
+                    if got[name] is None or gw is None:
+                        raise CheckFailure(f"{what}: no gradient ({sz})")
+                    assert_close(got[name], gw, what=what, sizes=sz, dtype=s.dtype, tol=decode_tol(s))
+
+
+def _gradients(s: Subject, m: Attention, qkv: Sequence[Tensor], g: Tensor, km: Tensor | None,
+               inputs: tuple[str, ...], params: bool, segments: Sequence[int] | None
+               ) -> dict[str, Tensor | None]:
+    """Gradients of ``(out * g).sum()`` w.r.t. the named ``inputs`` and (if ``params``) every
+    trainable parameter, ``out`` from the causal forward (``segments`` None) or from decoding."""
+    leaves = {name: t.detach().clone().requires_grad_(name in inputs)
+              for name, t in zip(("query", "key", "value"), qkv, strict=True)}
+    trainable = {name: p for name, p in m.named_parameters() if p.requires_grad}
+    try:
+        for p in trainable.values():
+            p.requires_grad_(params)
+            p.grad = None
+        q, k, v = leaves.values()
+        b, h, n, _ = q.shape
+        if segments is None:
+            out = m(q, k, v, is_causal=True, key_mask=km)  # (B, H, L, Ev)
+        else:
+            state = m.init_state(b, h, E, EV, dtype=s.dtype, device=s.device, max_length=n)
+            out, _ = run_decode(s, m, state, q, k, v, km, segments)  # (B, H, L, Ev)
+        (out * g).sum().backward()
+    finally:
+        for p in trainable.values():
+            p.requires_grad_(True)
+    grads = {name: leaves[name].grad for name in inputs}
+    return grads | ({f"parameter {name}": p.grad for name, p in trainable.items()} if params else {})
 
 
 @check("lower_right_alignment", "decoding", requires=("decoding",))
