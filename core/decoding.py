@@ -15,14 +15,14 @@ consumed; branch with ``state.index_select(...)`` (which copies) before decoding
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["DecodeState", "KVCacheState", "canonical_device", "check_decode_inputs"]
+__all__ = ["DecodeState", "KVCacheState", "canonical_device", "check_decode_inputs", "freeze_fingerprint"]
 
 S = TypeVar("S", bound="DecodeState")
 
@@ -46,6 +46,9 @@ class DecodeState:
     query may have a multiple of ``heads``); ``length`` counts positions consumed so far,
     padding included; ``max_length`` (None = unbounded) is the total length the state may
     reach (variants whose pattern depends on the total length, such as block layouts, need it).
+    ``variant`` and ``fingerprint`` (the config fields that give the state its meaning, as
+    sorted ``(name, value)`` pairs) are set by ``Attention.init_state``: ``decode`` accepts the
+    state only from a module with the same variant and fingerprint.
     Subclasses add tensor fields, batch first; ``None`` is allowed for an absent buffer.
     """
 
@@ -57,6 +60,8 @@ class DecodeState:
     device: torch.device
     length: int = 0
     max_length: int | None = None
+    variant: str = ""
+    fingerprint: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         self.device = canonical_device(self.device)
@@ -195,14 +200,35 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+def freeze_fingerprint(fields: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """``fields`` as the sorted ``(name, value)`` pairs a state stores in ``fingerprint``."""
+    return tuple(sorted(fields.items()))
+
+
+def _describe(variant: str, fingerprint: tuple[tuple[str, Any], ...]) -> str:
+    fields = ", ".join(f"{k}={v!r}" for k, v in fingerprint)
+    return (variant or "no init_state (variant unset)") + (f" ({fields})" if fields else "")
+
+
 def check_decode_inputs(
     variant: str, state: DecodeState, query: Tensor, key: Tensor, value: Tensor,
-    key_mask: Tensor | None, grouped_query: bool,
+    key_mask: Tensor | None, grouped_query: bool, fingerprint: tuple[tuple[str, Any], ...] = (),
 ) -> None:
-    """Validate one ``decode`` call against its state; ``ValueError`` naming what is wrong."""
+    """Validate one ``decode`` call against its state; ``ValueError`` naming what is wrong.
+
+    ``fingerprint`` is the decoding module's (``freeze_fingerprint``): the state must come from
+    a module of the same ``variant`` and fingerprint.
+    """
     if not isinstance(state, DecodeState):
         raise ValueError(f"state must be a DecodeState from {variant}.init_state(...), "
                          f"got {type(state).__name__}")
+    if state.variant != variant or state.fingerprint != fingerprint:
+        same = " and ".join(k for k, _ in fingerprint)
+        raise ValueError(
+            f"decode: {_describe(variant, fingerprint)} needs the state of its own init_state (or of "
+            f"another {variant} module{' with the same ' + same if same else ''}), got a "
+            f"{type(state).__name__} made by {_describe(state.variant, state.fingerprint)}"
+        )
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             got = _shape(t) if isinstance(t, Tensor) else type(t).__name__

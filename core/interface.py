@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .capabilities import Capabilities
 from .config import AttentionConfig
-from .decoding import DecodeState, KVCacheState, canonical_device, check_decode_inputs
+from .decoding import DecodeState, KVCacheState, canonical_device, check_decode_inputs, freeze_fingerprint
 from .errors import UnsupportedFeatureError
 from .masks import CausalAlignment, Masks, check_inputs
 
@@ -124,7 +124,9 @@ class Attention(nn.Module):
             raise UnsupportedFeatureError(self.variant, f"dtype {dtype}",
                                           f"supported: {self.capabilities.dtypes}")
         dev = canonical_device(device)  # "cpu:0" / "cuda" as their tensors report it
-        return self._init_state(batch, heads, head_dim, value_dim, dtype, dev, max_length)
+        state = self._init_state(batch, heads, head_dim, value_dim, dtype, dev, max_length)
+        state.variant, state.fingerprint = self.variant, freeze_fingerprint(self._state_fingerprint())
+        return state
 
     def decode(
         self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState, *,
@@ -139,8 +141,14 @@ class Attention(nn.Module):
         if not self.capabilities.decoding:
             raise UnsupportedFeatureError(self.variant, "decoding (init_state / decode)")
         check_decode_inputs(self.variant, state, query, key, value, key_mask,
-                            self.capabilities.grouped_query)
+                            self.capabilities.grouped_query, freeze_fingerprint(self._state_fingerprint()))
         return self._decode(query, key, value, state, key_mask)
+
+    def _state_fingerprint(self) -> dict[str, Any]:
+        """The config fields a decoding state of this module depends on beyond its sizes (a
+        window, feature map, layout...): ``decode`` refuses a state made by a module of another
+        variant or with other values of them. Empty for a plain KV cache (raw keys and values)."""
+        return {}
 
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
                     dtype: torch.dtype, device: torch.device, max_length: int | None) -> DecodeState:
@@ -177,6 +185,8 @@ class Attention(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in fields.items())
 
     @staticmethod
-    def _accum_dtype(x: Tensor) -> torch.dtype:
-        """float32 for half inputs (softmax and normalisers), the input dtype otherwise."""
-        return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    def _accum_dtype(x: Tensor | torch.dtype) -> torch.dtype:
+        """float32 for half inputs (softmax and normalisers), the input dtype otherwise; ``x`` is
+        an input tensor or its dtype."""
+        dtype = x if isinstance(x, torch.dtype) else x.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

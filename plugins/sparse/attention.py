@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -191,6 +192,19 @@ class SparseAttention(Attention):
                     "with an explicit stride in the config it would not depend on it")
         return None
 
+    def _state_fingerprint(self) -> dict[str, Any]:
+        """The cache's block size and the layout its queries follow (the fields of this layout)."""
+        cfg = self.config
+        fields: dict[str, Any] = {"block_size": cfg.block_size, "layout": cfg.layout}
+        if cfg.layout == "bigbird":
+            fields.update(num_window_blocks=cfg.num_window_blocks, num_global_blocks=cfg.num_global_blocks,
+                          num_random_blocks=cfg.num_random_blocks, seed=cfg.seed)
+        elif cfg.layout in ("strided", "fixed"):
+            fields.update(stride=cfg.stride, **({"c": cfg.c} if cfg.layout == "fixed" else {}))
+        else:  # a digest: the layout itself may be large
+            fields["custom_layout_sha1"] = hashlib.sha1(repr(cfg.custom_layout).encode()).hexdigest()[:16]
+        return fields
+
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
                     dtype: torch.dtype, device: torch.device, max_length: int | None) -> DecodeState:
         self._check_heads(heads)
@@ -219,11 +233,9 @@ class SparseAttention(Attention):
 
     def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
                 key_mask: Tensor | None) -> tuple[Tensor, DecodeState]:
-        if not isinstance(state, BlockKVState) or state.block_size != self.block_size:
-            raise ValueError(
-                f"decode: {self.variant} needs the state of its own init_state (a BlockKVState with "
-                f"block_size {self.block_size}), got {type(state).__name__}"
-            )
+        if not isinstance(state, BlockKVState):
+            raise ValueError(f"decode: {self.variant} needs the state of its own init_state (a "
+                             f"BlockKVState), got {type(state).__name__}")
         start = state.length
         state = state.write(key, value, key_mask)
         assert state.key is not None and state.value is not None

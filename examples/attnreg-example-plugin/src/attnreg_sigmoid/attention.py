@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -74,6 +74,10 @@ class SigmoidAttention(Attention):
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         w = self._weights_acc(query, key, masks)  # (B, H, Lq, Lk)
         return (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)
+
+    def _state_fingerprint(self) -> dict[str, Any]:
+        # The bias decides whether the state needed max_length (the default bias reads it).
+        return {"bias": self.bias}
 
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int, dtype: torch.dtype,
                     device: torch.device, max_length: int | None) -> DecodeState:
