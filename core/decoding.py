@@ -223,7 +223,8 @@ def check_decode_inputs(
         raise ValueError(f"state must be a DecodeState from {variant}.init_state(...), "
                          f"got {type(state).__name__}")
     if state.variant != variant or state.fingerprint != fingerprint:
-        same = " and ".join(k for k, _ in fingerprint)
+        names = [k for k, _ in fingerprint]
+        same = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
         raise ValueError(
             f"decode: {_describe(variant, fingerprint)} needs the state of its own init_state (or of "
             f"another {variant} module{' with the same ' + same if same else ''}), got a "
