@@ -71,3 +71,45 @@ def test_decode_accepts_a_state_of_the_same_config(name: str, cfg: dict, other: 
     state = _state(name, **cfg).index_select(torch.tensor([1, 0])).to("cpu")
     out, state = attnreg.build(name, **cfg, **other).decode(*_step(2), state)
     assert out.shape == (B, H, 1, E) and state.length == 2 and state.variant == name
+
+
+_BUILT_INS = [("dot_product", {}), ("additive", {"num_heads": H, "head_dim": E}), ("local", {"window": 3}),
+              ("linear", {}), ("performer", {"num_features": 8}), ("sparse", {"block_size": 4}),
+              ("bigbird", {"block_size": 2, "num_global_blocks": 1, "num_random_blocks": 1})]
+_CONSTANT = ("local", "linear", "performer")  # O(window) / O(1) states
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name,cfg", _BUILT_INS, ids=[n for n, _ in _BUILT_INS])
+def test_generation_without_grad_keeps_no_graph(name: str, cfg: dict, mode: str) -> None:
+    """Inputs and parameters requiring grad, generation under no_grad / inference_mode: the
+    state holds no autograd graph, and a rolling or recurrent state does not grow."""
+    attn = attnreg.build(name, **cfg).double()
+    length = 40
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, H, length, E, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    sizes = []
+    with ctx:
+        state = attn.init_state(B, H, E, dtype=F64, max_length=length)
+        _, state = attn.decode(q[:, :, :5], k[:, :, :5], v[:, :, :5], state)
+        for t in range(5, length):
+            _, state = attn.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
+            assert all(x.grad_fn is None and not x.requires_grad for x in state.tensors().values()), t
+            sizes.append(state.nbytes)
+    if name in _CONSTANT:
+        assert len(set(sizes)) == 1, sizes
+
+
+@pytest.mark.parametrize("name,cfg", [c for c in _BUILT_INS if c[0] in _CONSTANT], ids=list(_CONSTANT))
+def test_grad_mode_without_trainable_inputs_keeps_no_graph(name: str, cfg: dict) -> None:
+    """Grad mode on but nothing requires grad: no graph either (the common eval loop without
+    no_grad), so memory stays O(window) / O(1) there too."""
+    attn = attnreg.build(name, **cfg).double()
+    state = attn.init_state(B, H, E, dtype=F64)
+    sizes = []
+    for t in range(20):
+        _, state = attn.decode(*_step(t), state)
+        assert all(x.grad_fn is None for x in state.tensors().values())
+        sizes.append(state.nbytes)
+    assert len(set(sizes[5:])) == 1, sizes
