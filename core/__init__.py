@@ -2,7 +2,7 @@
 
 from .capabilities import Capabilities, VariantSpec
 from .config import AttentionConfig
-from .decoding import DecodeState, KVCacheState
+from .decoding import DecodeState, KVCacheState, canonical_device
 from .errors import (
     AttnRegError,
     ConfigError,
@@ -33,6 +33,7 @@ __all__ = [
     "UnknownVariantError",
     "UnsupportedFeatureError",
     "VariantSpec",
+    "canonical_device",
     "causal_mask",
     "check_inputs",
     "dot_product_logits",
