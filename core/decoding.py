@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["DecodeState", "KVCacheState", "canonical_device", "check_decode_inputs", "freeze_fingerprint"]
+__all__ = ["DecodeState", "KVCacheState", "canonical_device", "check_decode_inputs", "freeze_fingerprint",
+           "join_key_masks", "write_key_mask"]
 
 S = TypeVar("S", bound="DecodeState")
 
@@ -157,28 +158,46 @@ class KVCacheState(DecodeState):
             cap = self.max_length if self.max_length is not None else max(end, 2 * self.capacity, 16)
             kb, vb = _grow(kb, cap, key), _grow(vb, cap, value)
             mb = None if mb is None else _grow(mb, cap, None)
-        if key_mask is not None and mb is None:
-            mb = torch.ones(self.batch, kb.shape[2], dtype=torch.bool, device=key.device)  # (B, capacity)
         kb[:, :, self.length:end] = key  # (B, Hkv, T, E) into the free positions
         vb[:, :, self.length:end] = value
-        if mb is not None:
-            mb[:, self.length:end] = True if key_mask is None else key_mask
+        mb = write_key_mask(mb, key_mask, self.length, end, kb.shape[2])  # (B, capacity) or None
         return dataclasses.replace(self, key_buffer=kb, value_buffer=vb, mask_buffer=mb, length=end)
 
     def _concat(self, key: Tensor, value: Tensor, key_mask: Tensor | None) -> KVCacheState:
-        old_k, old_v, old_m = self.key, self.value, self.key_mask
+        old_k, old_v = self.key, self.value
         k = key if old_k is None else torch.cat([old_k, key], dim=2)  # (B, Hkv, T', E)
         v = value if old_v is None else torch.cat([old_v, value], dim=2)  # (B, Hkv, T', Ev)
-        m = old_m
-        if key_mask is not None or old_m is not None:
-            m = torch.ones(self.batch, self.length + key.shape[2], dtype=torch.bool,
-                           device=key.device)  # (B, T')
-            if old_m is not None:
-                m[:, : self.length] = old_m
-            if key_mask is not None:
-                m[:, self.length:] = key_mask
+        m = join_key_masks(self.key_mask, key_mask, self.length, key.shape[2])  # (B, T') or None
         return dataclasses.replace(self, key_buffer=k, value_buffer=v, mask_buffer=m,
                                    length=self.length + key.shape[2])
+
+
+def join_key_masks(old: Tensor | None, new: Tensor | None, old_len: int, new_len: int) -> Tensor | None:
+    """The key mask (B, old_len + new_len) bool of ``old_len`` positions followed by ``new_len``
+    more, from the masks of each part (None: every position of that part is real). None while
+    both are: states keep no mask until one is given."""
+    if old is None and new is None:
+        return None
+    like = new if old is None else old
+    b, dev = like.shape[0], like.device
+    old = torch.ones(b, old_len, dtype=torch.bool, device=dev) if old is None else old  # (B, old_len)
+    new = torch.ones(b, new_len, dtype=torch.bool, device=dev) if new is None else new  # (B, new_len)
+    return torch.cat([old, new], dim=1)
+
+
+def write_key_mask(buffer: Tensor | None, key_mask: Tensor | None, start: int, stop: int,
+                   capacity: int) -> Tensor | None:
+    """A key-mask buffer (B, capacity) bool whose positions [start, stop) now hold ``key_mask``
+    (B, stop - start), written in place; None (every position real) while no mask has been
+    given, allocated all True at the first one."""
+    if key_mask is None:
+        if buffer is not None:
+            buffer[:, start:stop] = True
+        return buffer
+    if buffer is None:
+        buffer = torch.ones(key_mask.shape[0], capacity, dtype=torch.bool, device=key_mask.device)
+    buffer[:, start:stop] = key_mask
+    return buffer
 
 
 def _grow(buf: Tensor | None, capacity: int, like: Tensor | None) -> Tensor:

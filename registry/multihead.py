@@ -28,6 +28,7 @@ from attnreg.core import (
     DecodeState,
     UnsupportedFeatureError,
     canonical_device,
+    repeat_kv,
 )
 
 from ._configs import build, read_config_file, validate_config
@@ -192,7 +193,7 @@ class MultiHeadAttention(nn.Module):
         t = self._split(x, self.num_kv_heads)  # (B, Hkv, S, E)
         if self.num_kv_heads == self.num_heads or self.grouped:
             return t
-        return t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # (B, H, S, E)
+        return repeat_kv(t, self.num_heads)  # (B, H, S, E)
 
     def _merge(self, out: Tensor) -> Tensor:
         """(B, H, L, E) -> out_proj of (B, L, D)."""

@@ -199,3 +199,17 @@ def test_kv_cache_append_in_place_flag() -> None:
         assert state.append(k[:, :, 2:], v[:, :, 2:], None).key_buffer is not buf
     with torch.no_grad():
         assert state.append(k[:, :, 2:], v[:, :, 2:], None).key_buffer is buf
+
+
+def test_key_mask_helpers() -> None:
+    from attnreg.core import join_key_masks, write_key_mask
+
+    assert join_key_masks(None, None, 3, 2) is None  # no mask given yet: every position real
+    new = torch.tensor([[False, True], [True, True]])
+    assert join_key_masks(None, new, 1, 2).tolist() == [[True, False, True], [True, True, True]]
+    assert join_key_masks(new, None, 2, 1).tolist() == [[False, True, True], [True, True, True]]
+    assert write_key_mask(None, None, 0, 2, 4) is None
+    buf = write_key_mask(None, new, 1, 3, 4)
+    assert buf.tolist() == [[True, False, True, True], [True, True, True, True]]
+    buf[:, 3] = False  # a stale entry past the length (a state decoded twice)
+    assert write_key_mask(buf, None, 3, 4, 4) is buf and bool(buf[:, 3].all())
