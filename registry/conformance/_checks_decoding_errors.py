@@ -28,7 +28,8 @@ def decode_invalid_inputs(s: Subject) -> None:
     batch, heads, head_dim or max_length < 1; query/key/value of the wrong rank; B, heads, E or
     Ev not matching the state; T = 0 new positions; a dtype other than the state's; a
     ``key_mask`` of the wrong shape or dtype; exceeding ``max_length``; a state that is not this
-    variant's (another ``DecodeState`` subclass, or not a state at all)."""
+    variant's (another ``DecodeState`` subclass, not a state at all, or its own state type
+    recording another variant or config fingerprint)."""
     m = s.build()
     new = {"dtype": s.dtype, "device": s.device}
     for arg, bad_kw in (("batch", {"batch": 0}), ("heads", {"heads": 0}), ("head_dim", {"head_dim": -1}),
@@ -61,6 +62,11 @@ def decode_invalid_inputs(s: Subject) -> None:
         ("a state that is not a DecodeState", ("state",), {"state": object()}),
         ("another DecodeState subclass", ("state",),
          {"state": _ForeignState(B, H, E, EV, s.dtype, s.device, max_length=9)}),
+        ("its own state type, made by another variant", ("state",),
+         {"state": dataclasses.replace(m.init_state(B, H, E, EV, max_length=9, **new), variant="other")}),
+        ("its own state type, with another config fingerprint", ("state",),
+         {"state": dataclasses.replace(m.init_state(B, H, E, EV, max_length=9, **new),
+                                       fingerprint=(("something_else", 1),))}),
     ]
     for label, names, override in bad:
         args = {"query": q, "key": k, "value": v, "key_mask": None, **override}
