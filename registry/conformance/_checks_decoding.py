@@ -238,9 +238,10 @@ def _more_queries_than_keys(s: Subject, m: Attention, n: int, h: int, d: int = 4
         first = f"the first {d} queries (before every key; {label})"
         _all_zero(out[:, :, :d], what="output of " + first, sizes=sz)
         assert_close(out[:, :, d:], want, what="output of " + what, sizes=sz, dtype=s.dtype, tol=tol)
-        w = m.attention_weights(q, k, key_mask=km, **kw)  # (B, H, n, n - d)
+        qd, kd = q.detach(), k.detach()  # the weights need no graph
+        w = m.attention_weights(qd, kd, key_mask=km, **kw)  # (B, H, n, n - d)
         _all_zero(w[:, :, :d], what="attention_weights of " + first, sizes=sz)
-        assert_close(w[:, :, d:], m.attention_weights(ql, k, is_causal=True, key_mask=km),
+        assert_close(w[:, :, d:], m.attention_weights(qd[:, :, d:], kd, is_causal=True, key_mask=km),
                      what="attention_weights of " + what, sizes=sz, dtype=s.dtype, tol=tol)
         assert_finite(grads[0], what=f"gradient w.r.t. query with more queries than keys ({label})", sizes=sz)
         _all_zero(grads[0][:, :, :d], what="gradient w.r.t. " + first, sizes=sz)
