@@ -58,8 +58,10 @@ class SparseAttention(Attention):
         self.config: SparseConfig = config
         self.block_size = config.block_size
         self._custom: Tensor | None = None
+        self._custom_digest: str | None = None  # names the layout in decoding states' fingerprints
         if config.custom_layout is not None:
             self._custom = custom_layout_tensor(parse_custom_layout(config.custom_layout))
+            self._custom_digest = hashlib.sha1(repr(config.custom_layout).encode()).hexdigest()[:16]
         # Derived data, shared by the threads calling this module (the caches lock themselves).
         self._layouts: LRUCache[Tensor] = LRUCache(_CACHE_SIZE)  # (length, heads)
         self._plans: LRUCache[Plan] = LRUCache(_CACHE_SIZE)  # (length, heads, causal, device)
@@ -201,8 +203,8 @@ class SparseAttention(Attention):
                           num_random_blocks=cfg.num_random_blocks, seed=cfg.seed)
         elif cfg.layout in ("strided", "fixed"):
             fields.update(stride=cfg.stride, **({"c": cfg.c} if cfg.layout == "fixed" else {}))
-        else:  # a digest: the layout itself may be large
-            fields["custom_layout_sha1"] = hashlib.sha1(repr(cfg.custom_layout).encode()).hexdigest()[:16]
+        else:  # a digest (computed once): the layout itself may be large
+            fields["custom_layout_sha1"] = self._custom_digest
         return fields
 
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
