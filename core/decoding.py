@@ -30,13 +30,17 @@ S = TypeVar("S", bound="DecodeState")
 
 def canonical_device(device: torch.device | str | None) -> torch.device:
     """The device tensors created on ``device`` report: ``cpu:0`` -> ``cpu``, ``cuda`` ->
-    ``cuda:<current>``. States store it so that ``t.device == state.device`` holds for their tensors."""
-    dev = torch.device("cpu") if device is None else torch.device(device)
-    if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.index is not None:
-        return dev
-    return torch.empty(0, device=dev).device  # the backend's current index
+    ``cuda:<current>``. States store it so that ``t.device == state.device`` holds for their
+    tensors. ``ValueError`` for a malformed device or one this torch cannot use."""
+    try:
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        if dev.type == "cpu":
+            return torch.device("cpu")
+        if dev.index is not None:
+            return dev
+        return torch.empty(0, device=dev).device  # the backend's current index
+    except (RuntimeError, AssertionError) as err:  # torch's errors for "cuda" without CUDA, "foo"
+        raise ValueError(f"device {device!r} is not usable here: {err}") from None
 
 
 @dataclass

@@ -213,3 +213,12 @@ def test_key_mask_helpers() -> None:
     assert buf.tolist() == [[True, False, True, True], [True, True, True, True]]
     buf[:, 3] = False  # a stale entry past the length (a state decoded twice)
     assert write_key_mask(buf, None, 3, 4, 4) is buf and bool(buf[:, 3].all())
+
+
+def test_unusable_devices_raise_value_error() -> None:
+    attn = attnreg.build("dot_product")
+    with pytest.raises(ValueError, match="device 'foo' is not usable"):
+        attn.init_state(1, 1, 4, device="foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' is not usable"):
+            attn.init_state(1, 1, 4, device="cuda")
