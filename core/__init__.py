@@ -2,7 +2,7 @@
 
 from .capabilities import Capabilities, VariantSpec
 from .config import AttentionConfig
-from .decoding import DecodeState, KVCacheState
+from .decoding import DecodeState, KVCacheState, canonical_device, join_key_masks, write_key_mask
 from .errors import (
     AttnRegError,
     ConfigError,
@@ -11,6 +11,7 @@ from .errors import (
     UnknownVariantError,
     UnsupportedFeatureError,
 )
+from .heads import repeat_kv
 from .hooks import PROJECT_NAME, AttnregHookSpecs, hookimpl, hookspec
 from .interface import Attention
 from .masks import CausalAlignment, Masks, causal_mask, check_inputs, sdpa_safe_mask
@@ -33,12 +34,16 @@ __all__ = [
     "UnknownVariantError",
     "UnsupportedFeatureError",
     "VariantSpec",
+    "canonical_device",
     "causal_mask",
     "check_inputs",
     "dot_product_logits",
     "hookimpl",
     "hookspec",
+    "join_key_masks",
     "masked_softmax",
+    "repeat_kv",
     "sdpa_safe_mask",
     "softmax_attention_reference",
+    "write_key_mask",
 ]

@@ -15,16 +15,32 @@ consumed; branch with ``state.index_select(...)`` (which copies) before decoding
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["DecodeState", "KVCacheState", "check_decode_inputs"]
+__all__ = ["DecodeState", "KVCacheState", "canonical_device", "check_decode_inputs", "freeze_fingerprint",
+           "join_key_masks", "write_key_mask"]
 
 S = TypeVar("S", bound="DecodeState")
+
+
+def canonical_device(device: torch.device | str | None) -> torch.device:
+    """The device tensors created on ``device`` report: ``cpu:0`` -> ``cpu``, ``cuda`` ->
+    ``cuda:<current>``. States store it so that ``t.device == state.device`` holds for their
+    tensors. ``ValueError`` for a malformed device or one this torch cannot use."""
+    try:
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        if dev.type == "cpu":
+            return torch.device("cpu")
+        if dev.index is not None:
+            return dev
+        return torch.empty(0, device=dev).device  # the backend's current index
+    except (RuntimeError, AssertionError) as err:  # torch's errors for "cuda" without CUDA, "foo"
+        raise ValueError(f"device {device!r} is not usable here: {err}") from None
 
 
 @dataclass
@@ -35,6 +51,9 @@ class DecodeState:
     query may have a multiple of ``heads``); ``length`` counts positions consumed so far,
     padding included; ``max_length`` (None = unbounded) is the total length the state may
     reach (variants whose pattern depends on the total length, such as block layouts, need it).
+    ``variant`` and ``fingerprint`` (the config fields that give the state its meaning, as
+    sorted ``(name, value)`` pairs) are set by ``Attention.init_state``: ``decode`` accepts the
+    state only from a module with the same variant and fingerprint.
     Subclasses add tensor fields, batch first; ``None`` is allowed for an absent buffer.
     """
 
@@ -46,6 +65,11 @@ class DecodeState:
     device: torch.device
     length: int = 0
     max_length: int | None = None
+    variant: str = ""
+    fingerprint: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.device = canonical_device(self.device)
 
     def tensors(self) -> dict[str, Tensor]:
         """The tensor fields (batch first), by name."""
@@ -71,7 +95,7 @@ class DecodeState:
 
     def to(self: S, device: torch.device | str) -> S:
         """The state on ``device`` (a new object; buffers copied only where the device differs)."""
-        dev = torch.device(device)
+        dev = canonical_device(device)
         return self._map(lambda t: t.to(dev), device=dev)
 
     @property
@@ -115,40 +139,69 @@ class KVCacheState(DecodeState):
         """Positions the buffers hold room for."""
         return 0 if self.key_buffer is None else self.key_buffer.shape[2]
 
-    def append(self, key: Tensor, value: Tensor, key_mask: Tensor | None) -> KVCacheState:
-        """This cache with ``T`` more positions. Writes into the buffers in place when they have
-        room (the state passed to ``decode`` is consumed); grows them otherwise. Under autograd
-        (keys or values requiring grad) it concatenates instead, so no saved tensor is overwritten."""
+    def append(self, key: Tensor, value: Tensor, key_mask: Tensor | None, *,
+               in_place: bool | None = None) -> KVCacheState:
+        """This cache with ``T`` more positions.
+
+        ``in_place=True`` writes into the buffers when they have room (the state passed to
+        ``decode`` is consumed) and grows them otherwise: O(T) per call. ``in_place=False``
+        concatenates into new buffers, O(length) per call: required whenever the previous call
+        may have recorded an autograd graph, since that graph saved views of the buffers for
+        backward and an in-place write would invalidate them (query, key, value, a module
+        parameter or the cache itself requiring grad, with grad mode on: see
+        ``Attention.records_graph``). ``None`` (the default) writes in place only when grad
+        mode is off, which is always safe.
+        """
         end = self.length + key.shape[2]
-        if key.requires_grad or value.requires_grad:
+        if in_place is None:
+            in_place = not torch.is_grad_enabled()
+        if not in_place:
             return self._concat(key, value, key_mask)
         kb, vb, mb = self.key_buffer, self.value_buffer, self.mask_buffer
         if kb is None or vb is None or end > kb.shape[2]:
             cap = self.max_length if self.max_length is not None else max(end, 2 * self.capacity, 16)
             kb, vb = _grow(kb, cap, key), _grow(vb, cap, value)
             mb = None if mb is None else _grow(mb, cap, None)
-        if key_mask is not None and mb is None:
-            mb = torch.ones(self.batch, kb.shape[2], dtype=torch.bool, device=key.device)  # (B, capacity)
         kb[:, :, self.length:end] = key  # (B, Hkv, T, E) into the free positions
         vb[:, :, self.length:end] = value
-        if mb is not None:
-            mb[:, self.length:end] = True if key_mask is None else key_mask
+        mb = write_key_mask(mb, key_mask, self.length, end, kb.shape[2])  # (B, capacity) or None
         return dataclasses.replace(self, key_buffer=kb, value_buffer=vb, mask_buffer=mb, length=end)
 
     def _concat(self, key: Tensor, value: Tensor, key_mask: Tensor | None) -> KVCacheState:
-        old_k, old_v, old_m = self.key, self.value, self.key_mask
+        old_k, old_v = self.key, self.value
         k = key if old_k is None else torch.cat([old_k, key], dim=2)  # (B, Hkv, T', E)
         v = value if old_v is None else torch.cat([old_v, value], dim=2)  # (B, Hkv, T', Ev)
-        m = old_m
-        if key_mask is not None or old_m is not None:
-            ones = torch.ones(self.batch, self.length + key.shape[2], dtype=torch.bool, device=key.device)
-            m = ones.clone()  # (B, T')
-            if old_m is not None:
-                m[:, : self.length] = old_m
-            if key_mask is not None:
-                m[:, self.length:] = key_mask
+        m = join_key_masks(self.key_mask, key_mask, self.length, key.shape[2])  # (B, T') or None
         return dataclasses.replace(self, key_buffer=k, value_buffer=v, mask_buffer=m,
                                    length=self.length + key.shape[2])
+
+
+def join_key_masks(old: Tensor | None, new: Tensor | None, old_len: int, new_len: int) -> Tensor | None:
+    """The key mask (B, old_len + new_len) bool of ``old_len`` positions followed by ``new_len``
+    more, from the masks of each part (None: every position of that part is real). None while
+    both are: states keep no mask until one is given."""
+    if old is None and new is None:
+        return None
+    like = new if old is None else old
+    b, dev = like.shape[0], like.device
+    old = torch.ones(b, old_len, dtype=torch.bool, device=dev) if old is None else old  # (B, old_len)
+    new = torch.ones(b, new_len, dtype=torch.bool, device=dev) if new is None else new  # (B, new_len)
+    return torch.cat([old, new], dim=1)
+
+
+def write_key_mask(buffer: Tensor | None, key_mask: Tensor | None, start: int, stop: int,
+                   capacity: int) -> Tensor | None:
+    """A key-mask buffer (B, capacity) bool whose positions [start, stop) now hold ``key_mask``
+    (B, stop - start), written in place; None (every position real) while no mask has been
+    given, allocated all True at the first one."""
+    if key_mask is None:
+        if buffer is not None:
+            buffer[:, start:stop] = True
+        return buffer
+    if buffer is None:
+        buffer = torch.ones(key_mask.shape[0], capacity, dtype=torch.bool, device=key_mask.device)
+    buffer[:, start:stop] = key_mask
+    return buffer
 
 
 def _grow(buf: Tensor | None, capacity: int, like: Tensor | None) -> Tensor:
@@ -170,14 +223,36 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+def freeze_fingerprint(fields: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """``fields`` as the sorted ``(name, value)`` pairs a state stores in ``fingerprint``."""
+    return tuple(sorted(fields.items()))
+
+
+def _describe(variant: str, fingerprint: tuple[tuple[str, Any], ...]) -> str:
+    fields = ", ".join(f"{k}={v!r}" for k, v in fingerprint)
+    return (variant or "no init_state (variant unset)") + (f" ({fields})" if fields else "")
+
+
 def check_decode_inputs(
     variant: str, state: DecodeState, query: Tensor, key: Tensor, value: Tensor,
-    key_mask: Tensor | None, grouped_query: bool,
+    key_mask: Tensor | None, grouped_query: bool, fingerprint: tuple[tuple[str, Any], ...] = (),
 ) -> None:
-    """Validate one ``decode`` call against its state; ``ValueError`` naming what is wrong."""
+    """Validate one ``decode`` call against its state; ``ValueError`` naming what is wrong.
+
+    ``fingerprint`` is the decoding module's (``freeze_fingerprint``): the state must come from
+    a module of the same ``variant`` and fingerprint.
+    """
     if not isinstance(state, DecodeState):
         raise ValueError(f"state must be a DecodeState from {variant}.init_state(...), "
                          f"got {type(state).__name__}")
+    if state.variant != variant or state.fingerprint != fingerprint:
+        names = [k for k, _ in fingerprint]
+        same = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+        raise ValueError(
+            f"decode: {_describe(variant, fingerprint)} needs the state of its own init_state (or of "
+            f"another {variant} module{' with the same ' + same if same else ''}), got a "
+            f"{type(state).__name__} made by {_describe(state.variant, state.fingerprint)}"
+        )
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             got = _shape(t) if isinstance(t, Tensor) else type(t).__name__

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .capabilities import Capabilities
 from .config import AttentionConfig
-from .decoding import DecodeState, KVCacheState, check_decode_inputs
+from .decoding import DecodeState, KVCacheState, canonical_device, check_decode_inputs, freeze_fingerprint
 from .errors import UnsupportedFeatureError
 from .masks import CausalAlignment, Masks, check_inputs
 
@@ -117,13 +117,16 @@ class Attention(nn.Module):
                           ("value_dim", value_dim)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"init_state: {name} must be an integer >= 1, got {val!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                       or max_length < 1):
             raise ValueError(f"init_state: max_length must be None or an integer >= 1, got {max_length!r}")
         if not isinstance(dtype, torch.dtype) or dtype not in self.capabilities.dtypes:
             raise UnsupportedFeatureError(self.variant, f"dtype {dtype}",
                                           f"supported: {self.capabilities.dtypes}")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        return self._init_state(batch, heads, head_dim, value_dim, dtype, dev, max_length)
+        dev = canonical_device(device)  # "cpu:0" / "cuda" as their tensors report it
+        state = self._init_state(batch, heads, head_dim, value_dim, dtype, dev, max_length)
+        state.variant, state.fingerprint = self.variant, freeze_fingerprint(self._state_fingerprint())
+        return state
 
     def decode(
         self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState, *,
@@ -138,8 +141,14 @@ class Attention(nn.Module):
         if not self.capabilities.decoding:
             raise UnsupportedFeatureError(self.variant, "decoding (init_state / decode)")
         check_decode_inputs(self.variant, state, query, key, value, key_mask,
-                            self.capabilities.grouped_query)
+                            self.capabilities.grouped_query, freeze_fingerprint(self._state_fingerprint()))
         return self._decode(query, key, value, state, key_mask)
+
+    def _state_fingerprint(self) -> dict[str, Any]:
+        """The config fields a decoding state of this module depends on beyond its sizes (a
+        window, feature map, layout...): ``decode`` refuses a state made by a module of another
+        variant or with other values of them. Empty for a plain KV cache (raw keys and values)."""
+        return {}
 
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
                     dtype: torch.dtype, device: torch.device, max_length: int | None) -> DecodeState:
@@ -150,11 +159,20 @@ class Attention(nn.Module):
         if not isinstance(state, KVCacheState):
             raise ValueError(f"decode: {self.variant} needs the state of its own init_state, "
                              f"got {type(state).__name__}")
-        state = state.append(key, value, key_mask)
+        in_place = not self.records_graph(query, key, value, *state.tensors().values())
+        state = state.append(key, value, key_mask, in_place=in_place)
         assert state.key is not None and state.value is not None
         masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
                              state.key_mask, True, "lower_right")
         return self._attend(query, state.key, state.value, masks), state  # (B, H, T, Ev)
+
+    def records_graph(self, *tensors: Tensor) -> bool:
+        """Whether autograd records a call on ``tensors``: grad mode is on and one of them or
+        one of this module's parameters requires grad. A decoding state's buffers may then be
+        saved for backward, so ``decode`` must not write into them in place."""
+        if not torch.is_grad_enabled():
+            return False
+        return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in self.parameters())
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement _attend")
@@ -167,6 +185,8 @@ class Attention(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in fields.items())
 
     @staticmethod
-    def _accum_dtype(x: Tensor) -> torch.dtype:
-        """float32 for half inputs (softmax and normalisers), the input dtype otherwise."""
-        return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    def _accum_dtype(x: Tensor | torch.dtype) -> torch.dtype:
+        """float32 for half inputs (softmax and normalisers), the input dtype otherwise; ``x`` is
+        an input tensor or its dtype."""
+        dtype = x if isinstance(x, torch.dtype) else x.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -21,7 +21,15 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from attnreg.core import AttentionConfig, ConfigError, DecodeState, UnsupportedFeatureError
+from attnreg.core import (
+    AttentionConfig,
+    CausalAlignment,
+    ConfigError,
+    DecodeState,
+    UnsupportedFeatureError,
+    canonical_device,
+    repeat_kv,
+)
 
 from ._configs import build, read_config_file, validate_config
 from ._plugins import REGISTRY
@@ -185,7 +193,7 @@ class MultiHeadAttention(nn.Module):
         t = self._split(x, self.num_kv_heads)  # (B, Hkv, S, E)
         if self.num_kv_heads == self.num_heads or self.grouped:
             return t
-        return t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # (B, H, S, E)
+        return repeat_kv(t, self.num_heads)  # (B, H, S, E)
 
     def _merge(self, out: Tensor) -> Tensor:
         """(B, H, L, E) -> out_proj of (B, L, D)."""
@@ -202,6 +210,7 @@ class MultiHeadAttention(nn.Module):
         key_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
+        causal_alignment: CausalAlignment = "upper_left",
         need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Output (B, L, D) for query (B, L, D); key (B, S, kdim) and value (B, S, vdim)
@@ -209,8 +218,10 @@ class MultiHeadAttention(nn.Module):
 
         ``key_mask`` (B, S) bool, True = real token; ``attn_mask`` bool (True = may attend) or
         float (added to the logits), broadcastable to (B, H, L, S); ``is_causal``: query i sees
-        keys j <= i. With ``need_weights`` returns ``(out, weights)``, weights (B, H, L, S) per
-        head (``attention_weights`` of the variant; no dropout).
+        keys j <= i, or with ``causal_alignment="lower_right"`` keys j <= i + S - L (the L
+        queries are the last positions of the keys' sequence; variants declaring decoding).
+        With ``need_weights`` returns ``(out, weights)``, weights (B, H, L, S) per head
+        (``attention_weights`` of the variant; no dropout).
         """
         if key is None and value is not None:
             raise ValueError("value was given without key: pass key too (or neither for self-attention)")
@@ -223,7 +234,8 @@ class MultiHeadAttention(nn.Module):
         q = self._split(self.q_proj(query), self.num_heads)  # (B, H, L, E)
         k = self._kv_heads(self.k_proj(key))  # (B, Hkv|H, S, E)
         v = self._kv_heads(self.v_proj(value))  # (B, Hkv|H, S, E)
-        masks = {"attn_mask": attn_mask, "key_mask": key_mask, "is_causal": is_causal}
+        masks = {"attn_mask": attn_mask, "key_mask": key_mask, "is_causal": is_causal,
+                 "causal_alignment": causal_alignment}
         out = self._merge(self.attention(q, k, v, **masks))  # (B, L, D)
         if not need_weights:
             return out
@@ -250,16 +262,24 @@ class MultiHeadAttention(nn.Module):
 
         It holds ``num_kv_heads`` heads where the variant declares ``grouped_query``,
         ``num_heads`` otherwise. ``max_length`` bounds the total length (prompt plus generated
-        tokens; variants with length-dependent patterns need it). dtype/device default to the
-        module's parameters'. ``UnsupportedFeatureError`` if the variant cannot decode.
+        tokens; variants with length-dependent patterns need it). The state has the dtype and
+        device of the module's parameters (``decode`` projects x with them); ``dtype`` /
+        ``device``, if given, must be those (``ValueError`` otherwise: move the module with
+        ``.to()`` instead). ``UnsupportedFeatureError`` if the variant cannot decode.
         """
         self._require_decoding()
         p = self.q_proj.weight
+        if dtype is not None and dtype != p.dtype:
+            raise ValueError(f"init_state: dtype={dtype} differs from the module's parameters ({p.dtype}); "
+                             "decode needs x and the state in the parameters' dtype: move the module "
+                             "with .to(dtype) instead")
+        if device is not None and canonical_device(device) != p.device:
+            raise ValueError(f"init_state: device={device} differs from the module's parameters "
+                             f"({p.device}); decode needs x and the state on the parameters' device: "
+                             "move the module with .to(device) instead")
         heads = self.num_kv_heads if self.grouped else self.num_heads
-        return self.attention.init_state(
-            batch, heads, self.head_dim, dtype=p.dtype if dtype is None else dtype,
-            device=p.device if device is None else device, max_length=max_length,
-        )
+        return self.attention.init_state(batch, heads, self.head_dim, dtype=p.dtype, device=p.device,
+                                         max_length=max_length)
 
     def decode(
         self, x: Tensor, state: DecodeState, *, key_mask: Tensor | None = None

@@ -47,7 +47,7 @@ def _mask_kwargs(kind: str, lq: int, lk: int) -> dict:
 
 @pytest.mark.parametrize("kind", ["none", "key_mask", "bool", "float", "all"])
 @pytest.mark.parametrize("lq,lk,chunk", [(1, 9, 1), (1, 9, 4), (5, 12, 2), (7, 7, 3), (13, 40, 3),
-                                         (13, 40, 64)])
+                                         (13, 40, 64), (7, 5, 2), (12, 5, 2), (12, 5, 5), (12, 5, 64)])
 def test_lower_right_matches_reference(lq: int, lk: int, chunk: int, kind: str) -> None:
     m = _module(chunk)
     q, k, v = _qkv(lq, lk)
@@ -61,7 +61,9 @@ def test_lower_right_matches_reference(lq: int, lk: int, chunk: int, kind: str) 
     w = m.attention_weights(q, k, is_causal=True, causal_alignment="lower_right", **kw)
     torch.testing.assert_close(w, ref_w, atol=TOL, rtol=0)
     # Lower-right differs from upper-left here: the last query sees the newest keys.
-    assert bool((ref_w[..., -1, lq:] > 0).any()) or lk == lq
+    assert bool((ref_w[..., -1, lq:] > 0).any()) or lk <= lq
+    # Lq > Lk: the first Lq - Lk queries come before every key: output 0, as dot_product gives.
+    assert torch.count_nonzero(out[:, :, : max(lq - lk, 0)]) == 0
     wrt = [q, k, v, *m.parameters()]
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
     got = torch.autograd.grad(out, wrt, upstream)
@@ -90,7 +92,7 @@ def test_chunks_read_only_the_keys_they_can_see(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.parametrize("lq,lk,offset", [(5, 5, 0), (7, 3, 0), (3, 7, 0), (3, 10, 7), (1, 9, 8),
-                                          (6, 20, 14)])
+                                          (6, 20, 14), (7, 5, -2), (12, 5, -7), (4, 2, -2), (3, 4, -3)])
 def test_flops_counts_causal_pairs_with_an_offset(lq: int, lk: int, offset: int) -> None:
     m = _module(4)
     pairs = int(causal_mask(lq, lk, offset=offset).sum())

@@ -30,6 +30,24 @@ class IgnoresCache(Textbook):
         return self._attend(query, key, value, masks), state
 
 
+class DetachedCache(Textbook):
+    """Caches detached keys and values: outputs are right, but no gradient flows into a cached
+    position from a later decode call."""
+
+    variant = "selftest_detached_cache"
+
+    def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
+                key_mask: Tensor | None) -> tuple[Tensor, DecodeState]:
+        assert isinstance(state, KVCacheState)
+        state = state.append(key.detach(), value.detach(), key_mask, in_place=False)
+        assert state.key is not None and state.value is not None
+        k_all = torch.cat([state.key[:, :, : -key.shape[2]], key], dim=2)  # the new keys keep their graph
+        v_all = torch.cat([state.value[:, :, : -key.shape[2]], value], dim=2)
+        masks = check_inputs(self.variant, self.capabilities, query, k_all, v_all, None, state.key_mask,
+                             True, "lower_right")
+        return self._attend(query, k_all, v_all, masks), state
+
+
 class UpperLeftOffset(Textbook):
     """Ignores ``masks.q_offset``: causal masks stay upper-left aligned (SDPA's default)."""
 
@@ -132,6 +150,7 @@ class SilentGrouped(NoGrouped):
 # broken class -> (the check that must catch it, a correct variant with the same capabilities)
 BROKEN = {
     IgnoresCache: ("decode_matches_forward", Textbook),
+    DetachedCache: ("decode_gradients", Textbook),
     UpperLeftOffset: ("lower_right_alignment", Textbook),
     BadReorder: ("state_reorder", Textbook),
     LaxDecode: ("decode_invalid_inputs", Textbook),

@@ -85,3 +85,13 @@ def test_float_mask_requires_declaration() -> None:
 
     with pytest.raises(UnsupportedFeatureError, match="float"):
         _BoolOnly(_Cfg())(q, q, q, attn_mask=torch.zeros(5, 5))
+
+
+def test_repeat_kv_interleaves_groups() -> None:
+    from attnreg.core import repeat_kv
+
+    kv = torch.arange(2.0).view(1, 2, 1, 1)  # (B, Hkv=2, L, D): head j holds j
+    assert repeat_kv(kv, 6).flatten().tolist() == [0, 0, 0, 1, 1, 1]  # head j serves j*G .. j*G+G-1
+    assert repeat_kv(kv, 2) is kv
+    with pytest.raises(ValueError, match="5 query heads are not a multiple of 2 key/value heads"):
+        repeat_kv(kv, 5)

@@ -229,10 +229,13 @@ def test_decode_rejects_a_foreign_state() -> None:
     attn = attnreg.build("local", window=3)
     q, k, v = _qkv(1, 1, grad=False)
     other = attnreg.build("local", window=4).init_state(B, H, E, EV, dtype=F64)
-    with pytest.raises(ValueError, match="window 4"):
+    with pytest.raises(ValueError, match=r"local \(window=3\) needs .* made by local \(window=4\)"):
         attn.decode(q, k, v, other)
     kv = KVCacheState(B, H, E, EV, F64, torch.device("cpu"))
-    with pytest.raises(ValueError, match="LocalState"):
+    with pytest.raises(ValueError, match="KVCacheState made by no init_state"):
+        attn.decode(q, k, v, kv)
+    kv.variant, kv.fingerprint = other.variant, attn.init_state(B, H, E, EV, dtype=F64).fingerprint  # a fake
+    with pytest.raises(ValueError, match="LocalState of its own init_state, got a KVCacheState"):
         attn.decode(q, k, v, kv)
 
 

@@ -181,3 +181,26 @@ def test_decode_equals_causal_forward(name: str, over: dict) -> None:
         outs.append(out)
     assert state.length == L
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-10)
+
+
+def test_init_state_overrides_must_match_the_parameters() -> None:
+    """decode projects x with the parameters, so a state of another dtype/device is useless."""
+    mha = _mha("dot_product", {})
+    with pytest.raises(ValueError, match=r"dtype=torch.float32 differs from the module's parameters"):
+        mha.init_state(B, dtype=torch.float32)
+    with pytest.raises(ValueError, match="device=meta differs"):
+        mha.init_state(B, device="meta")
+    state = mha.init_state(B, dtype=F64, device="cpu:0")  # the parameters' own, spelled otherwise
+    out, _ = mha.decode(_x(2), state)
+    assert out.shape == (B, 2, D)
+
+
+@pytest.mark.parametrize("name", [n for n in attnreg.list_variants() if _caps(n).decoding])
+def test_forward_passes_causal_alignment_through(name: str) -> None:
+    """lower_right: the last T positions of a sequence, against all its keys, equal the last T
+    rows of the causal forward (what a prefill continuing a cache computes)."""
+    over = dict(attnreg.get_variant(name).check_configs[0]) if attnreg.get_variant(name).check_configs else {}
+    mha, x = _mha(name, over), _x()
+    full = mha(x, is_causal=True)  # (B, L, D)
+    tail = mha(x[:, 8:], x, is_causal=True, causal_alignment="lower_right")  # (B, 5, D)
+    torch.testing.assert_close(tail, full[:, 8:], rtol=0, atol=1e-10)

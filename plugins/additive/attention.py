@@ -154,9 +154,11 @@ class AdditiveAttention(Attention):
         ``q_offset`` is ``Masks.q_offset``: 0 for upper-left causal, Lk - Lq for lower-right
         (a decode step or chunked prefill: query i sees keys j <= i + q_offset)."""
         d_a = self.hidden_dim
-        if is_causal:  # row i sees min(i + q_offset + 1, Lk) keys
-            tri = min(q_len, max(k_len - q_offset, 0))  # rows that do not see every key
-            pairs = tri * (q_offset + 1) + tri * (tri - 1) // 2 + (q_len - tri) * k_len
+        if is_causal:  # row i sees clamp(i + q_offset + 1, 0, Lk) keys
+            first = min(max(-q_offset, 0), q_len)  # rows before it see no key (Lq > Lk lower-right)
+            full = min(max(k_len - q_offset - 1, first), q_len)  # rows from it on see every key
+            # rows first .. full-1 see i + q_offset + 1 keys: an arithmetic series
+            pairs = (full - first) * (first + full - 1 + 2 * (q_offset + 1)) // 2 + (q_len - full) * k_len
         else:
             pairs = q_len * k_len
         proj = 2.0 * (q_len + k_len) * head_dim * d_a

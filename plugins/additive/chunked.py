@@ -79,8 +79,9 @@ def _slice_mask(m: Tensor, start: int, stop: int, k_stop: int) -> Tensor:
 
 def _key_stop(masks: Masks, stop: int) -> int:
     """Keys a chunk ending at query ``stop`` can see: causal row i never looks past key
-    i + q_offset, so the chunk needs keys [0, stop + q_offset)."""
-    return min(stop + masks.q_offset, masks.k_len) if masks.is_causal else masks.k_len
+    i + q_offset, so the chunk needs keys [0, stop + q_offset). 0 for a chunk of rows that see
+    no key (lower-right with Lq > Lk: q_offset < 0)."""
+    return max(0, min(stop + masks.q_offset, masks.k_len)) if masks.is_causal else masks.k_len
 
 
 class _ChunkedAdditive(torch.autograd.Function):
@@ -108,6 +109,9 @@ class _ChunkedAdditive(torch.autograd.Function):
         seed = _draw_seed() if dropout_p > 0 else None
         gen = torch.Generator(device=qp.device) if seed is not None else None
         for idx, (start, stop, k_stop) in enumerate(_chunks(masks, chunk)):
+            if k_stop == 0:  # rows that see no key: output 0, like any row with nothing to attend
+                out[:, :, start:stop] = 0.0
+                continue
             t = _tanh_into(ws, qp[:, :, start:stop], kp[:, :, :k_stop])  # (B, H, c, k_stop, d_a)
             p = _softmax(t, w_v, scale, bias, masks, start, stop, k_stop)  # (B, H, c, k_stop)
             if gen is not None:
@@ -132,6 +136,9 @@ class _ChunkedAdditive(torch.autograd.Function):
         v_b = w_v[None, :, None, :]  # (1, H, 1, d_a)
         gen = torch.Generator(device=qp.device) if ctx.seed is not None else None
         for idx, (start, stop, k_stop) in enumerate(_chunks(masks, ctx.chunk)):
+            if k_stop == 0:  # output 0 whatever the inputs: no gradient
+                d_qp[:, :, start:stop] = 0.0
+                continue
             c = stop - start
             t = _tanh_into(ws, qp[:, :, start:stop], kp[:, :, :k_stop])  # recomputed (B, H, c, k_stop, d_a)
             p = _softmax(t, w_v, scale, bias, masks, start, stop, k_stop)  # (B, H, c, k_stop)

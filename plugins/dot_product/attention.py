@@ -16,6 +16,7 @@ from attnreg.core import (
     Masks,
     dot_product_logits,
     masked_softmax,
+    repeat_kv,
     sdpa_safe_mask,
 )
 
@@ -50,7 +51,7 @@ class DotProductAttention(Attention):
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         acc = self._accum_dtype(query)
-        key = _repeat_kv(key, query.shape[1])  # (B, H, Lk, E): the oracle may copy
+        key = repeat_kv(key, query.shape[1])  # (B, H, Lk, E): the oracle may copy
         logits = dot_product_logits(query.to(acc), key.to(acc), self.scale)  # (B, H, Lq, Lk)
         if masks.float_mask is not None:
             logits = logits + masks.float_mask.to(acc)
@@ -61,11 +62,6 @@ class DotProductAttention(Attention):
 _HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-def _repeat_kv(t: Tensor, heads: int) -> Tensor:
-    """(B, Hkv, L, D) -> (B, H, L, D), each key/value head shared by H / Hkv query heads."""
-    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
-
-
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dropout: float,
           causal: bool, scale: float) -> Tensor:
     """SDPA on (B, H, Lq, E) queries and (B, Hkv, Lk, E|Ev) keys/values, H a multiple of Hkv."""
@@ -74,7 +70,7 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dropou
         if _HAS_GQA:
             kw["enable_gqa"] = True
         else:  # older torch: the copy GQA exists to avoid, but the same result
-            key, value = _repeat_kv(key, query.shape[1]), _repeat_kv(value, query.shape[1])
+            key, value = repeat_kv(key, query.shape[1]), repeat_kv(value, query.shape[1])
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
                                           is_causal=causal, scale=scale, **kw)  # (B, H, Lq, Ev)
 

@@ -14,7 +14,7 @@ import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -190,21 +190,28 @@ class LinearAttention(Attention):
         return linear_weights(fp.phi_q, fp.phi_k, fp.thr, masks.is_causal, masks.q_offset).to(query.dtype)
 
     # -- incremental decoding: the recurrent state [S | z] (decoding.py) -----------------------------
+    def _num_features(self, head_dim: int) -> int:
+        """F, the feature dimension: ``num_features`` for FAVOR+, E for elu / relu."""
+        return self.config.num_features if self.feature_map == "favor" else head_dim
+
+    def _state_fingerprint(self) -> dict[str, Any]:
+        # What the sums S, z are sums of: phi, and for FAVOR+ its random projection and scale.
+        if self.feature_map != "favor":
+            return {"feature_map": self.feature_map}
+        cfg = self.config
+        return {"feature_map": "favor", "num_features": cfg.num_features, "seed": cfg.seed,
+                "scale": cfg.scale}
+
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
                     dtype: torch.dtype, device: torch.device, max_length: int | None) -> LinearState:
-        features = self.config.num_features if self.feature_map == "favor" else head_dim
-        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # as _accum_dtype
         return init_linear_state(batch, heads, head_dim, value_dim, dtype, device, max_length,
-                                 self.feature_map, features, acc)
+                                 self.feature_map, self._num_features(head_dim), self._accum_dtype(dtype))
 
     def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
                 key_mask: Tensor | None) -> tuple[Tensor, LinearState]:
-        features = self.config.num_features if self.feature_map == "favor" else state.head_dim
-        if (not isinstance(state, LinearState) or state.feature_map != self.feature_map
-                or state.kv is None or state.kv.shape[2] != features):
-            got = (f"{type(state).__name__}(feature_map={getattr(state, 'feature_map', None)!r})")
-            raise ValueError(f"decode: {self.variant} with feature_map={self.feature_map!r} and F="
-                             f"{features} features needs the state of its own init_state, got {got}")
+        if not isinstance(state, LinearState) or state.kv is None:
+            raise ValueError(f"decode: {self.variant} needs the state of its own init_state, got a "
+                             f"{type(state).__name__}")
         allowed = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, T, 1)
         q, k, fmap, thr, anchor = query, key, self.feature_map, self.eps, state.anchor
         if self.feature_map == "favor":  # the stabiliser of the full forward: the first real key's
@@ -227,7 +234,7 @@ class LinearAttention(Attention):
 
         Causal adds the intra-chunk quadratic form (full C x C blocks, as computed).
         """
-        feat = self.config.num_features if self.feature_map == "favor" else head_dim
+        feat = self._num_features(head_dim)
         f = 0.0
         if self.feature_map == "favor":
             f += 2.0 * (q_len + k_len) * head_dim * feat  # x' W^T

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,9 @@ class LocalAttention(Attention):
         allowed = allowed if extra is None else extra & allowed
         return masked_softmax(logits, allowed).to(query.dtype)
 
+    def _state_fingerprint(self) -> dict[str, Any]:
+        return {"window": self.window}  # the state keeps the last `window` positions
+
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
                     dtype: torch.dtype, device: torch.device, max_length: int | None) -> DecodeState:
         return LocalState(
@@ -95,10 +98,9 @@ class LocalAttention(Attention):
 
     def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
                 key_mask: Tensor | None) -> tuple[Tensor, DecodeState]:
-        if not isinstance(state, LocalState) or state.window != self.window:
-            got = f"window {state.window}" if isinstance(state, LocalState) else type(state).__name__
-            raise ValueError(f"decode: local needs a LocalState from this module's init_state "
-                             f"(window {self.window}), got {got}")
+        if not isinstance(state, LocalState):
+            raise ValueError(f"decode: local needs the LocalState of its own init_state, got a "
+                             f"{type(state).__name__}")
         k_all, v_all, km = state.extend(key, value, key_mask)  # (B, H, m+T, E|Ev), (B, m+T)
         # The T queries are the last T of the m + T positions: lower-right causal, Lk - Lq = m.
         masks = check_inputs(self.variant, self.capabilities, query, k_all, v_all, None, km, True,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnreg.core import DecodeState
+from attnreg.core import DecodeState, join_key_masks
 
 __all__ = ["LocalState"]
 
@@ -41,15 +41,9 @@ class LocalState(DecodeState):
     def extend(self, key: Tensor, value: Tensor, key_mask: Tensor | None
                ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The buffer followed by ``T`` new positions: keys (B, H, m+T, E), values, key_mask (B, m+T)."""
-        m, t_new = self.buffered, key.shape[2]
         k_all = key if self.key is None else torch.cat([self.key, key], dim=2)  # (B, H, m+T, E)
         v_all = value if self.value is None else torch.cat([self.value, value], dim=2)  # (B, H, m+T, Ev)
-        km = self.key_mask
-        if key_mask is not None or km is not None:
-            old = km if km is not None else torch.ones(self.batch, m, dtype=torch.bool, device=key.device)
-            new = key_mask if key_mask is not None else torch.ones(self.batch, t_new, dtype=torch.bool,
-                                                                  device=key.device)
-            km = torch.cat([old, new], dim=1)  # (B, m+T)
+        km = join_key_masks(self.key_mask, key_mask, self.buffered, key.shape[2])  # (B, m+T) or None
         return k_all, v_all, km
 
     def advanced(self, k_all: Tensor, v_all: Tensor, km: Tensor | None, t_new: int) -> LocalState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -57,8 +58,10 @@ class SparseAttention(Attention):
         self.config: SparseConfig = config
         self.block_size = config.block_size
         self._custom: Tensor | None = None
+        self._custom_digest: str | None = None  # names the layout in decoding states' fingerprints
         if config.custom_layout is not None:
             self._custom = custom_layout_tensor(parse_custom_layout(config.custom_layout))
+            self._custom_digest = hashlib.sha1(repr(config.custom_layout).encode()).hexdigest()[:16]
         # Derived data, shared by the threads calling this module (the caches lock themselves).
         self._layouts: LRUCache[Tensor] = LRUCache(_CACHE_SIZE)  # (length, heads)
         self._plans: LRUCache[Plan] = LRUCache(_CACHE_SIZE)  # (length, heads, causal, device)
@@ -191,6 +194,19 @@ class SparseAttention(Attention):
                     "with an explicit stride in the config it would not depend on it")
         return None
 
+    def _state_fingerprint(self) -> dict[str, Any]:
+        """The cache's block size and the layout its queries follow (the fields of this layout)."""
+        cfg = self.config
+        fields: dict[str, Any] = {"block_size": cfg.block_size, "layout": cfg.layout}
+        if cfg.layout == "bigbird":
+            fields.update(num_window_blocks=cfg.num_window_blocks, num_global_blocks=cfg.num_global_blocks,
+                          num_random_blocks=cfg.num_random_blocks, seed=cfg.seed)
+        elif cfg.layout in ("strided", "fixed"):
+            fields.update(stride=cfg.stride, **({"c": cfg.c} if cfg.layout == "fixed" else {}))
+        else:  # a digest (computed once): the layout itself may be large
+            fields["custom_layout_sha1"] = self._custom_digest
+        return fields
+
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
                     dtype: torch.dtype, device: torch.device, max_length: int | None) -> DecodeState:
         self._check_heads(heads)
@@ -219,11 +235,9 @@ class SparseAttention(Attention):
 
     def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
                 key_mask: Tensor | None) -> tuple[Tensor, DecodeState]:
-        if not isinstance(state, BlockKVState) or state.block_size != self.block_size:
-            raise ValueError(
-                f"decode: {self.variant} needs the state of its own init_state (a BlockKVState with "
-                f"block_size {self.block_size}), got {type(state).__name__}"
-            )
+        if not isinstance(state, BlockKVState):
+            raise ValueError(f"decode: {self.variant} needs the state of its own init_state (a "
+                             f"BlockKVState), got {type(state).__name__}")
         start = state.length
         state = state.write(key, value, key_mask)
         assert state.key is not None and state.value is not None

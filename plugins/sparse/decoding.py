@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnreg.core import DecodeState
+from attnreg.core import DecodeState, write_key_mask
 
 __all__ = ["BlockKVState"]
 
@@ -53,11 +53,7 @@ class BlockKVState(DecodeState):
         assert k is not None and v is not None
         k[:, :, start : start + t] = key
         v[:, :, start : start + t] = value
-        km = state.key_mask
-        if key_mask is not None:
-            if km is None:
-                km = torch.ones(self.batch, state.capacity, dtype=torch.bool, device=self.device)
-            km[:, start : start + t] = key_mask  # (B, capacity)
+        km = write_key_mask(state.key_mask, key_mask, start, start + t, state.capacity)  # (B, capacity)
         return dataclasses.replace(state, key=k, value=v, key_mask=km, length=start + t)
 
     def _reserve(self, end: int) -> BlockKVState:

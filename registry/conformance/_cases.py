@@ -15,6 +15,7 @@ from attnreg.core import VariantSpec
 from . import (  # noqa: F401
     _checks_contract,
     _checks_decoding,
+    _checks_decoding_errors,
     _checks_grouped,
     _checks_masking,
     _checks_numeric,

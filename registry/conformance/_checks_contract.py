@@ -11,7 +11,7 @@ import torch
 import attnreg
 from attnreg.core import ConfigError, UnknownVariantError, UnsupportedFeatureError
 
-from ._checks_decoding import decode_api_refused, feature_calls_decoding
+from ._checks_decoding_errors import decode_api_refused, feature_calls_decoding
 from ._framework import (
     CHECKS,
     EV,

@@ -1,5 +1,6 @@
-"""Checks of incremental decoding (``Capabilities.decoding``): decode == causal full forward,
-lower-right causal alignment, state reordering, and decode input errors.
+"""Checks of incremental decoding (``Capabilities.decoding``): decode == causal full forward
+(outputs and gradients), lower-right causal alignment, state reordering. Input errors of the
+decoding API: ``_checks_decoding_errors``.
 
 A variant gets these for free by declaring ``decoding=True``: they only use the public
 interface (``init_state``, ``decode``, ``forward(..., causal_alignment="lower_right")``) and
@@ -8,13 +9,12 @@ interface (``init_state``, ``decode``, ``forward(..., causal_alignment="lower_ri
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from attnreg.core import Attention, DecodeState, UnsupportedFeatureError
+from attnreg.core import Attention, DecodeState
 
 from ._framework import (
     EV,
@@ -23,9 +23,10 @@ from ._framework import (
     B,
     CheckFailure,
     E,
-    H,
     Subject,
     assert_close,
+    assert_finite,
+    assert_zero,
     check,
     expect_raises,
     heads_for,
@@ -121,17 +122,82 @@ def decode_matches_forward(s: Subject) -> None:
                              f"forward ({label})", sizes=sizes_of(q, k, v), dtype=s.dtype, tol=decode_tol(s))
 
 
+@check("decode_gradients", "decoding", requires=("decoding",))
+def decode_gradients(s: Subject) -> None:
+    """Backward through decoding: the gradients w.r.t. query, key, value and the module's
+    parameters of ``init_state`` + ``decode`` (the schedules of ``decode_matches_forward``: a
+    prefill, single tokens and a multi-token chunk; lengths 13 and 131, B=3, an upstream
+    gradient on every output) equal those of the causal full forward to 1e-10 in float64,
+    without and with left padding via ``key_mask``, when everything requires grad and when only
+    the query does (for learnable variants also when only the parameters do): an in-place write
+    into a cache that an earlier call saved for backward fails here."""
+    b = 3
+    for n in (SHORT, LONG):
+        h = heads_for(n)
+        m = s.build(heads=h)
+        qkv = s.inputs(b, h, n, ev=EV, seed=n + 50)
+        g = s.randn(b, h, n, EV, seed=n + 51)  # (B, H, L, Ev) upstream gradient
+        cases = [("query, key, value and parameters", ("query", "key", "value"), True),
+                 ("only the query", ("query",), False)]
+        if any(p.requires_grad for p in m.parameters()):
+            cases.append(("only the parameters", (), True))
+        segments = schedules(n)[0]
+        sz = sizes_of(*qkv)
+        for label, km in _padding_cases(s, b, n, segments[0]):
+            for who, inputs, params in cases:
+                want = _gradients(s, m, qkv, g, km, inputs, params, None)
+                got = _gradients(s, m, qkv, g, km, inputs, params, segments)
+                for name, gw in want.items():
+                    what = (f"gradient w.r.t. {name} through decode in calls of {segments} vs the causal "
+                            f"full forward ({who} requiring grad, {label})")
+                    if got[name] is None or gw is None:
+                        raise CheckFailure(f"{what}: no gradient ({sz})")
+                    assert_close(got[name], gw, what=what, sizes=sz, dtype=s.dtype, tol=decode_tol(s))
+
+
+def _gradients(s: Subject, m: Attention, qkv: Sequence[Tensor], g: Tensor, km: Tensor | None,
+               inputs: tuple[str, ...], params: bool, segments: Sequence[int] | None
+               ) -> dict[str, Tensor | None]:
+    """Gradients of ``(out * g).sum()`` w.r.t. the named ``inputs`` and (if ``params``) every
+    trainable parameter, ``out`` from the causal forward (``segments`` None) or from decoding."""
+    leaves = {name: t.detach().clone().requires_grad_(name in inputs)
+              for name, t in zip(("query", "key", "value"), qkv, strict=True)}
+    trainable = {name: p for name, p in m.named_parameters() if p.requires_grad}
+    try:
+        for p in trainable.values():
+            p.requires_grad_(params)
+            p.grad = None
+        q, k, v = leaves.values()
+        b, h, n, _ = q.shape
+        if segments is None:
+            out = m(q, k, v, is_causal=True, key_mask=km)  # (B, H, L, Ev)
+        else:
+            state = m.init_state(b, h, E, EV, dtype=s.dtype, device=s.device, max_length=n)
+            out, _ = run_decode(s, m, state, q, k, v, km, segments)  # (B, H, L, Ev)
+        (out * g).sum().backward()
+    finally:
+        for p in trainable.values():
+            p.requires_grad_(True)
+    grads = {name: leaves[name].grad for name in inputs}
+    return grads | ({f"parameter {name}": p.grad for name, p in trainable.items()} if params else {})
+
+
 @check("lower_right_alignment", "decoding", requires=("decoding",))
 def lower_right_alignment(s: Subject) -> None:
     """``is_causal=True, causal_alignment="lower_right"`` with the last T queries (T = 1, 5,
     L/2 + 1 and L, lengths 13 and 131) against all L keys: forward and ``attention_weights``
     equal the last T rows of the causal full forward to 1e-10 in float64, without and with left
-    padding via ``key_mask``; the gradients w.r.t. query, key and value are equal too."""
+    padding via ``key_mask``; the gradients w.r.t. query, key and value are equal too. More
+    queries than keys (L queries, L - 4 keys): with ``cross_attention``, the first 4 queries
+    come before every key and give output, weights and query gradient exactly 0, the others
+    (output, weights, gradients) equal the causal forward of the last L - 4 queries; without
+    it, ``ValueError`` naming the query length."""
     for n in (SHORT, LONG):
         h = heads_for(n)
         m = s.build(heads=h)
         q, k, v = s.inputs(B, h, n, ev=EV, seed=n + 30)
         sz = sizes_of(q, k, v)
+        _more_queries_than_keys(s, m, n, h)
         for label, km in _padding_cases(s, B, n, n // 2):
             full = m(q, k, v, is_causal=True, key_mask=km)  # (B, H, L, Ev)
             w_full = m.attention_weights(q, k, is_causal=True, key_mask=km)  # (B, H, L, L)
@@ -145,6 +211,48 @@ def lower_right_alignment(s: Subject) -> None:
                              what="attention_weights of the " + what, sizes=sz, dtype=s.dtype, tol=tol)
                 if t < n:
                     _same_gradients(s, m, n, t, h, km, label)
+
+
+def _more_queries_than_keys(s: Subject, m: Attention, n: int, h: int, d: int = 4) -> None:
+    """Lower-right alignment of ``n`` queries against ``n - d`` keys (see lower_right_alignment)."""
+    kw: dict[str, object] = {"is_causal": True, "causal_alignment": "lower_right"}
+    q, k, v = s.inputs(B, h, n, n - d, ev=EV, seed=n + 35, grad=True)
+    sz = sizes_of(q, k, v)
+    if not s.caps.cross_attention:
+        for what, call in (("forward", lambda: m(q, k, v, **kw)),
+                           ("attention_weights", lambda: m.attention_weights(q, k, **kw))):
+            expect_raises(ValueError, call, what=f"{what} with causal_alignment='lower_right' and more "
+                          f"queries than keys ({sz}) in a variant without cross_attention",
+                          names=("query length",))
+        return
+    tol = decode_tol(s)
+    g = s.randn(B, h, n, EV, seed=n + 36)  # (B, H, Lq, Ev) upstream gradient
+    for label, km in _padding_cases(s, B, n - d, 3):
+        what = (f"the last {n - d} of {n} queries (lower_right, {n - d} keys) vs their causal forward "
+                f"({label})")
+        out = m(q, k, v, key_mask=km, **kw)  # (B, H, n, Ev)
+        grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+        ql = q.detach()[:, :, d:].requires_grad_(True)  # (B, H, n - d, E)
+        want = m(ql, k, v, is_causal=True, key_mask=km)  # (B, H, n - d, Ev)
+        want_grads = torch.autograd.grad((want * g[:, :, d:]).sum(), (ql, k, v))
+        first = f"the first {d} queries (before every key; {label})"
+        _all_zero(out[:, :, :d], what="output of " + first, sizes=sz)
+        assert_close(out[:, :, d:], want, what="output of " + what, sizes=sz, dtype=s.dtype, tol=tol)
+        qd, kd = q.detach(), k.detach()  # the weights need no graph
+        w = m.attention_weights(qd, kd, key_mask=km, **kw)  # (B, H, n, n - d)
+        _all_zero(w[:, :, :d], what="attention_weights of " + first, sizes=sz)
+        assert_close(w[:, :, d:], m.attention_weights(qd[:, :, d:], kd, is_causal=True, key_mask=km),
+                     what="attention_weights of " + what, sizes=sz, dtype=s.dtype, tol=tol)
+        assert_finite(grads[0], what=f"gradient w.r.t. query with more queries than keys ({label})", sizes=sz)
+        _all_zero(grads[0][:, :, :d], what="gradient w.r.t. " + first, sizes=sz)
+        for name, got, exp in zip(("query", "key", "value"), (grads[0][:, :, d:], *grads[1:]), want_grads,
+                                  strict=True):
+            assert_close(got, exp, what=f"gradient w.r.t. {name} of " + what, sizes=sz, dtype=s.dtype,
+                         tol=tol)
+
+
+def _all_zero(t: Tensor, *, what: str, sizes: str) -> None:
+    assert_zero(t, torch.ones_like(t, dtype=torch.bool), what=what, sizes=sizes)
 
 
 def _same_gradients(s: Subject, m: Attention, n: int, t: int, h: int, km: Tensor | None, label: str) -> None:
@@ -210,88 +318,3 @@ def _reorder_case(s: Subject, n: int, idx: Tensor) -> None:
     nbytes = last.nbytes
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
         raise CheckFailure(f"state.nbytes after decoding {n} positions is {nbytes!r}, expected an int > 0")
-
-
-@dataclasses.dataclass
-class _ForeignState(DecodeState):
-    """A well-formed state of some other variant: ``decode`` must refuse it by type."""
-
-    key: Tensor | None = None
-
-
-@check("decode_invalid_inputs", "errors", requires=("decoding",))
-def decode_invalid_inputs(s: Subject) -> None:
-    """Malformed ``init_state`` / ``decode`` input raises ``ValueError`` naming the problem:
-    batch, heads, head_dim or max_length < 1; query/key/value of the wrong rank; B, heads, E or
-    Ev not matching the state; T = 0 new positions; a dtype other than the state's; a
-    ``key_mask`` of the wrong shape or dtype; exceeding ``max_length``; a state that is not this
-    variant's (another ``DecodeState`` subclass, or not a state at all)."""
-    m = s.build()
-    new = {"dtype": s.dtype, "device": s.device}
-    for arg, bad_kw in (("batch", {"batch": 0}), ("heads", {"heads": 0}), ("head_dim", {"head_dim": -1}),
-                        ("max_length", {"max_length": 0})):
-        kw = {"batch": B, "heads": H, "head_dim": E, "max_length": 9, **bad_kw}
-        expect_raises(ValueError, lambda kw=kw: m.init_state(kw["batch"], kw["heads"], kw["head_dim"], EV,
-                                                             max_length=kw["max_length"], **new),
-                      what=f"init_state with {arg}={bad_kw[arg]}", names=(arg,))
-    q, k, v = s.inputs(B, H, 2, ev=EV, seed=5)
-    other = torch.float32 if s.dtype != torch.float32 else torch.float64
-    bad: list[tuple[str, tuple[str, ...], dict[str, object]]] = [
-        ("query of rank 3", ("query",), {"query": q[0]}),
-        ("key of rank 5", ("key",), {"key": k[None]}),
-        ("value of rank 3", ("value",), {"value": v[0]}),
-        ("query with another batch size", ("query", "B="), {"query": q[:1]}),
-        ("key and value with another batch size", ("key",), {"key": k[:1], "value": v[:1]}),
-        ("key and value with H + 1 heads", ("key", "heads"),
-         {"key": torch.cat([k, k[:, :1]], 1), "value": torch.cat([v, v[:, :1]], 1)}),
-        ("query with H + 1 heads", ("query", "heads"), {"query": torch.cat([q, q[:, :1]], 1)}),
-        ("query with another E", ("query", "E="), {"query": q[..., :-1]}),
-        ("key with another E", ("key",), {"key": k[..., :-1]}),
-        ("value with another Ev", ("value",), {"value": v[..., :-1]}),
-        ("T = 0 new positions", ("T >= 1", "T=0", "empty", "zero"),
-         {"query": q[:, :, :0], "key": k[:, :, :0], "value": v[:, :, :0]}),
-        (f"inputs in {other} (state in {s.dtype})", ("dtype", "float"),
-         {"query": q.to(other), "key": k.to(other), "value": v.to(other)}),
-        ("key_mask of shape (B, T + 1)", ("key_mask",),
-         {"key_mask": torch.ones(B, 3, dtype=torch.bool, device=s.device)}),
-        ("float key_mask", ("key_mask",), {"key_mask": torch.ones(B, 2, dtype=s.dtype, device=s.device)}),
-        ("a state that is not a DecodeState", ("state",), {"state": object()}),
-        ("another DecodeState subclass", ("state",),
-         {"state": _ForeignState(B, H, E, EV, s.dtype, s.device, max_length=9)}),
-    ]
-    for label, names, override in bad:
-        args = {"query": q, "key": k, "value": v, "key_mask": None, **override}
-        args.setdefault("state", m.init_state(B, H, E, EV, max_length=9, **new))
-        expect_raises(ValueError, lambda a=args: m.decode(a["query"], a["key"], a["value"], a["state"],
-                                                          key_mask=a["key_mask"]),
-                      what=f"decode with {label} ({sizes_of(q, k, v)})", names=names)
-    state = m.init_state(B, H, E, EV, max_length=3, **new)
-    _, state = m.decode(q, k, v, state)
-    expect_raises(ValueError, lambda: m.decode(q, k, v, state),
-                  what="decode of 2 + 2 positions into a state of max_length=3", names=("max_length",))
-
-
-def feature_calls_decoding(s: Subject, m: Attention) -> list[tuple[str, object]]:
-    """(label, thunk) for the decoding API, used both ways by the manifest checks."""
-    b, lq = B, 5
-    q, k, v = s.inputs(b, H, lq, ev=EV, seed=6)
-
-    def prefill_and_step() -> Tensor:
-        state = m.init_state(b, H, E, EV, dtype=s.dtype, device=s.device, max_length=lq + 1)
-        out, state = m.decode(q, k, v, state)
-        step, _ = m.decode(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
-        return torch.cat([out, step], dim=2)  # (B, H, T + 1, Ev)
-
-    return [("init_state + decode (a prefill of 5 and one step)", prefill_and_step)]
-
-
-def decode_api_refused(s: Subject, m: Attention) -> None:
-    """With ``decoding=False`` declared, ``init_state`` and ``decode`` raise UnsupportedFeatureError."""
-    from attnreg.core import KVCacheState
-
-    expect_raises(UnsupportedFeatureError, lambda: m.init_state(B, H, E, EV, dtype=s.dtype, device=s.device),
-                  what="init_state with decoding=False declared")
-    q, k, v = s.inputs(B, H, 3, ev=EV, seed=6)
-    state = KVCacheState(B, H, E, EV, s.dtype, s.device)
-    expect_raises(UnsupportedFeatureError, lambda: m.decode(q, k, v, state),
-                  what="decode (with a KVCacheState) with decoding=False declared")

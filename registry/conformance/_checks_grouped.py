@@ -8,16 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnreg.core import repeat_kv
+
 from ._checks_decoding import SHORT, decode_tol, left_padding, run_decode, schedules
 from ._framework import EV, LONG, B, CheckFailure, E, Subject, assert_close, check, sizes_of
-
-__all__ = ["repeat_kv"]
-
-
-def repeat_kv(t: Tensor, heads: int) -> Tensor:
-    """(B, Hkv, L, D) -> (B, H, L, D): key/value head j serves query heads j*G .. j*G + G - 1."""
-    return t.repeat_interleave(heads // t.shape[1], dim=1)
-
 
 # (length, query heads, key/value heads): grouped (H/2) on short inputs, multi-query (one
 # key/value head) on the long one (fewer heads keep it cheap).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -75,6 +75,10 @@ class SigmoidAttention(Attention):
         w = self._weights_acc(query, key, masks)  # (B, H, Lq, Lk)
         return (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)
 
+    def _state_fingerprint(self) -> dict[str, Any]:
+        # The bias decides whether the state needed max_length (the default bias reads it).
+        return {"bias": self.bias}
+
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int, dtype: torch.dtype,
                     device: torch.device, max_length: int | None) -> DecodeState:
         if self.bias is None and max_length is None:
@@ -87,7 +91,9 @@ class SigmoidAttention(Attention):
         if not isinstance(state, KVCacheState):
             raise ValueError(f"decode: sigmoid needs the state of its own init_state, "
                              f"got {type(state).__name__}")
-        state = state.append(key, value, key_mask)
+        # In place unless this call may record a graph that saves views of the cache for backward.
+        in_place = not self.records_graph(query, key, value, *state.tensors().values())
+        state = state.append(key, value, key_mask, in_place=in_place)
         assert state.key is not None and state.value is not None
         # The T new queries are the last positions of the cached keys: lower-right causal.
         masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
