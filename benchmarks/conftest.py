@@ -1,12 +1,14 @@
 """pytest-benchmark cases over the registry, on the same harness code as ``attnreg bench``.
 
-    pytest benchmarks/ --benchmark-only                                  # every variant, L=1024,4096
+    pytest benchmarks/ --benchmark-only                                  # every variant, L=4096
     pytest benchmarks/ --benchmark-only --bench-variants 'local:window=256;linear' --bench-lengths 4K,16K
 
 Not collected by a plain ``pytest`` (``testpaths = ["tests"]``). Options:
 ``--bench-variants`` (names, aliases or ``name:field=value``; ``;`` separates specs that contain
 commas), ``--bench-lengths``, ``--bench-modes``, ``--bench-causal`` (both|yes|no),
-``--bench-threads``, ``--bench-max-memory``, ``--bench-point-budget``.
+``--bench-threads``, ``--bench-max-memory``, ``--bench-point-budget``, ``--bench-baseline-budget``,
+``--bench-repeat-time``. Points that cannot fit the memory or time budgets are skipped with the
+reason (the same estimates as ``attnreg bench``).
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ import pytest
 def pytest_addoption(parser: Any) -> None:
     group = parser.getgroup("attnreg-bench", "attnreg benchmark cases")
     group.addoption("--bench-variants", default=None, help="variants (default: all registered)")
-    group.addoption("--bench-lengths", default="1024,4096", help="sequence lengths")
+    group.addoption("--bench-lengths", default="4096", help="sequence lengths (default 4096)")
     group.addoption("--bench-modes", default="fwd,fwdbwd", help="fwd, fwdbwd")
     group.addoption("--bench-causal", default="both", choices=("both", "yes", "no"))
     group.addoption("--bench-threads", default=None, type=int, help="torch threads")
     group.addoption("--bench-max-memory", default=None, help="per-point memory budget, e.g. 8G")
-    group.addoption("--bench-point-budget", default=None, type=float,
-                    help="skip variant points whose single call would take longer, in s (default 30)")
-    group.addoption("--bench-baseline-budget", default=None, type=float,
-                    help="the same for baselines: dense SDPA, naive formulas (default 20)")
-    group.addoption("--bench-repeat-time", default=None, type=float,
-                    help="seconds of timed repeats per case (default 0.5)")
+    # Defaults sized for a default run of a few minutes on 2 cores (docs/benchmarks.md).
+    group.addoption("--bench-point-budget", default=10.0, type=float,
+                    help="skip variant points whose single call would take longer, in s (default 10)")
+    group.addoption("--bench-baseline-budget", default=10.0, type=float,
+                    help="the same for baselines: dense SDPA, naive formulas (default 10)")
+    group.addoption("--bench-repeat-time", default=0.2, type=float,
+                    help="seconds of timed repeats per case (default 0.2)")
 
 
 @dataclass(frozen=True)
