@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessor, LogitsProcessorList
 
-import attnreg.integrations.transformers  # noqa: F401  (registers attnreg:<name>)
+from attnreg.integrations.transformers import CACHE_KWARG  # (the import registers attnreg:<name>)
 
 # The implementations compared, and the attnreg config of each.
 IMPLS: dict[str, dict[str, Any] | None] = {
@@ -85,7 +85,7 @@ def measure(context: int, new: int, repeats: int) -> list[dict[str, Any]]:
         for impl, model in models.items():
             prefill, step, out = _generate(model, ids, new)
             best[impl] = [min(best[impl][0], prefill), min(best[impl][1], step)]
-            sizes[impl] = _layer_bytes(out.past_key_values)
+            sizes[impl] = _layer_bytes(getattr(out, CACHE_KWARG))  # past_key_values before 5.24
     rows = []
     for impl, (prefill, step) in best.items():
         rows.append({"impl": impl, "config": IMPLS[impl], "ms_per_token": 1e3 * step,

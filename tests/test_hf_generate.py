@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 from hf_models import BUILTINS, FIELDS, PAD, batch, build  # noqa: E402
 
 from attnreg.core import UnsupportedFeatureError  # noqa: E402
-from attnreg.integrations.transformers import AttnregCacheLayer, decoding_cache  # noqa: E402
+from attnreg.integrations.transformers import CACHE_KWARG, AttnregCacheLayer, decoding_cache  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +36,7 @@ def test_cached_generation_equals_recomputation(arch: str, variant: str) -> None
     assert cached.sequences.shape == (2, ids.shape[1] + NEW)
     for a, b in zip(cached.scores, recomputed.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
-    layers = cached.past_key_values.layers
+    layers = getattr(cached, CACHE_KWARG).layers  # past_key_values before transformers 5.24
     assert all(isinstance(layer, AttnregCacheLayer) for layer in layers)
     assert layers[0].get_seq_length() == ids.shape[1] + NEW - 1  # the last token is never fed
 
@@ -70,7 +70,7 @@ def test_state_size_inside_transformers(variant: str) -> None:
     for new in (6, 14):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                              pad_token_id=PAD, return_dict_in_generate=True)
-        sizes.append(out.past_key_values.layers[0].nbytes)
+        sizes.append(getattr(out, CACHE_KWARG).layers[0].nbytes)
     if variant == "dot_product":
         assert sizes[1] > sizes[0]
     else:
@@ -101,7 +101,7 @@ def test_explicit_decoding_cache_and_beam_search() -> None:
     own = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=PAD)
     cache = decoding_cache(model, max_length=ids.shape[1] + NEW)
     explicit = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                              pad_token_id=PAD, past_key_values=cache)
+                              pad_token_id=PAD, **{CACHE_KWARG: cache})
     assert torch.equal(own, explicit) and cache.layers[0].state.max_length == ids.shape[1] + NEW
     ref = build("llama", "sdpa", dtype=torch.float64).eval()
     ours = build("llama", "attnreg:dot_product", dtype=torch.float64).eval()
@@ -123,9 +123,9 @@ def test_forward_with_cache_and_decoding_cache_loop(variant: str) -> None:
         for states in (False, True):
             cache, parts, end = decoding_cache(model) if states else None, [], 0
             for stop in (9, 12, 13):
-                out = model(ids[:, end:stop], attention_mask=mask[:, :stop], past_key_values=cache,
-                            use_cache=True)
-                cache, end = out.past_key_values, stop
+                out = model(ids[:, end:stop], attention_mask=mask[:, :stop], use_cache=True,
+                            **{CACHE_KWARG: cache})
+                cache, end = getattr(out, CACHE_KWARG), stop
                 parts.append(out.logits)
             assert [isinstance(layer, AttnregCacheLayer) for layer in cache.layers] == [states] * 2
             assert cache.get_seq_length() == 13
@@ -167,4 +167,4 @@ def test_other_decoder_architectures(arch: str, variant: str) -> None:
     assert sum(1 for m in model.modules() if hasattr(m, "attnreg")) == 2
     cached, recomputed = _generate(model, ids, mask), _generate(model, ids, mask, use_cache=False)
     assert torch.equal(cached.sequences, recomputed.sequences)
-    assert isinstance(cached.past_key_values.layers[0], AttnregCacheLayer)
+    assert isinstance(getattr(cached, CACHE_KWARG).layers[0], AttnregCacheLayer)

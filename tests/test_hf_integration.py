@@ -181,7 +181,7 @@ def test_unsupported_uses_raise() -> None:
     out = model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD, do_sample=False,
                          return_dict_in_generate=True)
     with pytest.raises(UnsupportedFeatureError, match="cropping"):
-        out.past_key_values.crop(-1)
+        getattr(out, hf.CACHE_KWARG).crop(-1)
     with pytest.raises(UnsupportedFeatureError, match="StaticCache"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD,
                        cache_implementation="static")
@@ -192,8 +192,9 @@ def test_unsupported_uses_raise() -> None:
     next(hf.attention_modules(model)).register_forward_pre_hook(lose_state_layer)
     with pytest.raises(RuntimeError, match="never decoded"):  # an update whose attention never came
         with torch.no_grad():
-            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)  # silently cacheless...
-            model(ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)  # ...then caught
+            kw = {"attention_mask": mask, "use_cache": True, hf.CACHE_KWARG: cache}
+            model(ids, **kw)  # silently cacheless...
+            model(ids[:, -1:], **kw)  # ...then caught
     attn_module = next(hf.attention_modules(model))
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(UnsupportedFeatureError, match="soft-capping"):

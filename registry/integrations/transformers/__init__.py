@@ -5,6 +5,10 @@
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attnreg:local")
     model.generate(ids, attention_mask=mask)            # the variant's own decoding state per layer
 
+Supported: transformers >=5.23,<5.25 (``SUPPORTED_TRANSFORMERS``); an older one is refused at
+import, a newer one warns. ``CACHE_KWARG`` is the installed version's cache keyword of model
+forwards, ``generate()`` and outputs: ``"cache"`` from 5.24, ``"past_key_values"`` in 5.23.
+
 Importing this module registers ``attnreg:<name>`` in transformers' ``AttentionInterface`` and
 ``AttentionMaskInterface`` for every registered variant (third-party plugins included), plus the
 bare ``attnreg`` (variant named by ``config.attnreg["variant"]``). ``register(name, **fields)``
@@ -17,20 +21,18 @@ from __future__ import annotations
 from typing import Any
 
 try:
-    import transformers as _transformers
+    import transformers as _transformers  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
-        "attnreg.integrations.transformers needs HuggingFace transformers (>= 5.0): "
+        "attnreg.integrations.transformers needs HuggingFace transformers (>=5.23,<5.25): "
         "pip install 'attnreg[hf]'"
     ) from err
 
-_major = int(_transformers.__version__.split(".")[0])
-if _major < 5:
-    raise ImportError(
-        f"attnreg.integrations.transformers needs transformers >= 5.0 (its AttentionInterface and "
-        f"cache layers), found {_transformers.__version__}: pip install 'attnreg[hf]'"
-    )
+# First: refuses an older transformers (before importing what it may lack), warns for a newer one,
+# detects the cache keyword.
+from ._compat import CACHE_KWARG, SUPPORTED_TRANSFORMERS  # noqa: E402
 
+# isort: split
 from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
@@ -42,7 +44,9 @@ from ._keys import BARE_KEY, CONFIG_FIELD, PREFIX, KeyEntry, add_key, registered
 from ._modules import attach, attention_modules, install_post_init  # noqa: E402
 
 __all__ = [
+    "CACHE_KWARG",
     "CONFIG_FIELD",
+    "SUPPORTED_TRANSFORMERS",
     "AttnregCacheLayer",
     "AttnregMask",
     "KeyEntry",

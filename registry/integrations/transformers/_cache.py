@@ -17,11 +17,10 @@ attends to them with lower-right causal alignment.
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from typing import Any
 
 import torch
+import transformers
 from torch import Tensor, nn
 from transformers.cache_utils import (
     Cache,
@@ -32,6 +31,8 @@ from transformers.cache_utils import (
 )
 
 from attnreg.core import Attention, DecodeState, UnsupportedFeatureError
+
+from ._compat import CACHE_KWARG, OTHER_CACHE_KWARG, PREPARE_CACHE_SIGNATURE, SUPPORTED_TRANSFORMERS
 
 __all__ = ["AttnregCacheLayer", "decoding_cache", "forget_cache", "install_states", "layer_of",
            "prepare_generation_cache", "remember_cache"]
@@ -71,8 +72,8 @@ class AttnregCacheLayer(CacheLayerMixin):
         if self.pending:
             raise RuntimeError(
                 f"{self.pending} positions handed through this attnreg cache layer were never decoded: "
-                "the attention call did not find its state layer (the model must pass past_key_values "
-                "to its attention module), so its output ignored the cached positions")
+                f"the attention call did not find its state layer (the model must pass the cache as "
+                f"{CACHE_KWARG}= to its attention module), so its output ignored the cached positions")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.pending = key_states.shape[-2]
@@ -108,7 +109,7 @@ class AttnregCacheLayer(CacheLayerMixin):
                 raise
             raise ValueError(
                 f"{err}. Inside transformers the cache does not know the total length: pass "
-                "past_key_values=attnreg.integrations.transformers.decoding_cache(model, max_length="
+                f"{CACHE_KWARG}=attnreg.integrations.transformers.decoding_cache(model, max_length="
                 "prompt + max_new_tokens) to generate(), choose a config whose pattern does not depend "
                 "on the total length, or generate with use_cache=False"
             ) from err
@@ -211,19 +212,14 @@ def prepare_generation_cache(model: nn.Module, *args: Any, **kwargs: Any) -> Any
     """``GenerationMixin._prepare_cache_for_generation`` for a model with attnreg layers: the
     same, then the ``DynamicCache`` generate() made for itself gets decoding states sized for
     ``max_cache_length`` (prompt + new tokens - 1). A cache passed by the user is left alone."""
-    original = type(model)._prepare_cache_for_generation
-    out = original(model, *args, **kwargs)
-    try:
-        bound = inspect.signature(original).bind(model, *args, **kwargs).arguments
-    except TypeError:
-        bound = {}
-    model_kwargs = bound.get("model_kwargs")
-    length = bound.get("max_cache_length")
-    if not isinstance(model_kwargs, dict) or not isinstance(length, int):
-        warnings.warn("attnreg: generate()'s cache preparation has an unknown signature; generation runs "
-                      "on transformers' KV cache instead of the variants' decoding states", stacklevel=2)
-        return out
-    cache = model_kwargs.get("past_key_values")
+    out = type(model)._prepare_cache_for_generation(model, *args, **kwargs)
+    bound = PREPARE_CACHE_SIGNATURE.bind(model, *args, **kwargs).arguments
+    model_kwargs, length = bound["model_kwargs"], bound["max_cache_length"]
+    if OTHER_CACHE_KWARG in model_kwargs and CACHE_KWARG not in model_kwargs:  # never silently stateless
+        raise RuntimeError(
+            f"generate() put its cache under {OTHER_CACHE_KWARG!r}, the integration expects {CACHE_KWARG!r} "
+            f"for this transformers; supported: transformers{SUPPORTED_TRANSFORMERS}")
+    cache = model_kwargs.get(CACHE_KWARG)
     if isinstance(cache, EncoderDecoderCache):
         cache = cache.self_attention_cache
     if isinstance(cache, Cache) and cache.is_compileable:
@@ -242,7 +238,8 @@ def decoding_cache(model: nn.Module, max_length: int | None = None) -> DynamicCa
     """A ``DynamicCache`` for ``model`` whose attnreg layers hold decoding states.
 
     generate() makes one itself; build it by hand for your own decoding loop
-    (``model(ids, past_key_values=cache, use_cache=True)``) or to choose ``max_length``:
+    (``model(ids, cache=cache, use_cache=True)``; ``past_key_values=cache`` before transformers
+    5.24, see ``CACHE_KWARG``) or to choose ``max_length``:
     states preallocate for it, and variants whose pattern depends on the total length (sparse
     layouts with a length-derived stride, BigBird's random blocks) need it; decoding then
     follows the pattern of that length.
@@ -259,7 +256,12 @@ def decoding_cache(model: nn.Module, max_length: int | None = None) -> DynamicCa
 
 def remember_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of an attention module: remember its state layer for the call."""
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get(CACHE_KWARG)
+    if cache is None and isinstance(kwargs.get(OTHER_CACHE_KWARG), Cache):
+        raise ValueError(
+            f"{type(module).__name__} got the cache as {OTHER_CACHE_KWARG}=, the keyword of another "
+            f"transformers version (the installed {transformers.__version__} passes {CACHE_KWARG}=): "
+            f"attnreg supports transformers{SUPPORTED_TRANSFORMERS} with model code of the installed version")
     if cache is None:  # passed positionally
         cache = next((a for a in args if isinstance(a, Cache)), None)
     module.__dict__[_LAYER] = _state_layer(module, cache)

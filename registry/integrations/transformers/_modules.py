@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
@@ -126,6 +127,14 @@ def _init_weights(model: PreTrainedModel, module: nn.Module) -> None:
     if not (isinstance(module, Attention) and module.__dict__.get(_OURS)):
         type(model)._init_weights(model, module)
         return
+    # transformers 5.24 dropped the no_grad of _init_weights (its initialize_weights keeps one); the
+    # in-place writes below need it whoever calls.
+    with torch.no_grad():
+        _reset_missing(module)
+
+
+def _reset_missing(module: Attention) -> None:
+    """``reset_parameters()`` for a module with parameters not loaded, keeping the loaded ones."""
     params = dict(module.named_parameters())
     kept = {n: p.detach().clone() for n, p in params.items() if getattr(p, "_is_hf_initialized", False)}
     if len(kept) == len(params):
