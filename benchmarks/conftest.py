@@ -1,6 +1,6 @@
 """pytest-benchmark cases over the registry, on the same harness code as ``attnreg bench``.
 
-    pytest benchmarks/ --benchmark-only                                  # every variant, L=4096
+    pytest benchmarks/ --benchmark-only                                  # every variant, L=2048
     pytest benchmarks/ --benchmark-only --bench-variants 'local:window=256;linear' --bench-lengths 4K,16K
 
 Not collected by a plain ``pytest`` (``testpaths = ["tests"]``). Options:
@@ -22,7 +22,7 @@ import pytest
 def pytest_addoption(parser: Any) -> None:
     group = parser.getgroup("attnreg-bench", "attnreg benchmark cases")
     group.addoption("--bench-variants", default=None, help="variants (default: all registered)")
-    group.addoption("--bench-lengths", default="4096", help="sequence lengths (default 4096)")
+    group.addoption("--bench-lengths", default="2048", help="sequence lengths (default 2048)")
     group.addoption("--bench-modes", default="fwd,fwdbwd", help="fwd, fwdbwd")
     group.addoption("--bench-causal", default="both", choices=("both", "yes", "no"))
     group.addoption("--bench-threads", default=None, type=int, help="torch threads")
