@@ -2,7 +2,7 @@
 
 from .capabilities import Capabilities, VariantSpec
 from .config import AttentionConfig
-from .decoding import DecodeState, KVCacheState, canonical_device, join_key_masks, write_key_mask
+from .decoding import DecodeState, KVCacheState, canonical_device, join_key_masks, write_key_mask, zero_padded
 from .errors import (
     AttnRegError,
     ConfigError,
@@ -15,6 +15,7 @@ from .heads import repeat_kv
 from .hooks import PROJECT_NAME, AttnregHookSpecs, hookimpl, hookspec
 from .interface import Attention
 from .masks import CausalAlignment, Masks, causal_mask, check_inputs, sdpa_safe_mask
+from .nonfinite import hits_under, poison_rows, screen_kv, screening_needed, span_hits
 from .reference import dot_product_logits, masked_softmax, softmax_attention_reference
 
 __all__ = [
@@ -38,12 +39,18 @@ __all__ = [
     "causal_mask",
     "check_inputs",
     "dot_product_logits",
+    "hits_under",
     "hookimpl",
     "hookspec",
     "join_key_masks",
     "masked_softmax",
+    "poison_rows",
     "repeat_kv",
+    "screen_kv",
+    "screening_needed",
     "sdpa_safe_mask",
     "softmax_attention_reference",
+    "span_hits",
     "write_key_mask",
+    "zero_padded",
 ]

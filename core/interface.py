@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -164,6 +165,7 @@ class Attention(nn.Module):
         assert state.key is not None and state.value is not None
         masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
                              state.key_mask, True, "lower_right")
+        masks = dataclasses.replace(masks, padding_zeroed=True)  # append zeroed the padding
         return self._attend(query, state.key, state.value, masks), state  # (B, H, T, Ev)
 
     def records_graph(self, *tensors: Tensor) -> bool:

@@ -56,6 +56,9 @@ class Masks:
     # Key position of query 0: under is_causal query i sees keys j <= i + q_offset. 0 unless
     # causal_alignment="lower_right" with Lq != Lk (then Lk - Lq).
     q_offset: int = 0
+    # Keys/values at padded positions (key_mask False) are known to be zero: decoding states
+    # write them so, and variants then need not screen them for NaN/inf (see core/nonfinite.py).
+    padding_zeroed: bool = False
 
     @property
     def any(self) -> bool:
@@ -111,7 +114,8 @@ def sdpa_safe_mask(
     if allowed is None:
         return (None if bias is None else bias.to(dtype)), None
     dead = ~allowed.any(dim=-1, keepdim=True)  # (..., Lq, 1)
-    has_dead = bool(dead.any())
+    # On meta there are no values to test: keep the row-opening mask (same shapes either way).
+    has_dead = allowed.device.type == "meta" or bool(dead.any())
     if bias is None:
         return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
     mask = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (..., Lq, Lk)

@@ -17,7 +17,11 @@ from attnreg.core import (
     DecodeState,
     Masks,
     causal_mask,
+    hits_under,
     masked_softmax,
+    poison_rows,
+    screen_kv,
+    screening_needed,
 )
 
 from .chunked import chunked_attention, chunked_scores
@@ -128,12 +132,15 @@ class AdditiveAttention(Attention):
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         self._check_sizes(query)
+        bad = None
+        if screening_needed(masks):  # a key hidden from some query: NaN/inf there must not leak
+            key, value, bad = screen_kv(key, value)  # (B, H, Lk) positions screened, or None
         qp, kp, v, acc = self._project(query, key)
         chunk = self.chunk_rows(query.shape[0], key.shape[2])
         out = chunked_attention(
             qp, kp, v, value.to(acc), masks, self.score_scale, self.active_dropout, chunk
         )  # (B, H, Lq, Ev)
-        return out.to(query.dtype)
+        return poison_rows(out, hits_under(bad, masks)).to(query.dtype)  # rows seeing NaN/inf: NaN
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         self._check_sizes(query)

@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import Attention, Capabilities, DecodeState, Masks, dot_product_logits, masked_softmax
+from attnreg.core import (
+    Attention,
+    Capabilities,
+    DecodeState,
+    Masks,
+    dot_product_logits,
+    masked_softmax,
+    screen_kv,
+    screening_needed,
+)
 
 from .cache import LRUCache
 from .config import BigBirdConfig, SparseConfig
@@ -160,9 +169,17 @@ class SparseAttention(Attention):
         else:  # lower-right causal: the last Lq positions, in the layout of length Lk
             plan = offset_plan(self._row_table(lk, heads), self.block_size, masks.q_offset, lk,
                                math.ceil(lk / self.block_size), query.device)
+        bad = None
+        # A key hidden from some query (by the layout, a causal diagonal block, the masks):
+        # NaN/inf there must not leak, in forward (0 * NaN in a block's P @ V) nor in backward
+        # (a row that sees it spreads NaN to every key it reads). The padding of a partial last
+        # block is 0.
+        hides = plan.active_pairs < heads * plan.nb * plan.q_blocks
+        if screening_needed(masks, hides):
+            key, value, bad = screen_kv(key, value)  # (B, H, Lk) positions screened, or None
         return run_plan(plan, query, key, value, masks.key_mask, masks.attn_mask, block=self.block_size,
                         scale=self.softmax_scale(e), dropout=self.active_dropout,
-                        scratch=self._scratch)  # (B, H, Lq, Ev)
+                        scratch=self._scratch, bad=bad)  # (B, H, Lq, Ev)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         heads, lk = query.shape[1], key.shape[2]
@@ -246,9 +263,14 @@ class SparseAttention(Attention):
         layout_len = state.max_length if state.max_length is not None else state.capacity
         plan = offset_plan(self._row_table(layout_len, state.heads), b, start, state.length,
                            state.capacity // b, query.device)
-        out = run_plan(plan, query, state.key, state.value, state.key_mask, None, block=b,
+        key_all, value_all, bad = state.key, state.value, None
+        # The state holds zeros at padding and past ``length``: only a chunk of T > 1 new
+        # positions hides keys (its later ones) from some of its queries.
+        if query.shape[2] > 1:
+            key_all, value_all, bad = screen_kv(key_all, value_all)  # (B, H, capacity) or None
+        out = run_plan(plan, query, key_all, value_all, state.key_mask, None, block=b,
                        scale=self.softmax_scale(query.shape[-1]), dropout=self.active_dropout,
-                       scratch=self._scratch)  # (B, H, T, Ev)
+                       scratch=self._scratch, bad=bad)  # (B, H, T, Ev)
         return out, state
 
     # ------------------------------------------------------------------ benchmark helpers

@@ -18,6 +18,7 @@ from . import (  # noqa: F401
     _checks_decoding_errors,
     _checks_grouped,
     _checks_masking,
+    _checks_nonfinite,
     _checks_numeric,
 )
 from ._checks_contract import split_check_key
