@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,20 @@ from .plan import Plan, RowTable, make_plan, offset_plan, row_table
 
 __all__ = ["SparseAttention", "BigBirdAttention"]
 
+T = TypeVar("T")
 _CACHE_SIZE = 16  # layouts / plans / row tables kept per module (one per length, heads, ...)
+
+
+def _on_cpu(build: Callable[[], T]) -> Callable[[], T]:
+    """``build`` run with the CPU as the default device: layouts, plans and row tables are built
+    from CPU index arithmetic (their device tensors are moved explicitly), also when the caller
+    builds a model under ``with torch.device("meta")`` or ``"cuda"``."""
+
+    def run() -> T:
+        with torch.device("cpu"):
+            return build()
+
+    return run
 
 
 class SparseAttention(Attention):
@@ -69,7 +82,8 @@ class SparseAttention(Attention):
         self._custom: Tensor | None = None
         self._custom_digest: str | None = None  # names the layout in decoding states' fingerprints
         if config.custom_layout is not None:
-            self._custom = custom_layout_tensor(parse_custom_layout(config.custom_layout))
+            with torch.device("cpu"):  # layouts live on the CPU, even under `with torch.device("meta")`
+                self._custom = custom_layout_tensor(parse_custom_layout(config.custom_layout))
             self._custom_digest = hashlib.sha1(repr(config.custom_layout).encode()).hexdigest()[:16]
         # Derived data, shared by the threads calling this module (the caches lock themselves).
         self._layouts: LRUCache[Tensor] = LRUCache(_CACHE_SIZE)  # (length, heads)
@@ -90,7 +104,8 @@ class SparseAttention(Attention):
         (the cached tensor is returned: do not modify it in place)."""
         if length < 1 or num_heads < 1:
             raise ValueError(f"layout needs length >= 1 and num_heads >= 1, got {length}, {num_heads}")
-        return self._layouts.get_or_build((length, num_heads), lambda: self._build_layout(length, num_heads))
+        build = _on_cpu(lambda: self._build_layout(length, num_heads))
+        return self._layouts.get_or_build((length, num_heads), build)
 
     def _build_layout(self, length: int, heads: int) -> Tensor:
         cfg = self.config
@@ -140,17 +155,18 @@ class SparseAttention(Attention):
         same in every head (bigbird with random blocks needs one of the two).
         """
         heads = self._head_count(num_heads)
-        return expand_layout(self.layout(L, heads), self.block_size, L)  # (H, L, L)
+        return _on_cpu(lambda: expand_layout(self.layout(L, heads), self.block_size, L))()  # (H, L, L)
 
     def _plan(self, length: int, heads: int, causal: bool, device: torch.device) -> Plan:
         return self._plans.get_or_build(
             (length, heads, causal, str(device)),
-            lambda: make_plan(self.layout(length, heads), self.block_size, length, causal, device),
+            _on_cpu(lambda: make_plan(self.layout(length, heads), self.block_size, length, causal, device)),
         )
 
     def _row_table(self, length: int, heads: int) -> RowTable:
         """The causal rows of ``layout(length, heads)``, for lower-right calls and decoding."""
-        return self._tables.get_or_build((length, heads), lambda: row_table(self.layout(length, heads)))
+        build = _on_cpu(lambda: row_table(self.layout(length, heads)))
+        return self._tables.get_or_build((length, heads), build)
 
     def _check_heads(self, heads: int) -> None:
         if self.config.num_heads is not None and heads != self.config.num_heads:
@@ -167,8 +183,9 @@ class SparseAttention(Attention):
         if masks.q_offset == 0:  # Lq == Lk: the cached plan of the whole layout
             plan = self._plan(lk, heads, masks.is_causal, query.device)
         else:  # lower-right causal: the last Lq positions, in the layout of length Lk
-            plan = offset_plan(self._row_table(lk, heads), self.block_size, masks.q_offset, lk,
-                               math.ceil(lk / self.block_size), query.device)
+            table = self._row_table(lk, heads)
+            plan = _on_cpu(lambda: offset_plan(table, self.block_size, masks.q_offset, lk,
+                                               math.ceil(lk / self.block_size), query.device))()
         bad = None
         # A key hidden from some query (by the layout, a causal diagonal block, the masks):
         # NaN/inf there must not leak, in forward (0 * NaN in a block's P @ V) nor in backward
@@ -261,8 +278,9 @@ class SparseAttention(Attention):
         b = self.block_size
         # Without max_length the layout does not depend on the length: any covering one will do.
         layout_len = state.max_length if state.max_length is not None else state.capacity
-        plan = offset_plan(self._row_table(layout_len, state.heads), b, start, state.length,
-                           state.capacity // b, query.device)
+        table = self._row_table(layout_len, state.heads)
+        plan = _on_cpu(lambda: offset_plan(table, b, start, state.length, state.capacity // b,
+                                           query.device))()
         key_all, value_all, bad = state.key, state.value, None
         # The state holds zeros at padding and past ``length``: only a chunk of T > 1 new
         # positions hides keys (its later ones) from some of its queries.

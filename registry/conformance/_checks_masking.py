@@ -8,7 +8,7 @@ import torch
 
 from attnreg.core import causal_mask
 
-from ._checks_nonfinite import NONFINITE, grads_of, poisons
+from ._checks_nonfinite import GRAD_FILLS, NONFINITE, grads_of, poisons
 from ._framework import (
     LONG,
     B,
@@ -248,8 +248,8 @@ def causal_no_future_leak(s: Subject) -> None:
     """Under ``is_causal``, changing query, key and value tokens after position t (to large
     random values, NaN, +inf or -inf) leaves the outputs at positions <= t bit-for-bit unchanged
     (also with ``key_mask`` and Lq != Lk where declared); the gradients of a loss over the
-    outputs <= t equal the clean run's (finite) with NaN or inf after t, and are exactly 0 for
-    the keys and values after t."""
+    outputs <= t equal the clean run's (finite) with NaN or +inf keys and values after t, and are
+    exactly 0 for the keys and values after t."""
     pairs = [(13, 13), (LONG, LONG)] + ([(9, 13), (13, 9)] if s.caps.cross_attention else [])
     for lq, lk in pairs:
         h = heads_for(max(lq, lk))
@@ -279,7 +279,7 @@ def causal_no_future_leak(s: Subject) -> None:
         for name in ("key", "value"):
             assert_zero(want[name], _after(want[name], t), sizes=sz,
                         what=f"gradient of outputs <= {t} w.r.t. {name}s after {t}")
-        for fill_label, fill_k, fill_v in NONFINITE:
+        for fill_label, fill_k, fill_v in GRAD_FILLS:
             k2, v2 = k.clone(), v.clone()
             k2[:, :, t + 1:], v2[:, :, t + 1:] = fill_k, fill_v
             for name, g in grads_of(m, (q, k2, v2), loss).items():
@@ -304,7 +304,7 @@ def _after(g: torch.Tensor, t: int) -> torch.Tensor:
 def padding_invariance(s: Subject) -> None:
     """Keys and values at padded positions (``key_mask`` False) do not matter: poisoning them with
     +1e9, -1e9, large random garbage, NaN, +inf or -inf leaves every output unchanged (also under
-    ``is_causal`` where declared); with NaN or inf there the gradients of query, keys, values and
+    ``is_causal`` where declared); with NaN or +inf there the gradients of query, keys, values and
     parameters equal the clean run's (finite), and padded keys and values get exactly 0 gradient."""
     for n in (13, LONG):
         h = heads_for(n)
@@ -330,7 +330,7 @@ def padding_invariance(s: Subject) -> None:
         sz = sizes_of(q, k, v)
         for name in ("key", "value"):
             assert_zero(want[name], pad, what=f"gradient of padded {name}s", sizes=sz)
-        for label, fill_k, fill_v in NONFINITE:
+        for label, fill_k, fill_v in GRAD_FILLS:
             for name, g in grads_of(m, (q, torch.where(pad, fill_k, k), torch.where(pad, fill_v, v)),
                                     loss).items():
                 assert_close(g, want[name], dtype=s.dtype, sizes=sz + f", padded keys/values set to {label}",
