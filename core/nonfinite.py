@@ -48,7 +48,7 @@ def screening_needed(masks: Masks, pattern_hides: bool = False) -> bool:
 def _all_finite(*tensors: Tensor) -> bool:
     """True when every entry is finite: a NaN or inf makes a sum non-finite. A finite sum that
     overflows reads as non-finite too, which only sends the call down the exact path."""
-    total = sum(t.sum(dtype=torch.float32 if t.element_size() < 4 else None) for t in tensors)
+    total = sum(t.detach().sum(dtype=torch.float32 if t.element_size() < 4 else None) for t in tensors)
     return bool(torch.isfinite(total))
 
 

@@ -68,13 +68,14 @@ def _poison_positions(n: int) -> tuple[list[int], list[int]]:
 
 @check("nonfinite_locality", "leakage")
 def nonfinite_locality(s: Subject) -> None:
-    """NaN and inf in a few keys and values (a NaN key, an inf value, both at one position)
-    change only the rows that attend to them, with no mask and every declared mask kind
-    (lengths 13 and 131): rows whose weights on those positions are all exactly 0 (masked, or
-    outside the variant's own pattern: a window, a block layout) keep their outputs, weights
-    and gradients (a loss over those rows; query, key, value and parameters; under NaN and +inf)
-    equal to the clean run's, finite; every row with a non-zero weight on one of them has a non-finite output
-    entry (a NaN is never silently dropped)."""
+    """NaN, +inf or -inf (or NaN keys with +inf values) in the keys at two positions and the
+    values at two positions (one of them shared) change only the rows that attend to them,
+    with no mask and every declared mask kind (lengths 13 and 131): rows whose weights on those
+    positions are all exactly 0 (masked, or outside the variant's own pattern: a window, a
+    block layout) keep their outputs, weights and gradients (a loss over those rows; query,
+    key, value and parameters; under NaN and +inf) equal to the clean run's, finite; every row
+    with a non-zero weight on one of them has a non-finite output entry (a NaN is never
+    silently dropped)."""
     for n in (13, LONG):
         h = heads_for(n)
         m = s.build(heads=h)
@@ -174,18 +175,19 @@ def meta_device(s: Subject) -> None:
             return m.decode(q[:, :, 5:6], k[:, :, 5:6], v[:, :, 5:6], state)[0]
 
         calls.append(("init_state + decode", decode, (B, q.shape[1], 1, EV)))
+    sz = sizes_of(q, k, v) + " on meta"
     for label, call, shape in calls:
         try:
             out = call()
         except UnsupportedFeatureError as err:
             if "meta" not in str(err):
-                raise CheckFailure(f"{label} on meta raised UnsupportedFeatureError without naming "
-                                   f"'meta': {err}") from None
+                raise CheckFailure(f"{label} raised UnsupportedFeatureError without naming 'meta': {err} "
+                                   f"({sz})") from None
             continue
         except Exception as err:  # noqa: BLE001 - any other error is the finding
-            raise CheckFailure(f"{label} on meta raised {type(err).__name__}: {err} (expected a result "
-                               "or UnsupportedFeatureError naming 'meta')") from err
+            raise CheckFailure(f"{label} raised {type(err).__name__}: {err} (expected a result or "
+                               f"UnsupportedFeatureError naming 'meta') ({sz})") from err
         if not isinstance(out, Tensor) or out.device.type != "meta" or tuple(out.shape) != shape \
                 or out.dtype != s.dtype:
             got = (tuple(out.shape), out.dtype, str(out.device)) if isinstance(out, Tensor) else type(out)
-            raise CheckFailure(f"{label} on meta returned {got}, expected shape {shape}, {s.dtype} on meta")
+            raise CheckFailure(f"{label} returned {got}, expected shape {shape}, {s.dtype} on meta ({sz})")

@@ -18,6 +18,9 @@ from attnreg.core import (
     Masks,
     check_inputs,
     dot_product_logits,
+    hits_under,
+    poison_rows,
+    screen_kv,
 )
 
 
@@ -71,9 +74,14 @@ class SigmoidAttention(Attention):
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         return self._weights_acc(query, key, masks).to(query.dtype)
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
-        w = self._weights_acc(query, key, masks)  # (B, H, Lq, Lk)
-        return (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks,
+                length: int | None = None) -> Tensor:
+        # A weight of 0 times a NaN value is NaN: keys/values a query cannot see are screened
+        # (non-finite entries -> 0), and the rows that do see a non-finite one are made NaN.
+        key, value, bad = screen_kv(key, value)  # bad (B, H, Lk) or None
+        w = self._weights_acc(query, key, masks, length)  # (B, H, Lq, Lk)
+        out = (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)
+        return poison_rows(out, hits_under(bad, masks))
 
     def _state_fingerprint(self) -> dict[str, Any]:
         # The bias decides whether the state needed max_length (the default bias reads it).
@@ -98,5 +106,4 @@ class SigmoidAttention(Attention):
         # The T new queries are the last positions of the cached keys: lower-right causal.
         masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
                              state.key_mask, True, "lower_right")
-        w = self._weights_acc(query, state.key, masks, length=state.max_length)  # (B, H, T, Lk)
-        return (w @ state.value.to(w.dtype)).to(query.dtype), state  # (B, H, T, Ev)
+        return self._attend(query, state.key, state.value, masks, length=state.max_length), state
