@@ -15,7 +15,7 @@ from .heads import repeat_kv
 from .hooks import PROJECT_NAME, AttnregHookSpecs, hookimpl, hookspec
 from .interface import Attention
 from .masks import CausalAlignment, Masks, causal_mask, check_inputs, sdpa_safe_mask
-from .nonfinite import hits_under, poison_rows, screen_kv, screening_needed, span_hits
+from .nonfinite import hits_under, poison_rows, screen, screen_kv, screening_needed, span_hits
 from .reference import dot_product_logits, masked_softmax, softmax_attention_reference
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "masked_softmax",
     "poison_rows",
     "repeat_kv",
+    "screen",
     "screen_kv",
     "screening_needed",
     "sdpa_safe_mask",

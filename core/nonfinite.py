@@ -2,21 +2,24 @@
 
 Fused kernels mask by adding ``-inf`` to the logits and multiply the weights by the values, so a
 non-finite key or value at a masked position poisons rows that never see it: ``NaN + -inf`` is
-NaN before the softmax and ``0 * NaN`` is NaN in ``P @ V``. The remedy, done once per call:
+NaN before the softmax and ``0 * NaN`` is NaN in ``P @ V``; and in backward, a row whose output
+is NaN spreads NaN to every key it read. The remedy, once per call:
 
-1. ``screen_kv``: keys and values with every non-finite entry replaced by 0, and ``bad``, the
-   positions that held one. Masked positions then contribute exactly what a finite value
-   contributes: nothing.
+1. ``screen``: keys and values with every non-finite entry replaced by 0, and ``bad``, the
+   positions that held one. Masked positions then contribute what any finite value does:
+   nothing.
 2. The kernel runs on the screened inputs.
-3. ``poison_rows``: every query row that may attend to a bad position (``hits``, computed by
-   the variant from its masks and pattern) becomes NaN, so a non-finite input a row *does* see
-   is never silently replaced by 0; its gradient is NaN too, as through the raw input.
+3. ``poison_rows``: every query row that may attend to a bad position (``hits_under``, or the
+   variant's own test for its pattern) becomes NaN, so a non-finite input a row *does* see is
+   never silently replaced by 0.
 
-Cost: on CPU a copy of key and value costs page faults comparable to the attention of a short
-window, so ``screen_kv`` first checks with one sum per tensor (a NaN or inf anywhere makes the
-sum non-finite) and returns the inputs untouched when all is finite, the usual case. On an
-accelerator it screens unconditionally: a data-dependent branch would need a host sync per call
-(no CUDA graphs, a graph break under ``torch.compile``). On ``meta`` there are no values.
+Cost: screening copies key and value, which on CPU costs page faults comparable to the attention
+of a short window. So in eager mode ``screen`` first checks, with a sum (a NaN or inf makes it
+non-finite), only the positions some query cannot see (padding: just the padded positions; the
+causal future of a lower-right call: its last Lq - 1 keys; else everything), and returns the
+inputs untouched when they are finite, the usual case. That check reads values on the host;
+under ``torch.compile`` or CUDA graph capture, where a data-dependent branch is impossible,
+``screen`` screens unconditionally. On ``meta`` there are no values: nothing to do.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from .masks import Masks
 
-__all__ = ["hits_under", "poison_rows", "screen_kv", "screening_needed", "span_hits"]
+__all__ = ["hits_under", "poison_rows", "screen", "screen_kv", "screening_needed", "span_hits"]
 
 # Row chunk of the dense (attn_mask) hit test: at most this many mask entries at a time.
 _DENSE_ELEMENTS = 1 << 24
@@ -40,9 +43,20 @@ def screening_needed(masks: Masks, pattern_hides: bool = False) -> bool:
     has zeroed already (``Masks.padding_zeroed``)."""
     if masks.attn_mask is not None or pattern_hides:
         return True
-    if masks.is_causal and masks.q_offset < masks.k_len - 1:  # query 0 sees keys <= q_offset
+    if _causal_hides(masks):
         return True
     return masks.key_mask is not None and not masks.padding_zeroed
+
+
+def _causal_hides(masks: Masks) -> bool:
+    return masks.is_causal and masks.q_offset < masks.k_len - 1  # query 0 sees keys <= q_offset
+
+
+def _branchless(t: Tensor) -> bool:
+    """No data-dependent branch is possible: compiling, or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _all_finite(*tensors: Tensor) -> bool:
@@ -52,19 +66,64 @@ def _all_finite(*tensors: Tensor) -> bool:
     return bool(torch.isfinite(total))
 
 
-def screen_kv(key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(key, value, bad)``: the inputs with non-finite entries replaced by 0, and ``bad``
-    (B, Hkv, Lk) bool, the positions whose key or value held one.
-
-    ``bad`` is None (and key/value are returned as they are) when there is nothing to screen:
-    every entry is finite (checked on CPU only) or the tensors are on ``meta``. Gradients reach
-    the finite entries unchanged; the replaced ones get 0.
-    """
-    if key.device.type == "meta" or (key.device.type == "cpu" and _all_finite(key, value)):
-        return key, value, None
+def _replace_nonfinite(key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     fk, fv = torch.isfinite(key), torch.isfinite(value)
     bad = ~(fk.all(-1) & fv.all(-1))  # (B, Hkv, Lk)
     return torch.where(fk, key, 0.0), torch.where(fv, value, 0.0), bad
+
+
+def screen_kv(key: Tensor, value: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(key, value, bad)``: the inputs (B, Hkv, Lk, E|Ev) with non-finite entries replaced by
+    0, and ``bad`` (B, Hkv, Lk) bool, the positions whose key or value held one.
+
+    ``bad`` is None (and key/value are returned as they are) when nothing needs screening: the
+    positions from ``start`` on (the ones some query cannot see; earlier ones are seen by every
+    query) are all finite, or the tensors are on ``meta``. Gradients reach the finite entries
+    unchanged; the replaced ones get 0.
+    """
+    if key.device.type == "meta":
+        return key, value, None
+    if not _branchless(key) and _all_finite(key[:, :, start:], value[:, :, start:]):
+        return key, value, None
+    return _replace_nonfinite(key, value)
+
+
+def _padded_rows(key: Tensor, value: Tensor, key_mask: Tensor) -> list[Tensor]:
+    """The key and value entries at padded positions (key_mask (B, Lk) False): (P*Hkv, E|Ev)
+    or (P, Hkv, E|Ev); none when nothing is padded."""
+    bi, ji = (~key_mask).nonzero(as_tuple=True)  # (P,)
+    if not bi.numel():
+        return []
+    b, h, lk, _ = key.shape
+    if key.is_contiguous() and value.is_contiguous():  # one index_select per tensor, no copy of it
+        heads = torch.arange(h, device=key.device)  # (Hkv,)
+        rows = ((bi[:, None] * h + heads) * lk + ji[:, None]).reshape(-1)  # (P*Hkv,) rows of (B*Hkv*Lk, E)
+        return [t.view(b * h * lk, -1).index_select(0, rows) for t in (key, value)]
+    return [key[bi, :, ji], value[bi, :, ji]]
+
+
+def screen(key: Tensor, value: Tensor, masks: Masks, pattern_hides: bool = False
+           ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``screen_kv`` where ``masks`` (and the variant's pattern, ``pattern_hides``) hide some key
+    from some query; ``(key, value, None)`` where nothing is hidden.
+
+    The eager check reads only the hidden positions: with padding alone, the padded ones (a
+    single-token step over a padded KV cache reads a few rows, not the cache); with a
+    lower-right causal mask, the last Lq - 1 keys and the padding.
+    """
+    if not screening_needed(masks, pattern_hides) or key.device.type == "meta":
+        return key, value, None
+    if _branchless(key) or pattern_hides or masks.attn_mask is not None:
+        return screen_kv(key, value)
+    parts = []
+    if _causal_hides(masks):
+        start = masks.q_offset + 1  # keys before it are seen by every query (padding aside)
+        parts += [key[:, :, start:], value[:, :, start:]]
+    if masks.key_mask is not None and not masks.padding_zeroed:
+        parts += _padded_rows(key, value, masks.key_mask)
+    if not parts or _all_finite(*parts):
+        return key, value, None
+    return _replace_nonfinite(key, value)
 
 
 class _Poison(torch.autograd.Function):

@@ -9,6 +9,8 @@ sequences, grouped-query heads, half precision).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from attnreg.core import (
     check_inputs,
     hits_under,
     poison_rows,
+    screen,
     screen_kv,
     span_hits,
 )
@@ -94,6 +97,30 @@ def test_screen_kv_policies() -> None:
     assert screen_kv(km, km)[2] is None
     half = torch.full((1, 1, 4, 2), 6e4, dtype=torch.float16)  # its sum overflows float16, not float32
     assert screen_kv(half, half)[2] is None
+    k2, v2 = torch.randn(1, 1, 6, 2), torch.randn(1, 1, 6, 2)
+    k2[0, 0, 1] = NAN
+    assert screen_kv(k2, v2, start=2)[2] is None  # only positions >= start are checked
+    assert torch.equal(screen_kv(k2, v2, start=1)[2], torch.tensor([[[False, True] + [False] * 4]]))
+
+
+def test_screen_reads_only_hidden_positions() -> None:
+    """``screen`` checks (and reacts to) what some query cannot see: padding, the lower-right
+    causal future; a NaN every query sees is left for the kernel to propagate."""
+    k, v = torch.randn(2, 1, 6, 2), torch.randn(2, 1, 6, 2)
+    q = torch.randn(2, 1, 2, 2)
+    km = torch.ones(2, 6, dtype=torch.bool)
+    km[1, 0] = False
+    k[0, 0, 2] = NAN  # real, seen by both queries (positions 4 and 5)
+    masks = check_inputs("t", CAPS, q, k, None, None, km, True, "lower_right")
+    assert screen(k, v, masks)[2] is None
+    v[0, 0, 5] = INF  # the future of query 0
+    assert screen(k, v, masks)[2] is not None
+    v[0, 0, 5] = 0.0
+    k[1, 0, 0] = NAN  # padding
+    assert screen(k, v, masks)[2] is not None
+    assert screen(k, v, dataclasses.replace(masks, padding_zeroed=True))[2] is None  # trusted: zeroed
+    nothing_hidden = dataclasses.replace(masks, key_mask=None, is_causal=False)
+    assert screen(k, v, nothing_hidden)[2] is None
 
 
 def test_poison_rows_gradient() -> None:
@@ -112,8 +139,8 @@ def test_poison_rows_gradient() -> None:
 
 @pytest.fixture
 def always_screen(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The accelerator policy on CPU: screen every call instead of testing for non-finite first."""
-    monkeypatch.setattr(nonfinite, "_all_finite", lambda *tensors: False)
+    """The compiled / CUDA-graph policy on CPU: screen every call, no data-dependent check."""
+    monkeypatch.setattr(nonfinite, "_branchless", lambda t: True)
 
 
 _SCREENED_CHECKS = ("mask_combined", "fully_masked_rows", "gradcheck",
@@ -124,8 +151,9 @@ _SCREENED_CHECKS = ("mask_combined", "fully_masked_rows", "gradcheck",
 @pytest.mark.parametrize("check", _SCREENED_CHECKS)
 @pytest.mark.parametrize("variant", MINE)
 def test_unconditional_screening_passes_conformance(always_screen: None, variant: str, check: str) -> None:
-    """Screening every call (what CUDA does) gives the same results: the conformance checks pass
-    under the spec's first check_config (blocked / chunked paths at the suite's sizes)."""
+    """Screening every call (under torch.compile or CUDA graph capture) gives the same results:
+    the conformance checks pass under the spec's first check_config (blocked / chunked paths at
+    the suite's sizes)."""
     spec = attnreg.get_variant(variant)
     run_check(spec, check, overrides=spec.check_configs[0] if spec.check_configs else None)
 

@@ -20,8 +20,7 @@ from attnreg.core import (
     hits_under,
     masked_softmax,
     poison_rows,
-    screen_kv,
-    screening_needed,
+    screen,
 )
 
 from .chunked import chunked_attention, chunked_scores
@@ -132,9 +131,8 @@ class AdditiveAttention(Attention):
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         self._check_sizes(query)
-        bad = None
-        if screening_needed(masks):  # a key hidden from some query: NaN/inf there must not leak
-            key, value, bad = screen_kv(key, value)  # (B, H, Lk) positions screened, or None
+        # A key hidden from some query: NaN/inf there must not leak (bad: (B, H, Lk) or None).
+        key, value, bad = screen(key, value, masks)
         qp, kp, v, acc = self._project(query, key)
         chunk = self.chunk_rows(query.shape[0], key.shape[2])
         out = chunked_attention(

@@ -19,8 +19,7 @@ from attnreg.core import (
     masked_softmax,
     poison_rows,
     repeat_kv,
-    screen_kv,
-    screening_needed,
+    screen,
     sdpa_safe_mask,
 )
 
@@ -45,9 +44,8 @@ class DotProductAttention(Attention):
         scale = self.softmax_scale(query.shape[-1])
         # The last query of a lower-right causal call sees every key: one query is not causal at all.
         causal = masks.is_causal and masks.q_offset < masks.k_len - 1
-        bad = None
-        if screening_needed(masks):  # a key hidden from some query: NaN/inf there must not leak
-            key, value, bad = screen_kv(key, value)  # (B, Hkv, Lk) positions screened, or None
+        # A key hidden from some query: NaN/inf there must not leak (bad: (B, Hkv, Lk) or None).
+        key, value, bad = screen(key, value, masks)
         if masks.attn_mask is None and masks.key_mask is None and (not causal or masks.q_offset == 0):
             # No row can be empty (upper-left causal keeps key 0): SDPA's own causal kernel.
             out = _sdpa(query, key, value, None, self.active_dropout, causal, scale)

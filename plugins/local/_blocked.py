@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import Masks, hits_under, poison_rows, screen_kv, screening_needed, sdpa_safe_mask
+from attnreg.core import Masks, hits_under, poison_rows, screen, sdpa_safe_mask
 
 from ._views import views
 
@@ -135,9 +135,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, 
     # The band hides keys from some query (from here on q_offset <= window): NaN/inf there must
     # not leak through the kernels' -inf bias and 0 * value, nor spread past the window.
     hides = masks.q_len > 1 if masks.is_causal else masks.k_len - 1 > window
-    bad = None
-    if screening_needed(masks, hides):
-        k, v, bad = screen_kv(k, v)  # (B, H, Lk) positions screened, or None
+    k, v, bad = screen(k, v, masks, hides)  # bad: (B, H, Lk) positions screened, or None
     out = _local(q, k, v, masks, window, block, scale, dropout_p, cache)  # (B, H, Lq, Ev)
     return poison_rows(out, hits_under(bad, masks, window))  # rows that see a NaN/inf input: NaN
 

@@ -18,8 +18,8 @@ from attnreg.core import (
     Masks,
     dot_product_logits,
     masked_softmax,
+    screen,
     screen_kv,
-    screening_needed,
 )
 
 from .cache import LRUCache
@@ -186,14 +186,13 @@ class SparseAttention(Attention):
             table = self._row_table(lk, heads)
             plan = _on_cpu(lambda: offset_plan(table, self.block_size, masks.q_offset, lk,
                                                math.ceil(lk / self.block_size), query.device))()
-        bad = None
-        # A key hidden from some query (by the layout, a causal diagonal block, the masks):
-        # NaN/inf there must not leak, in forward (0 * NaN in a block's P @ V) nor in backward
-        # (a row that sees it spreads NaN to every key it reads). The padding of a partial last
-        # block is 0.
-        hides = plan.active_pairs < heads * plan.nb * plan.q_blocks
-        if screening_needed(masks, hides):
-            key, value, bad = screen_kv(key, value)  # (B, H, Lk) positions screened, or None
+        # A key hidden from some query by a causal diagonal block or the masks: NaN/inf there
+        # must not leak (0 * NaN in a block's P @ V). Blocks outside the layout are never read,
+        # but when autograd records, a row that sees a NaN would spread it in backward to every
+        # key it read, also for rows the loss leaves out: screened too. The padding of a
+        # partial last block is 0.
+        hides = plan.active_pairs < heads * plan.nb * plan.q_blocks and self.records_graph(query, key, value)
+        key, value, bad = screen(key, value, masks, hides)  # bad: (B, H, Lk) or None
         return run_plan(plan, query, key, value, masks.key_mask, masks.attn_mask, block=self.block_size,
                         scale=self.softmax_scale(e), dropout=self.active_dropout,
                         scratch=self._scratch, bad=bad)  # (B, H, Lq, Ev)
@@ -283,9 +282,9 @@ class SparseAttention(Attention):
                                            query.device))()
         key_all, value_all, bad = state.key, state.value, None
         # The state holds zeros at padding and past ``length``: only a chunk of T > 1 new
-        # positions hides keys (its later ones) from some of its queries.
+        # positions hides keys (its later ones, from ``start + 1`` on) from some of its queries.
         if query.shape[2] > 1:
-            key_all, value_all, bad = screen_kv(key_all, value_all)  # (B, H, capacity) or None
+            key_all, value_all, bad = screen_kv(key_all, value_all, start + 1)  # (B, H, capacity) or None
         out = run_plan(plan, query, key_all, value_all, state.key_mask, None, block=b,
                        scale=self.softmax_scale(query.shape[-1]), dropout=self.active_dropout,
                        scratch=self._scratch, bad=bad)  # (B, H, T, Ev)

@@ -74,8 +74,8 @@ def nonfinite_locality(s: Subject) -> None:
     positions are all exactly 0 (masked, or outside the variant's own pattern: a window, a
     block layout) keep their outputs, weights and gradients (a loss over those rows; query,
     key, value and parameters; under NaN and +inf) equal to the clean run's, finite; every row
-    with a non-zero weight on one of them has a non-finite output entry (a NaN is never
-    silently dropped)."""
+    with a non-zero weight on a NaN key or a non-finite value has a non-finite output entry (a
+    NaN is never silently dropped)."""
     for n in (13, LONG):
         h = heads_for(n)
         m = s.build(heads=h)
@@ -96,9 +96,13 @@ def nonfinite_locality(s: Subject) -> None:
                 assert_close(torch.where(keep, m.attention_weights(q, k2, **kw), 0),
                              torch.where(keep, w.to(s.dtype), 0), dtype=s.dtype, sizes=sz,
                              what="weights of rows that do not attend to the poisoned positions")
+                # A NaN key, or a NaN or inf value, makes a row attending it non-finite in the
+                # formula itself (an inf key may not: its logit can be -inf, its weight 0).
+                shown = sorted(set(v_at + (k_at if fill_k != fill_k else [])))
+                must = (w[..., shown] != 0).any(-1)  # (B, H, Lq)
                 finite_rows = torch.isfinite(got).all(-1)  # (B, H, Lq)
-                if bool((hit & finite_rows).any()):
-                    idx = tuple(int(i) for i in (hit & finite_rows).nonzero()[0])
+                if bool((must & finite_rows).any()):
+                    idx = tuple(int(i) for i in (must & finite_rows).nonzero()[0])
                     raise CheckFailure(f"row {list(idx)} attends to a poisoned position (weight != 0) but "
                                        f"its output is finite: the non-finite input was dropped ({sz})")
                 if not bool(keep.any()) or (fill_label, fill_k, fill_v) not in GRAD_FILLS:
