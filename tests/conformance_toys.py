@@ -20,7 +20,7 @@ from attnreg.core import (
     hits_under,
     masked_softmax,
     poison_rows,
-    screen_kv,
+    screen,
 )
 
 ALL = Capabilities(causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
@@ -32,7 +32,7 @@ class Textbook(Attention):
 
     Decodes with the default KV cache (``masks.allowed()`` honours ``q_offset``) and reads
     grouped key/value heads by repeating them per query head. Screens keys and values for
-    NaN/inf (``screen_kv``): a weight of 0 times a NaN value is NaN, so without it a NaN at a
+    NaN/inf (``screen``): a weight of 0 times a NaN value is NaN, so without it a NaN at a
     masked position would poison every row.
     """
 
@@ -62,7 +62,7 @@ class Textbook(Attention):
         return w.to(query.dtype)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
-        key, value, bad = screen_kv(key, value)  # non-finite entries -> 0, bad (B, Hkv, Lk) or None
+        key, value, bad = screen(key, value, masks)  # non-finite entries -> 0, bad (B, Hkv, Lk) or None
         out = self._formula(query, key, value, masks)  # (B, H, Lq, Ev)
         return poison_rows(out, hits_under(bad, masks))  # rows that see a NaN/inf position: NaN
 

@@ -2,7 +2,7 @@
 
 The conformance checks ``padding_invariance``, ``causal_no_future_leak``, ``nonfinite_locality``
 and ``decode_padding_nonfinite`` hold every registered variant to this; here: the helpers against
-brute force, the accelerator policy (screen unconditionally, no host sync) run on CPU through the
+brute force, unconditional screening (the torch.compile / CUDA-graph policy) run on CPU through the
 same checks, and the shapes the conformance sizes do not reach (local's blocked path with wide
 sequences, grouped-query heads, half precision).
 """

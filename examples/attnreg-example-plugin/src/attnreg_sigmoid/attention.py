@@ -20,7 +20,7 @@ from attnreg.core import (
     dot_product_logits,
     hits_under,
     poison_rows,
-    screen_kv,
+    screen,
 )
 
 
@@ -78,7 +78,7 @@ class SigmoidAttention(Attention):
                 length: int | None = None) -> Tensor:
         # A weight of 0 times a NaN value is NaN: keys/values a query cannot see are screened
         # (non-finite entries -> 0), and the rows that do see a non-finite one are made NaN.
-        key, value, bad = screen_kv(key, value)  # bad (B, H, Lk) or None
+        key, value, bad = screen(key, value, masks)  # bad (B, H, Lk) or None
         w = self._weights_acc(query, key, masks, length)  # (B, H, Lq, Lk)
         out = (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)
         return poison_rows(out, hits_under(bad, masks))
