@@ -196,6 +196,10 @@ def test_grouped_query_and_half_precision() -> None:
         want = m(q, k, v, **kw)
         got = m(q, k.masked_fill(pad, NAN), v.masked_fill(pad, INF), **kw)
         torch.testing.assert_close(got, want)
+    kf, vf = k.clone(), v.clone()
+    kf[:, :, 7:], vf[:, :, 7:] = NAN, INF  # the future of queries 0..6, SDPA's own causal kernel
+    got, want = m(q, kf, vf, is_causal=True), m(q, k, v, is_causal=True)
+    assert torch.equal(got[:, :, :7], want[:, :, :7]) and torch.isnan(got[:, :, 7:]).all()
     for dt in (torch.float16, torch.bfloat16):
         qh, kh, vh = (t.to(dt) for t in (q, k, v))
         want = m(qh, kh, vh, key_mask=km, is_causal=True)
