@@ -143,6 +143,7 @@ _DEFAULT_EPS = {"relu": 1e-6, "elu": 1e-20, "favor": 1e-20}
 _CAPS = dict(
     causal=True, key_mask=True, attn_mask=False, float_mask=False, cross_attention=True,
     dropout=False, normalized=True, permutation_invariant=True, learnable=False, decoding=True,
+    double_backward=True,
 )
 
 

@@ -19,6 +19,7 @@ from . import (  # noqa: F401
     _checks_grouped,
     _checks_masking,
     _checks_numeric,
+    _checks_second_order,
 )
 from ._checks_contract import split_check_key
 from ._framework import (
