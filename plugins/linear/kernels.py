@@ -153,9 +153,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, init: Tens
     for s0, s1 in spans(0, n_sq, seg):  # query qs + t meets key ks + t
         _, pk, _, v1 = keys(k, v, allowed, plan, ks + s0, ks + s1)
         pq = features(q[:, :, qs + s0:qs + s1], plan, None)[1]  # (B, H, S, F)
-        # ref = |phi_q|_1 |z_i|_1: the state's |z|_1 before the segment plus the segment's keys <= i.
-        ref = pk.sum(dim=-1, keepdim=True).cumsum_(dim=2)  # (B, H, S, 1)
-        ref.add_(state_norm(run).view(b, h, 1, 1)).mul_(pq.sum(dim=-1, keepdim=True))
+        start = run
         q3, k3, v3 = chunks(pq, c), chunks(pk, c), chunks(v1, c)  # (GN, C, F|F|Ev + 1)
         n = q3.shape[0] // g
         states = torch.bmm(k3.mT, v3).view(g, n, f, ev + 1)  # each chunk's phi_k^T [v, 1]
@@ -167,6 +165,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, init: Tens
         run = prefix[:, -1] + states[:, -1]
         scores = torch.bmm(q3, k3.mT).tril_()  # (GN, C, C): intra-chunk, causal
         nd = _intra(scores, v3, careful).baddbmm_(q3, prefix.view(g * n, f, ev + 1))  # (GN, C, Ev + 1)
+        ref = None
+        if not _all_live(start, run, plan.eps):
+            # ref = |phi_q|_1 |z_i|_1: the state's |z|_1 before the segment plus its keys <= i.
+            ref = pk.sum(dim=-1, keepdim=True).cumsum_(dim=2)  # (B, H, S, 1)
+            ref.add_(state_norm(start).view(b, h, 1, 1)).mul_(pq.sum(dim=-1, keepdim=True))
         a0, a1 = qs + s0, qs + s1
         normalise(unchunk(nd, b, h, s1 - s0), ref, plan.eps, out, div, live, a0, a1)
         if keep:
@@ -175,12 +178,25 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, init: Tens
         out[:, :, :qs] = 0.0
         div[:, :, :qs] = 1.0
         live[:, :, :qs] = True
-    full = state_norm(run).view(b, h, 1, 1)  # |z|_1 of every key
+    full = None if _all_live(run, run, plan.eps) else state_norm(run).view(b, h, 1, 1)  # |z|_1
     for s0, s1 in spans(qs + n_sq, lq, seg):  # queries that see every key (in the past, if causal)
         pq = features(q[:, :, s0:s1], plan, None)[1]  # (B, H, S, F)
         nd = torch.bmm(pq.reshape(g, s1 - s0, f), run).view(b, h, s1 - s0, ev + 1)  # (B, H, S, Ev + 1)
-        normalise(nd, pq.sum(dim=-1, keepdim=True).mul_(full), plan.eps, out, div, live, s0, s1)
+        ref = None if full is None else pq.sum(dim=-1, keepdim=True).mul_(full)
+        normalise(nd, ref, plan.eps, out, div, live, s0, s1)
     return out, div, live, run, *prefixes
+
+
+def _all_live(start: Tensor, end: Tensor, eps: float) -> bool:
+    """Whether every row reading a state between ``start`` and ``end`` (G, F, Ev + 1) is above the
+    floor, so that computing the norms can be skipped (the result is the same bit for bit).
+
+    A row's z_i lies between the two states, entry by entry (features are >= 0), so
+    den_i >= |phi_q|_1 min_f z_start,f and the floor eps |phi_q|_1 |z_i|_1 <= eps |phi_q|_1 |z_end|_1.
+    The factor 2 covers rounding; with eps = 1e-20 only a state with a (nearly) empty feature
+    fails (relu; the first chunk), and NaN fails.
+    """
+    return bool((start[..., -1].amin(dim=-1) >= 2.0 * eps * state_norm(end)).all())
 
 
 class _Streamed(torch.autograd.Function):

@@ -128,18 +128,23 @@ def state_norm(state: Tensor) -> Tensor:
     return state[..., -1].sum(dim=-1)
 
 
-def normalise(nd: Tensor, ref: Tensor, eps: float, out: Tensor, div: Tensor, live: Tensor,
+def normalise(nd: Tensor, ref: Tensor | None, eps: float, out: Tensor, div: Tensor, live: Tensor,
               s0: int, s1: int) -> None:
     """``out[s0:s1] = num / max(den, eps * ref)`` from ``nd`` (B, H, S, Ev + 1) and ``ref``
-    (B, H, S, 1); records the divisor and ``live`` (den >= eps * ref: the divisor is den).
+    (B, H, S, 1; None: every row is known to be above the floor); records the divisor and
+    ``live`` (den >= eps * ref: the divisor is den).
 
     A row whose den and floor are both 0 gets divisor 1 (its num is 0: output 0, finite gradients).
     """
     ev = out.shape[-1]
     den = nd[..., ev:]  # (B, H, S, 1)
-    thr = ref.mul_(eps)  # (B, H, S, 1); ref is a fresh temporary
-    torch.ge(den, thr, out=live[:, :, s0:s1])
-    d = torch.maximum(den, thr)  # NaN stays NaN: a poisoned row is not hidden
+    if ref is None:
+        live[:, :, s0:s1] = True
+        d = den.clone()
+    else:
+        thr = ref.mul_(eps)  # (B, H, S, 1); ref is a fresh temporary
+        torch.ge(den, thr, out=live[:, :, s0:s1])
+        d = torch.maximum(den, thr)  # NaN stays NaN: a poisoned row is not hidden
     div[:, :, s0:s1] = d.masked_fill_(d == 0, 1.0)
     torch.div(nd[..., :ev], div[:, :, s0:s1], out=out[:, :, s0:s1])
 
