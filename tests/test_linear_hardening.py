@@ -50,8 +50,10 @@ def _run(m, q, k, v, t: int, create_graph: bool, **kw):
 
 # -- item: NaN / inf at masked positions -----------------------------------------------------------
 @pytest.mark.parametrize("subject", SUBJECTS, ids=IDS)
-@pytest.mark.parametrize("poison", POISONS, ids=("nan", "inf", "-inf"))
-@pytest.mark.parametrize("target", ("key", "value"))
+@pytest.mark.parametrize("poison,target", [(float("nan"), "key"), (float("nan"), "value"),
+                                           (float("inf"), "key"), (float("inf"), "value"),
+                                           (float("-inf"), "key")],
+                         ids=("nan-key", "nan-value", "inf-key", "inf-value", "-inf-key"))
 @pytest.mark.parametrize("lq,lk,align", [(13, 13, "upper_left"), (9, 13, "lower_right"),
                                          (13, 9, "upper_left"), (13, 9, "lower_right")])
 @pytest.mark.parametrize("create_graph", [False, True])
@@ -233,12 +235,12 @@ def test_eps_defaults_per_feature_map() -> None:
 # -- item: second-order gradients ------------------------------------------------------------------
 @pytest.mark.parametrize("subject", SUBJECTS + (("linear", {"eps": 0.3, "chunk_size": 2}),),
                          ids=IDS + ("elu-floor",))
-@pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"key_mask": "hole"},
-                                {"is_causal": True, "key_mask": "hole"},
-                                {"is_causal": True, "causal_alignment": "lower_right", "lq": 3},
+@pytest.mark.parametrize("kw", [{}, {"is_causal": True, "key_mask": "hole"},
                                 {"is_causal": True, "causal_alignment": "lower_right", "lk": 4}],
-                         ids=("plain", "causal", "key_mask", "causal+key_mask", "lower_right", "lq>lk"))
+                         ids=("plain", "causal+key_mask", "lq>lk"))
 def test_gradgradcheck(subject, kw: dict) -> None:
+    """Every Jacobian entry (the conformance check adds the other mask kinds, lower-right with
+    Lq < Lk and decoding, as random projections)."""
     fields = {**subject[1], "num_features": 8} if "num_features" in subject[1] else subject[1]
     m = _build(subject[0], **fields)
     kw = dict(kw)
@@ -271,16 +273,16 @@ def test_gradient_penalty_matches_the_reference(fmap: str) -> None:
 
 
 def test_decoding_is_twice_differentiable() -> None:
-    """Through decode (a prefill over several chunks, single tokens, a short chunk)."""
+    """Through decode (a prefill over two chunks, a single token, a short chunk)."""
     m = _build("linear", chunk_size=2, segment_size=2)
-    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 1, 8, 8, e=3, ev=2, seed=1))
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 1, 6, 6, e=2, ev=2, seed=1))
 
     def fn(q, k, v):
-        state = m.init_state(1, 1, 3, 2, dtype=torch.float64)
+        state = m.init_state(1, 1, 2, 2, dtype=torch.float64)
         outs = []
-        for a, z in ((0, 5), (5, 6), (6, 8)):
+        for a, z in ((0, 3), (3, 4), (4, 6)):  # the streamed kernel (3 > chunk 2), one token, a chunk
             out, state = m.decode(q[:, :, a:z], k[:, :, a:z], v[:, :, a:z], state)
             outs.append(out)
         return torch.cat(outs, dim=2)
 
-    assert gradgradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5)
+    assert gradgradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True)
