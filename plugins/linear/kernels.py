@@ -153,7 +153,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, init: Tens
     for s0, s1 in spans(0, n_sq, seg):  # query qs + t meets key ks + t
         _, pk, _, v1 = keys(k, v, allowed, plan, ks + s0, ks + s1)
         pq = features(q[:, :, qs + s0:qs + s1], plan, None)[1]  # (B, H, S, F)
-        start = run
+        start, s = run, s1 - s0
         q3, k3, v3 = chunks(pq, c), chunks(pk, c), chunks(v1, c)  # (GN, C, F|F|Ev + 1)
         n = q3.shape[0] // g
         states = torch.bmm(k3.mT, v3).view(g, n, f, ev + 1)  # each chunk's phi_k^T [v, 1]
@@ -165,13 +165,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, init: Tens
         run = prefix[:, -1] + states[:, -1]
         scores = torch.bmm(q3, k3.mT).tril_()  # (GN, C, C): intra-chunk, causal
         nd = _intra(scores, v3, careful).baddbmm_(q3, prefix.view(g * n, f, ev + 1))  # (GN, C, Ev + 1)
-        ref = None
-        if not _all_live(start, run, plan.eps):
-            # ref = |phi_q|_1 |z_i|_1: the state's |z|_1 before the segment plus its keys <= i.
-            ref = pk.sum(dim=-1, keepdim=True).cumsum_(dim=2)  # (B, H, S, 1)
-            ref.add_(state_norm(start).view(b, h, 1, 1)).mul_(pq.sum(dim=-1, keepdim=True))
-        a0, a1 = qs + s0, qs + s1
-        normalise(unchunk(nd, b, h, s1 - s0), ref, plan.eps, out, div, live, a0, a1)
+        nd4, a0 = unchunk(nd, b, h, s), qs + s0  # (B, H, S, Ev + 1)
+        r = min(s, c * _chunks_below_floor(prefix, run, plan.eps))  # rows that need the norms
+        if r:  # ref = |phi_q|_1 |z_i|_1: the state's |z|_1 before the segment plus its keys <= i
+            ref = pk[:, :, :r].sum(dim=-1, keepdim=True).cumsum_(dim=2)  # (B, H, r, 1)
+            ref.add_(state_norm(start).view(b, h, 1, 1)).mul_(pq[:, :, :r].sum(dim=-1, keepdim=True))
+            normalise(nd4[:, :, :r], ref, plan.eps, out, div, live, a0, a0 + r)
+        if r < s:
+            normalise(nd4[:, :, r:], None, plan.eps, out, div, live, a0 + r, a0 + s)
         if keep:
             prefixes.append(prefix)
     if qs:  # lower-right with Lq > Lk: the first queries have no key at all
@@ -187,16 +188,32 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, init: Tens
     return out, div, live, run, *prefixes
 
 
-def _all_live(start: Tensor, end: Tensor, eps: float) -> bool:
-    """Whether every row reading a state between ``start`` and ``end`` (G, F, Ev + 1) is above the
-    floor, so that computing the norms can be skipped (the result is the same bit for bit).
+def _clears(start: Tensor, end: Tensor, eps: float) -> Tensor:
+    """Whether every row reading a state between ``start`` (G, ..., F, Ev + 1) and ``end``
+    (G, F, Ev + 1) is above the floor, per leading index of ``start`` except G: then the norms
+    need not be computed (the result is the same bit for bit).
 
     A row's z_i lies between the two states, entry by entry (features are >= 0), so
     den_i >= |phi_q|_1 min_f z_start,f and the floor eps |phi_q|_1 |z_i|_1 <= eps |phi_q|_1 |z_end|_1.
     The factor 2 covers rounding; with eps = 1e-20 only a state with a (nearly) empty feature
-    fails (relu; the first chunk), and NaN fails.
+    fails (relu; before the first chunk), and NaN fails.
     """
-    return bool((start[..., -1].amin(dim=-1) >= 2.0 * eps * state_norm(end)).all())
+    z_min = start[..., -1].amin(dim=-1)  # (G, ...)
+    bound = 2.0 * eps * state_norm(end).view(-1, *([1] * (z_min.dim() - 1)))
+    return (z_min >= bound).all(dim=0)
+
+
+def _all_live(start: Tensor, end: Tensor, eps: float) -> bool:
+    """``_clears`` for one state between ``start`` and ``end`` (G, F, Ev + 1)."""
+    return bool(_clears(start, end, eps))
+
+
+def _chunks_below_floor(prefix: Tensor, end: Tensor, eps: float) -> int:
+    """How many leading chunks of a segment (prefix states (G, n, F, Ev + 1)) may have a row
+    below the floor: up to the last chunk whose prefix does not clear it (usually only the
+    sequence's first chunk, which starts from an empty state)."""
+    bad = (~_clears(prefix, end, eps)).nonzero()  # (k, 1)
+    return int(bad[-1, 0]) + 1 if bad.numel() else 0
 
 
 class _Streamed(torch.autograd.Function):
