@@ -13,6 +13,7 @@ from .config import AttentionConfig
 from .decoding import DecodeState, KVCacheState, canonical_device, check_decode_inputs, freeze_fingerprint
 from .errors import UnsupportedFeatureError
 from .masks import CausalAlignment, Masks, check_inputs
+from .second_order import guard_second_order
 
 __all__ = ["Attention"]
 
@@ -75,6 +76,8 @@ class Attention(nn.Module):
             self.variant, self.capabilities, query, key, value, attn_mask, key_mask, is_causal,
             causal_alignment,
         )
+        if not self.capabilities.double_backward:
+            query, key, value = guard_second_order(self.variant, query, key, value)
         return self._attend(query, key, value, masks)
 
     def attention_weights(
@@ -143,6 +146,8 @@ class Attention(nn.Module):
             raise UnsupportedFeatureError(self.variant, "decoding (init_state / decode)")
         check_decode_inputs(self.variant, state, query, key, value, key_mask,
                             self.capabilities.grouped_query, freeze_fingerprint(self._state_fingerprint()))
+        if not self.capabilities.double_backward:
+            query, key, value = guard_second_order(self.variant, query, key, value)
         return self._decode(query, key, value, state, key_mask)
 
     def _state_fingerprint(self) -> dict[str, Any]:

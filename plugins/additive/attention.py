@@ -68,7 +68,7 @@ class AdditiveAttention(Attention):
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
         dropout=True, normalized=True, permutation_invariant=True, learnable=True, decoding=True,
-        complexity="O(Lq*Lk*d_a) time, O(chunk*Lk*d_a) memory",
+        double_backward=True, complexity="O(Lq*Lk*d_a) time, O(chunk*Lk*d_a) memory",
     )
 
     def __init__(self, config: AdditiveConfig) -> None:

@@ -20,6 +20,7 @@ from . import (  # noqa: F401
     _checks_masking,
     _checks_nonfinite,
     _checks_numeric,
+    _checks_second_order,
 )
 from ._checks_contract import split_check_key
 from ._framework import (
