@@ -155,10 +155,11 @@ def _child(job: Job, threads: int, target_s: float, slow_s: float, repeat: bool,
         if job.reference is not None and repeat:
             ref = prepare(job.reference)
             ref.call()  # its warm-up
-            samples, ref_samples = paired_repeats(prep.call, ref.call, target_s)
+            samples, ref_samples = paired_repeats(prep.call, ref.call, target_s, max_pairs=prep.max_repeats)
             warm = True
         else:
-            samples, warm = timed_repeats(prep.call, first, target_s, slow_s) if repeat else ([first], False)
+            samples, warm = (timed_repeats(prep.call, first, target_s, slow_s, prep.max_repeats) if repeat
+                             else ([first], False))
         conn.send(("done", dict(samples=samples, first_s=first, warmup=warm, peak_bytes=peak,
                                 input_bytes=rss1 - rss0, info=prep.info, ref_samples=ref_samples)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, never raised there
