@@ -256,3 +256,15 @@ def test_custom_layout_from_yaml_file(tmp_path):
     for path in (pairs, matrix, matrix01):
         attn = attnreg.build(attnreg.load_config(path))
         assert torch.equal(attn.layout(8, 1)[0], want)
+
+
+def test_custom_layout_examples_in_the_docs_build_the_same_layout():
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "variants" / "sparse.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "custom_" in b]
+    assert len(blocks) == 2
+    layouts = [attnreg.build(yaml.safe_load(b)["attention"]).layout(3 * 64, 1) for b in blocks]
+    assert torch.equal(layouts[0], layouts[1])
