@@ -17,7 +17,6 @@ import torch
 from plugin_fixtures import GOOD_PLUGIN, HOSTILE_PLUGINS, hostile_dist, make_dist, make_hostile_dists
 
 import attnreg
-from attnreg._errors import PluginWarning
 from attnreg._plugins import Registry
 from attnreg.core import PluginLoadError
 
@@ -69,7 +68,7 @@ def test_every_hostile_plugin_is_isolated_in_one_load(hostile_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     before = _torch_state()
     reg = _fresh(monkeypatch)
-    with pytest.warns(PluginWarning) as caught:
+    with pytest.warns(attnreg.PluginWarning) as caught:
         names = [s.name for s in reg.specs()]  # returns: no exit, no deadlock, no exception
     _assert_same_state(before)
     warned = {e for e, h in HOSTILE_PLUGINS.items() if h.status == "loaded"}
@@ -100,7 +99,7 @@ def test_each_hostile_plugin_alone(hostile_dir: Path, monkeypatch: pytest.Monkey
         warnings.simplefilter("always")
         assert "good_variant" in [s.name for s in reg.specs()]
     _assert_same_state(before)
-    notes = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
+    notes = [str(w.message) for w in caught if issubclass(w.category, attnreg.PluginWarning)]
     assert len(notes) == (h.status == "loaded") and all(h.text in n for n in notes), notes
     rec = next(r for r in reg.records() if r.name == entry)
     assert rec.status == h.status
@@ -120,7 +119,7 @@ def test_the_thread_of_a_plugin_gets_an_error_naming_it(hostile_dir: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ATTNREG_PLUGINS", "thread_at_import,thread_in_hook")
     reg = _fresh(monkeypatch)
-    with pytest.warns(PluginWarning, match="started a thread that used attnreg"):
+    with pytest.warns(attnreg.PluginWarning, match="started a thread that used attnreg"):
         reg.specs()
     for entry in ("thread_at_import", "thread_in_hook"):
         outcome = sys.modules[f"attnreg_test_hostile_{entry}"].OUTCOME
@@ -166,7 +165,7 @@ def test_doctor_and_list_name_every_hostile_plugin(hostile_dir: Path) -> None:
     failed = sum(h.status == "failed" for h in HOSTILE_PLUGINS.values())
     warned = sum(h.status == "loaded" for h in HOSTILE_PLUGINS.values())
     assert f"{failed} failed" in doctor.stdout and f"{warned} with warnings" in doctor.stdout
-    assert "PluginWarning" not in doctor.stderr + listing.stderr  # the CLI prints them itself
+    assert "attnreg.PluginWarning" not in doctor.stderr + listing.stderr  # the CLI prints them itself
     strict = _cli(["doctor"], hostile_dir, ATTNREG_STRICT_PLUGINS="1")
     assert strict.returncode == 1 and "strict plugin loading failed" in strict.stdout
 

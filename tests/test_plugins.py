@@ -307,11 +307,9 @@ def test_allow_list_names_are_compared_as_pip_does(
 
 def test_allow_list_names_matching_nothing_are_reported(plugin_dir: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from attnreg._errors import PluginWarning
-
     monkeypatch.setenv("ATTNREG_PLUGINS", "good,attnreg-godo,nothing_here")
     reg = Registry()
-    with pytest.warns(PluginWarning, match="ATTNREG_PLUGINS names no installed attnreg plugin: "
+    with pytest.warns(attnreg.PluginWarning, match="ATTNREG_PLUGINS names no installed attnreg plugin: "
                                            "attnreg-godo, nothing_here"):
         assert "good_variant" in [s.name for s in reg.specs()]
     assert reg.unmatched_allow_list() == ("attnreg-godo", "nothing_here")
