@@ -29,9 +29,9 @@ class LRUCache(Generic[V]):
 
     Every dict operation holds the lock; values are built outside it (two threads missing the
     same key at once both build and both get the value kept first: cached values must be pure
-    functions of their key). A value bigger than ``max_bytes`` on its own is returned but not kept. Cached
-    values are shared: callers must not modify them in place. A copied or pickled owner starts
-    with an empty cache: entries are derived data, not state.
+    functions of their key). A value bigger than ``max_bytes`` on its own is returned but not
+    kept. Cached values are shared: callers must not modify them in place. A copied or pickled
+    owner starts with an empty cache: entries are derived data, not state.
     """
 
     def __init__(self, entries: int, max_bytes: int | None = None,
