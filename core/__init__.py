@@ -1,5 +1,6 @@
 """attnreg.core: the plugin contract. Imports nothing from ``attnreg`` or ``attnreg.plugins``."""
 
+from .cache import LRUCache, tensor_nbytes
 from .capabilities import Capabilities, VariantSpec
 from .config import AttentionConfig
 from .decoding import DecodeState, KVCacheState, canonical_device, join_key_masks, write_key_mask
@@ -29,6 +30,7 @@ __all__ = [
     "DecodeState",
     "DuplicateVariantError",
     "KVCacheState",
+    "LRUCache",
     "Masks",
     "PluginLoadError",
     "UnknownVariantError",
@@ -45,5 +47,6 @@ __all__ = [
     "repeat_kv",
     "sdpa_safe_mask",
     "softmax_attention_reference",
+    "tensor_nbytes",
     "write_key_mask",
 ]

@@ -82,3 +82,8 @@ def config_error(variant: str, model: type[BaseModel], err: ValidationError) -> 
             lines.append(f"field '{field}' = {short_repr(value)} is invalid: {msg}{bound}{why}")
     body = "\n  ".join(lines)
     return ConfigError(f"invalid config for attention variant '{variant}':\n  {body}")
+
+
+class PluginWarning(UserWarning):
+    """A plugin misbehaved while loading (e.g. changed torch's global state, which attnreg put
+    back), or ``ATTNREG_PLUGINS`` names no installed plugin. Strict mode makes these errors."""

@@ -10,9 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import Attention, Capabilities, DecodeState, Masks, dot_product_logits, masked_softmax
+from attnreg.core import (
+    Attention,
+    Capabilities,
+    DecodeState,
+    LRUCache,
+    Masks,
+    dot_product_logits,
+    masked_softmax,
+)
 
-from .cache import LRUCache
 from .config import BigBirdConfig, SparseConfig
 from .custom import custom_layout_tensor, layout_digest
 from .decoding import BlockKVState
