@@ -3,7 +3,8 @@
 Each point runs in its own child process, forked from a ``forkserver`` that has imported torch
 but never run an operator (so OpenMP thread pools are never inherited across ``fork``). The child
 
-1. runs the point once at a tiny length (loads kernels and thread pools: not counted),
+1. runs the point twice at ``min(L, 1024)`` (loads kernels, thread pools, the fast paths' one-time
+   allocations: not counted),
 2. builds the inputs (and the variant's dense mask for ``sdpa_masked`` / ``sdpa_masked_bool``):
    their RSS growth is reported as ``input_bytes``,
 3. resets the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``),
@@ -42,6 +43,7 @@ MEMORY_METHOD = (
 )
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _POLL_S = 0.02
+WARMUP_LENGTH = 1024
 _OOM_TEXT = "can't allocate memory"  # DefaultCPUAllocator's message for a refused allocation
 
 
@@ -136,10 +138,14 @@ def _child(job: Job, threads: int, target_s: float, slow_s: float, repeat: bool,
         import torch
 
         torch.set_num_threads(threads)
-        tiny = prepare(job.at_length(min(job.length, 32)))
-        tiny.call()
-        tiny.call()
-        del tiny  # freed by reference counting; gc.collect() costs ~0.2 s in a torch process
+        # Warm-up at up to WARMUP_LENGTH: long enough that blocked fast paths run (local's blocks
+        # start above block + 2 * window), so their one-time allocations (kernel workspaces,
+        # cached masks, allocator arenas: ~9 MB for local at L=4096) do not count as the point's
+        # memory; never longer than the point itself.
+        warm = prepare(job.at_length(min(job.length, WARMUP_LENGTH)))
+        warm.call()
+        warm.call()
+        del warm  # freed by reference counting; gc.collect() costs ~0.2 s in a torch process
         rss0 = _status_bytes("self", "VmRSS") or 0
         prep = prepare(job)
         rss1 = _status_bytes("self", "VmRSS") or 0
