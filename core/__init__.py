@@ -1,5 +1,6 @@
 """attnreg.core: the plugin contract. Imports nothing from ``attnreg`` or ``attnreg.plugins``."""
 
+from .cache import LRUCache, tensor_nbytes
 from .capabilities import Capabilities, VariantSpec
 from .config import AttentionConfig
 from .decoding import DecodeState, KVCacheState, canonical_device, join_key_masks, write_key_mask, zero_padded
@@ -30,6 +31,7 @@ __all__ = [
     "DecodeState",
     "DuplicateVariantError",
     "KVCacheState",
+    "LRUCache",
     "Masks",
     "PluginLoadError",
     "UnknownVariantError",
@@ -52,6 +54,7 @@ __all__ = [
     "sdpa_safe_mask",
     "softmax_attention_reference",
     "span_hits",
+    "tensor_nbytes",
     "write_key_mask",
     "zero_padded",
 ]

@@ -168,10 +168,18 @@ class Attention(nn.Module):
         in_place = not self.records_graph(query, key, value, *state.tensors().values())
         state = state.append(key, value, key_mask, in_place=in_place)
         assert state.key is not None and state.value is not None
+        # The T new queries are the last positions of the cached keys: lower-right causal.
         masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
                              state.key_mask, True, "lower_right")
         masks = dataclasses.replace(masks, padding_zeroed=True)  # append zeroed the padding
-        return self._attend(query, state.key, state.value, masks), state  # (B, H, T, Ev)
+        return self._attend_cached(query, state, masks), state  # (B, H, T, Ev)
+
+    def _attend_cached(self, query: Tensor, state: KVCacheState, masks: Masks) -> Tensor:
+        """The default decode's attention of the new queries over the whole cache (``masks``:
+        lower-right causal, the cache's key_mask). Override where the result depends on more
+        than the keys so far (e.g. on ``state.max_length``)."""
+        assert state.key is not None and state.value is not None
+        return self._attend(query, state.key, state.value, masks)  # (B, H, T, Ev)
 
     def records_graph(self, *tensors: Tensor) -> bool:
         """Whether autograd records a call on ``tensors``: grad mode is on and one of them or

@@ -14,8 +14,6 @@ memory and time per token. Half inputs are computed in float32.
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -23,7 +21,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from attnreg.core import Attention, AttentionConfig, Capabilities, DecodeState, Masks
+from attnreg.core import (
+    Attention,
+    AttentionConfig,
+    Capabilities,
+    DecodeState,
+    LRUCache,
+    Masks,
+    tensor_nbytes,
+)
 
 from .decoding import LinearState, init_linear_state, recurrent_step
 from .features import FeaturePair, favor_projection, feature_pair
@@ -110,8 +116,7 @@ class PerformerConfig(_LinearFields):
 # bounded (8 entries, 32 MB); never attached to a module, so forward mutates nothing.
 _PROJ_ENTRIES = 8
 _PROJ_MAX_BYTES = 32 << 20
-_projections: OrderedDict[tuple[int, int, int], Tensor] = OrderedDict()
-_projections_lock = threading.Lock()
+_projections: LRUCache[Tensor] = LRUCache(_PROJ_ENTRIES, _PROJ_MAX_BYTES, tensor_nbytes)
 
 
 def cached_favor_projection(num_features: int, head_dim: int, seed: int) -> Tensor:
@@ -119,22 +124,9 @@ def cached_favor_projection(num_features: int, head_dim: int, seed: int) -> Tens
 
     The returned tensor is shared: do not modify it in place.
     """
-    key = (seed, num_features, head_dim)
-    with _projections_lock:
-        hit = _projections.get(key)
-        if hit is not None:
-            _projections.move_to_end(key)
-            return hit
-    proj = favor_projection(num_features, head_dim, seed)  # (m, E); deterministic, so a race is harmless
-    if proj.numel() * proj.element_size() > _PROJ_MAX_BYTES:
-        return proj
-    with _projections_lock:
-        _projections[key] = proj
-        while len(_projections) > _PROJ_ENTRIES or (
-            sum(t.numel() * t.element_size() for t in _projections.values()) > _PROJ_MAX_BYTES
-        ):
-            _projections.popitem(last=False)
-    return proj
+    # (m, E); deterministic, so two threads building it at once is harmless
+    return _projections.get_or_build((seed, num_features, head_dim),
+                                     lambda: favor_projection(num_features, head_dim, seed))
 
 
 # Default relative floors (see the eps field): relu can have zero overlap, elu and favor cannot.

@@ -25,15 +25,13 @@ and kernels): they are opened and their output zeroed, so their gradients are ex
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import Masks, hits_under, poison_rows, screen, sdpa_safe_mask
+from attnreg.core import LRUCache, Masks, hits_under, poison_rows, screen, sdpa_safe_mask, tensor_nbytes
 
 from ._views import views
 
@@ -151,7 +149,7 @@ def _local(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, block: in
     return _blocked(q, k, v, masks, window, block, scale, dropout_p, cache)
 
 
-class MaskCache:
+class MaskCache(LRUCache[Tensor]):
     """A small LRU of band masks: at most ``entries`` tensors of at most ``max_elements`` each.
 
     Rebuilding a mask every call costs more than the attention it serves on a busy CPU (fresh
@@ -161,41 +159,18 @@ class MaskCache:
     """
 
     def __init__(self, entries: int, max_elements: int) -> None:
-        self.entries = entries
+        super().__init__(entries, nbytes_of=tensor_nbytes)
         self.max_elements = max_elements
-        self._store: OrderedDict[tuple[object, ...], Tensor] = OrderedDict()
-        self._lock = threading.Lock()
 
-    def __reduce__(self) -> tuple[type[MaskCache], tuple[int, int]]:
+    def __reduce__(self) -> tuple[type[MaskCache], tuple[int, int]]:  # type: ignore[override]
         return (MaskCache, (self.entries, self.max_elements))  # cached tensors (and lock) are not state
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes currently held."""
-        with self._lock:
-            return sum(t.numel() * t.element_size() for t in self._store.values())
-
-    def clear(self) -> None:
-        """Free the cached masks (they are rebuilt on demand)."""
-        with self._lock:
-            self._store.clear()
 
     def get(self, numel: int, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor | None:
         """The mask under ``key`` (built and kept if missing); None if ``numel`` is over the cap.
         Callers must not modify the returned tensor in place."""
         if numel > self.max_elements:
             return None
-        with self._lock:
-            hit = self._store.get(key)
-            if hit is not None:
-                self._store.move_to_end(key)
-                return hit
-        made = build()
-        with self._lock:
-            self._store[key] = made
-            while len(self._store) > self.entries:
-                self._store.popitem(last=False)
-        return made
+        return self.get_or_build(key, build)
 
 
 # Process-wide: 32 masks of at most 64K elements (256 KB in float32): under 16 MB in any dtype.

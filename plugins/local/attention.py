@@ -33,9 +33,10 @@ class LocalConfig(AttentionConfig):
 
     variant: Literal["local"] = Field("local", description="Variant name.")
     window: int = Field(
-        128, ge=0,
+        128, ge=0, le=2**31 - 1,
         description="Keys visible on each side of a query: query i sees keys j with |i - j| <= window "
-        "(and j <= i when causal). 0 = each token attends only to itself.",
+        "(and j <= i when causal). 0 = each token attends only to itself; at most 2**31 - 1 (a "
+        "window >= L - 1 is full attention).",
     )
     block_size: int = Field(
         64, ge=1, le=65536,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -15,6 +14,7 @@ from attnreg.core import (
     Attention,
     Capabilities,
     DecodeState,
+    LRUCache,
     Masks,
     dot_product_logits,
     masked_softmax,
@@ -22,18 +22,16 @@ from attnreg.core import (
     screen_kv,
 )
 
-from .cache import LRUCache
 from .config import BigBirdConfig, SparseConfig
+from .custom import custom_layout_tensor, layout_digest
 from .decoding import BlockKVState
 from .execute import run_plan
 from .gather import Scratch
 from .layouts import (
     bigbird_layout,
-    custom_layout_tensor,
     default_stride,
     expand_layout,
     fixed_layout,
-    parse_custom_layout,
     strided_layout,
 )
 from .plan import Plan, RowTable, make_plan, offset_plan, row_table
@@ -81,10 +79,10 @@ class SparseAttention(Attention):
         self.block_size = config.block_size
         self._custom: Tensor | None = None
         self._custom_digest: str | None = None  # names the layout in decoding states' fingerprints
-        if config.custom_layout is not None:
+        if config.layout == "custom":
             with torch.device("cpu"):  # layouts live on the CPU, even under `with torch.device("meta")`
-                self._custom = custom_layout_tensor(parse_custom_layout(config.custom_layout))
-            self._custom_digest = hashlib.sha1(repr(config.custom_layout).encode()).hexdigest()[:16]
+                self._custom = custom_layout_tensor(config.custom_blocks, config.custom_matrix)  # (H|1, nb, nb)
+            self._custom_digest = layout_digest(self._custom)
         # Derived data, shared by the threads calling this module (the caches lock themselves).
         self._layouts: LRUCache[Tensor] = LRUCache(_CACHE_SIZE)  # (length, heads)
         self._plans: LRUCache[Plan] = LRUCache(_CACHE_SIZE)  # (length, heads, causal, device)
@@ -95,7 +93,7 @@ class SparseAttention(Attention):
     @classmethod
     def from_layout(cls, layout: Tensor, *, block_size: int = 64, **fields: Any) -> SparseAttention:
         """Module for an explicit bool layout tensor ``(nb, nb)`` or ``(H, nb, nb)``."""
-        cfg = SparseConfig(layout="custom", custom_layout=layout, block_size=block_size, **fields)
+        cfg = SparseConfig(layout="custom", custom_matrix=layout, block_size=block_size, **fields)
         return cls(cfg)
 
     # ------------------------------------------------------------------ layouts

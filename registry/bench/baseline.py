@@ -35,11 +35,11 @@ def median_baseline(docs: list[dict[str, Any]]) -> dict[str, Any]:
     out = copy.deepcopy(first)
     points = []
     for p in first["points"]:
-        if p.get("kind") != "variant" or p.get("status") != "ok":
-            points.append(p)
-            continue
         same = [q for d in docs for q in d["points"]
                 if q.get("status") == "ok" and point_key(q) == point_key(p) and _speedup(q)[1]]
+        if p.get("kind") != "variant" or not same:  # measured in no run: kept as the first has it
+            points.append(p)
+            continue
         same.sort(key=lambda q: _speedup(q)[1])
         points.append({**same[len(same) // 2], "baseline_of_runs": [_speedup(q)[1] for q in same]})
     out["points"] = points

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from attnreg.core import Attention, AttentionConfig, causal_mask
 
-from .decode import prepare_decode_call
+from .decode import DECODE_REPEATS, prepare_decode_call
 from .settings import DTYPES
 
 __all__ = ["MASKED", "Job", "Prepared", "prepare", "sdpa_flops", "variant_flops", "pattern_of",
@@ -59,6 +59,7 @@ class Prepared:
     call: Callable[[], None]
     keep: tuple[Any, ...]
     info: dict[str, Any] = field(default_factory=dict)
+    max_repeats: int = 50  # most timed repeats (decoding steps are short: more)
 
 
 def build_module(job: Job) -> Attention:
@@ -162,7 +163,7 @@ def prepare(job: Job) -> Prepared:
         module = build_module(job) if job.kind == "variant" else None
         call, keep, info = prepare_decode_call(job.kind, module, job.batch, job.heads, job.head_dim,
                                                job.length, DTYPES[job.dtype], job.seed)
-        return Prepared(call=call, keep=keep, info=info)
+        return Prepared(call=call, keep=keep, info=info, max_repeats=DECODE_REPEATS)
     fn, keep = _attention_fn(job)
     backward = job.mode == "fwdbwd"
     q, k, v = make_inputs(job, requires_grad=backward)

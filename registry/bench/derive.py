@@ -62,6 +62,12 @@ def derive(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _memory(p: dict[str, Any]) -> float | None:
+    """The memory a point is judged by: a decoding state's size, else the call's peak."""
+    mem = p.get("memory") or {}
+    return mem.get("state_bytes") if p["mode"] == "decode" else mem.get("peak_bytes")
+
+
 def _summary(doc: dict[str, Any], fit_min: int) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
     for p in doc["points"]:
@@ -76,7 +82,7 @@ def _summary(doc: dict[str, Any], fit_min: int) -> list[dict[str, Any]]:
             "skipped": {str(p["length"]): p.get("reason") for p in pts if p.get("status") != "ok"},
             "time_exponent": fit_exponent(((p["length"], p["time"]["median_s"]) for p in ok), fit_min),
             "memory_exponent": fit_exponent(
-                ((p["length"], (p.get("memory") or {}).get("peak_bytes")) for p in ok), fit_min),
+                ((p["length"], _memory(p)) for p in ok), fit_min),
         }
         if first["kind"] == "variant":
             for ref in ("sdpa", *MASKED):

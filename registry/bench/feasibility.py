@@ -77,7 +77,7 @@ class Feasibility:
         if est_mem is not None and est_mem > s.max_memory:
             reason = (f"estimated {est_mem / 2**30:.1f} GiB > --max-memory "
                       f"{s.max_memory / 2**30:.1f} GiB")
-        elif est_time is not None and est_time > budget:
+        elif est_time is not None and est_time > budget and s.skip_by_time_estimate:
             reason = f"estimated {est_time:.0f} s per call > per-point budget {budget:g} s"
         if reason is not None:
             self.rule_out(key, reason, job.length)

@@ -119,7 +119,7 @@ class _Run:
             t0 = time.perf_counter()
             prep.call()
             first = time.perf_counter() - t0
-            samples, warm = timed_repeats(prep.call, first, self.s.target_s, self.s.slow_s)
+            samples, warm = timed_repeats(prep.call, first, self.s.target_s, self.s.slow_s, prep.max_repeats)
         except Exception as exc:  # noqa: BLE001
             return ProbeResult("error", f"{type(exc).__name__}: {exc}")
         return ProbeResult("ok", f"timed in the main process, memory not measured ({why})",

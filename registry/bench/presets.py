@@ -4,7 +4,12 @@ The CI preset measures each built-in's fast path at lengths where it matters (2K
 modes where a regression would hurt, against dense SDPA only, timed alternately with each
 variant point in the same process (``paired``: the ratio then holds on a busy machine). It must
 stay under 3 minutes on 2 cores: every point costs a fresh process, two calibration calls per
-series and >= 5 pairs.
+series and >= 5 pairs. Its points are known to fit, so a noisy time estimate never skips one (the
+watchdog still kills a call past the budget).
+
+Decoding steps are not in it: a 0.1 ms step of linear or local paired with a 4 ms SDPA step over
+an 8K cache gave speedups spread 2.3x over three runs (the big call evicts the small one's state
+from cache, by a varying amount); `attnreg bench --modes decode` measures them instead.
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def ci_settings() -> BenchSettings:
     process slows both sides of a ratio alike (docs/benchmarks.md, "Speed guard")."""
     lengths = tuple(sorted({n for e in CI_PRESET for n in e.lengths}))
     return BenchSettings(lengths=lengths, threads=1, baselines=False, roof=False, paired=True, preset="ci",
-                         target_s=1.0, long_gate_max=1024, max_call_s=30.0, max_baseline_call_s=30.0)
+                         target_s=1.0, long_gate_max=1024, max_call_s=30.0, max_baseline_call_s=30.0,
+                         skip_by_time_estimate=False)
 
 
 def ci_choices(settings: BenchSettings) -> list[VariantChoice]:

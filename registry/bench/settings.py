@@ -168,6 +168,10 @@ class BenchSettings:
     # Time each variant point alternately with dense SDPA in one process (speedup "sdpa_paired"),
     # instead of as a separate SDPA point: the speed guard's robust ratio on a busy machine.
     paired: bool = False
+    # Skip a point whose estimated call time exceeds the budget (False: measure it and let the
+    # watchdog kill a call that overruns; for presets whose points are known to fit, where an
+    # estimate from noisy small calibration calls must not drop a point).
+    skip_by_time_estimate: bool = True
     preset: str | None = None  # "ci" for the speed guard's preset (see presets.py)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,6 @@ from attnreg.core import (
     DecodeState,
     KVCacheState,
     Masks,
-    check_inputs,
     dot_product_logits,
     hits_under,
     poison_rows,
@@ -94,16 +93,8 @@ class SigmoidAttention(Attention):
                              "max_length=L (or build with an explicit bias)")
         return super()._init_state(batch, heads, head_dim, value_dim, dtype, device, max_length)
 
-    def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
-                key_mask: Tensor | None) -> tuple[Tensor, DecodeState]:
-        if not isinstance(state, KVCacheState):
-            raise ValueError(f"decode: sigmoid needs the state of its own init_state, "
-                             f"got {type(state).__name__}")
-        # In place unless this call may record a graph that saves views of the cache for backward.
-        in_place = not self.records_graph(query, key, value, *state.tensors().values())
-        state = state.append(key, value, key_mask, in_place=in_place)
+    def _attend_cached(self, query: Tensor, state: KVCacheState, masks: Masks) -> Tensor:
+        # The default bias -log(L) uses the total length the state was made for, not the keys so far.
         assert state.key is not None and state.value is not None
-        # The T new queries are the last positions of the cached keys: lower-right causal.
-        masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
-                             state.key_mask, True, "lower_right")
-        return self._attend(query, state.key, state.value, masks, length=state.max_length), state
+        return self._attend(query, state.key, state.value, masks, length=state.max_length)  # (B, H, T, Ev)
+
