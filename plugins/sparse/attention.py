@@ -81,7 +81,8 @@ class SparseAttention(Attention):
         self._custom_digest: str | None = None  # names the layout in decoding states' fingerprints
         if config.layout == "custom":
             with torch.device("cpu"):  # layouts live on the CPU, even under `with torch.device("meta")`
-                self._custom = custom_layout_tensor(config.custom_blocks, config.custom_matrix)  # (H|1, nb, nb)
+                self._custom = custom_layout_tensor(config.custom_blocks, config.custom_matrix)
+                # (H|1, nb, nb)
             self._custom_digest = layout_digest(self._custom)
         # Derived data, shared by the threads calling this module (the caches lock themselves).
         self._layouts: LRUCache[Tensor] = LRUCache(_CACHE_SIZE)  # (length, heads)
