@@ -14,6 +14,7 @@ from .errors import (
 )
 from .heads import repeat_kv
 from .hooks import PROJECT_NAME, AttnregHookSpecs, hookimpl, hookspec
+from .host import known
 from .interface import Attention
 from .masks import CausalAlignment, Masks, causal_mask, check_inputs, sdpa_safe_mask
 from .nonfinite import hits_under, poison_rows, screen, screen_kv, screening_needed, span_hits
@@ -45,6 +46,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "join_key_masks",
+    "known",
     "masked_softmax",
     "poison_rows",
     "repeat_kv",

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .capabilities import Capabilities
 from .errors import UnsupportedFeatureError
+from .host import known
 
 __all__ = ["CausalAlignment", "Masks", "check_inputs", "causal_mask", "sdpa_safe_mask"]
 
@@ -115,7 +116,7 @@ def sdpa_safe_mask(
         return (None if bias is None else bias.to(dtype)), None
     dead = ~allowed.any(dim=-1, keepdim=True)  # (..., Lq, 1)
     # On meta there are no values to test: keep the row-opening mask (same shapes either way).
-    has_dead = allowed.device.type == "meta" or bool(dead.any())
+    has_dead = known(dead.any(), on_meta=True)
     if bias is None:
         return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
     mask = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (..., Lq, Lk)

@@ -54,3 +54,19 @@ def test_model_built_under_meta_device(variant: str) -> None:
     for out in outs:
         assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape[0] == 2
         assert tuple(out.shape[2:]) == (32,) and out.shape[1] in (1, 37)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("variant", BUILTINS)
+def test_builtins_backward_on_meta(variant: str, causal: bool) -> None:
+    """Backward on meta (a training step's shapes) passes through the built-ins' data-dependent
+    fast-path decisions (finite checks, normaliser floor, dead rows), which take their general
+    branch there: the gradients are meta tensors of the inputs' shapes."""
+    sizes = {"num_heads": 2, "head_dim": 8} if variant == "additive" else {}
+    m = attnreg.build(variant, **sizes).to("meta")
+    q, k, v = (torch.empty(2, 2, 13, 8, device="meta", dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    km = torch.ones(2, 13, dtype=torch.bool, device="meta")
+    m(q, k, v, is_causal=causal, key_mask=km).sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and t.grad.device.type == "meta" and t.grad.shape == t.shape

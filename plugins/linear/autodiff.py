@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnreg.core import known
+
 from .backward import poison_masks
 from .segments import Plan, chunks, features, layout, normalised, state_norm, values
 
@@ -68,7 +70,7 @@ def autodiff_backward(ctx: Any, grad: Tensor, grad_state: Tensor) -> tuple[Tenso
     plan: Plan = ctx.plan
     q_allowed, k_allowed = None, allowed
     with torch.no_grad():
-        if not (bool(torch.isfinite(run).all()) and bool(torch.isfinite(div).all())):
+        if not known(torch.isfinite(run).all() & torch.isfinite(div).all(), on_meta=True):
             q_allowed, k_allowed = poison_masks(grad.to(plan.acc), grad_state.to(plan.acc), out, div,
                                                 run, allowed, plan, q.shape[2], k.shape[2])
     need = ctx.needs_input_grad

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnreg.core import known
+
 from .segments import (
     Plan,
     chunks,
@@ -70,9 +72,9 @@ def streamed_backward(ctx: Any, grad: Tensor, grad_state: Tensor) -> tuple[Tenso
     grad, grad_state = grad.to(plan.acc), grad_state.to(plan.acc)
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
     qmask, kmask = None, allowed
-    if not (bool(torch.isfinite(run).all()) and bool(torch.isfinite(div).all())):
+    if not known(torch.isfinite(run).all() & torch.isfinite(div).all(), on_meta=True):
         qmask, kmask = poison_masks(grad, grad_state, out, div, run, allowed, plan, lq, lk)
-    floor = not bool(live.all())  # some divisor is the floor: the norms get gradients
+    floor = not known(live.all(), on_meta=False)  # some divisor is the floor: the norms get gradients
     # Keys past the last query get no gradient in causal mode: they are in everyone's future.
     new = torch.zeros_like if ks + n_sq < lk and plan.causal else torch.empty_like
     dq = torch.empty_like(q) if need_q else None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import DecodeState
+from attnreg.core import DecodeState, known
 
 from .features import pointwise_features
 from .kernels import linear_attention_step
@@ -94,7 +94,7 @@ def recurrent_step(
     new = kv + pk.mT @ v1  # (B, H, F, Ev + 1)
     if t == 1:  # the query sees its own key
         return normalised(pq @ new, pq.sum(dim=-1, keepdim=True) * state_norm(new)[..., None, None], eps), new
-    if not bool(torch.isfinite(new).all()):
+    if not known(torch.isfinite(new).all(), on_meta=True):
         # A NaN / inf among the new keys or values: the kernel keeps it out of the rows before it
         # (0 * NaN in tril(scores) @ v1 would reach them), forward and backward.
         return linear_attention_step(query, key, value, fmap, allowed, eps, kv, chunk, acc, segment)

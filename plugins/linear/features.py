@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnreg.core import known
+
 __all__ = ["FEATURE_MAPS", "FeaturePair", "favor_projection", "favor_args", "feature_pair",
            "pointwise_features"]
 
@@ -137,7 +139,7 @@ def _key_args(key: Tensor, projection: Tensor, scale: float, is_causal: bool) ->
     not feel it; its row's backward would turn their zero upstream gradient into 0 * NaN = NaN,
     so such rows pass no gradient at all (like padding: their forward value is kept as it is)."""
     ok = torch.isfinite(key).all(dim=-1, keepdim=True)  # (B, H, Lk, 1); padding is already 0 here
-    if not is_causal or bool(ok.all()):
+    if not is_causal or known(ok.all(), on_meta=True):
         return favor_args(key, projection, scale)
     clean = favor_args(key.masked_fill(~ok, 0.0), projection, scale)  # (B, H, Lk, m)
     return torch.where(ok, clean, favor_args(key.detach(), projection, scale))

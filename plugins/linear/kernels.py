@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnreg.core import causal_mask
+from attnreg.core import causal_mask, known
 
 from .autodiff import autodiff_backward
 from .backward import streamed_backward
@@ -125,7 +125,7 @@ def _intra(scores: Tensor, v3: Tensor, careful: bool) -> Tensor:
     nd = torch.bmm(scores, v3)
     if careful:
         bad = ~torch.isfinite(v3).all(dim=-1)  # (GN, C)
-        if bool(bad.any()):
+        if known(bad.any(), on_meta=False):
             seen = bad.to(torch.int8).cumsum(dim=1) > 0  # (GN, C): a bad value at or before the row
             clean = torch.bmm(scores, v3.masked_fill(bad[..., None], 0.0))
             nd = torch.where(seen[..., None], nd, clean)
@@ -205,13 +205,15 @@ def _clears(start: Tensor, end: Tensor, eps: float) -> Tensor:
 
 def _all_live(start: Tensor, end: Tensor, eps: float) -> bool:
     """``_clears`` for one state between ``start`` and ``end`` (G, F, Ev + 1)."""
-    return bool(_clears(start, end, eps))
+    return known(_clears(start, end, eps), on_meta=False)
 
 
 def _chunks_below_floor(prefix: Tensor, end: Tensor, eps: float) -> int:
     """How many leading chunks of a segment (prefix states (G, n, F, Ev + 1)) may have a row
     below the floor: up to the last chunk whose prefix does not clear it (usually only the
     sequence's first chunk, which starts from an empty state)."""
+    if prefix.device.type == "meta":  # no values: every chunk takes the general path
+        return prefix.shape[1]
     bad = (~_clears(prefix, end, eps)).nonzero()  # (k, 1)
     return int(bad[-1, 0]) + 1 if bad.numel() else 0
 
@@ -232,7 +234,7 @@ class _Streamed(torch.autograd.Function):
         res = _forward(q, k, v, allowed, init, plan, keep, careful=False)
         # A non-finite running state means a NaN / inf key or value took part (or the sums
         # overflowed): redo the causal pass so that no such value reaches the rows before it.
-        if plan.causal and not bool(torch.isfinite(res[3]).all()):
+        if plan.causal and not known(torch.isfinite(res[3]).all(), on_meta=True):
             res = _forward(q, k, v, allowed, init, plan, keep, careful=True)
         out, run = res[0], res[3]
         if keep:
