@@ -72,10 +72,11 @@ def nonfinite_locality(s: Subject) -> None:
     values at two positions (one of them shared) change only the rows that attend to them,
     with no mask and every declared mask kind (lengths 13 and 131): rows whose weights on those
     positions are all exactly 0 (masked, or outside the variant's own pattern: a window, a
-    block layout) keep their outputs, weights and gradients (a loss over those rows; query,
-    key, value and parameters; under NaN and +inf) equal to the clean run's, finite; every row
-    with a non-zero weight on a NaN key or a non-finite value has a non-finite output entry (a
-    NaN is never silently dropped)."""
+    block layout; a weight 0 by the data alone, e.g. relu features without overlap, does not
+    count: the check also takes the weights of positive inputs) keep their outputs, weights and
+    gradients (a loss over those rows; query, key, value and parameters; under NaN and +inf)
+    equal to the clean run's, finite; every row with a non-zero weight on a NaN key or a
+    non-finite value has a non-finite output entry (a NaN is never silently dropped)."""
     for n in (13, LONG):
         h = heads_for(n)
         m = s.build(heads=h)
@@ -88,7 +89,12 @@ def nonfinite_locality(s: Subject) -> None:
             for label, kw in s.mask_variants(n, n, h=h, seed=n):
                 sz = (sizes_of(q, k, v) + f", {fill_label} at keys {k_at} and values {v_at}, {label}")
                 w = m.attention_weights(q, k, **kw).double()  # (B, H, Lq, Lk)
-                hit = (w[..., sorted(set(k_at + v_at))] != 0).any(-1)  # (B, H, Lq)
+                # A weight can also be 0 by the data alone (relu features without overlap); such a
+                # position is not masked (linear attention sums phi(k) v^T over every key it may
+                # see), so a row counts as attending where either these inputs or positive ones
+                # (no zero by the data) give it a non-zero weight.
+                w_pos = m.attention_weights(q.abs() + 0.1, k.abs() + 0.1, **kw).double()  # (B, H, Lq, Lk)
+                hit = ((w != 0) | (w_pos != 0))[..., sorted(set(k_at + v_at))].any(-1)  # (B, H, Lq)
                 clean, got = m(q, k, v, **kw), m(q, k2, v2, **kw)
                 keep = ~hit[..., None]  # (B, H, Lq, 1)
                 assert_close(torch.where(keep, got, 0), torch.where(keep, clean, 0), dtype=s.dtype, sizes=sz,
