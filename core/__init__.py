@@ -1,9 +1,19 @@
-"""attnreg.core: the plugin contract. Imports nothing from ``attnreg`` or ``attnreg.plugins``."""
+"""attnreg.core: the plugin contract, and everything a plugin author needs to write a variant.
 
+Imports nothing from ``attnreg`` or ``attnreg.plugins``. ``__all__`` is the author's surface:
+the base classes (``Attention`` with its optional benchmark hooks, ``AttentionConfig``), the
+declaration (``Capabilities``, ``VariantSpec``, ``hookimpl``), the canonical masks and input
+checks, decoding states, the errors, and the helpers the built-in variants share (dense
+reference math, non-finite screening, caches, dtypes).
+"""
+
+from ._hooks import hookimpl
+from .bench_hooks import Baseline
 from .cache import LRUCache, tensor_nbytes
 from .capabilities import Capabilities, VariantSpec
 from .config import AttentionConfig
-from .decoding import DecodeState, KVCacheState, canonical_device, join_key_masks, write_key_mask, zero_padded
+from .decoding import DecodeState, KVCacheState, join_key_masks, write_key_mask, zero_padded
+from .dtypes import accum_dtype
 from .errors import (
     AttnRegError,
     ConfigError,
@@ -13,19 +23,17 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .heads import repeat_kv
-from .hooks import PROJECT_NAME, AttnregHookSpecs, hookimpl, hookspec
 from .host import known
 from .interface import Attention
 from .masks import CausalAlignment, Masks, causal_mask, check_inputs, sdpa_safe_mask
-from .nonfinite import hits_under, poison_rows, screen, screen_kv, screening_needed, span_hits
+from .nonfinite import hits_under, poison_rows, screen, screen_kv
 from .reference import dot_product_logits, masked_softmax, softmax_attention_reference
 
 __all__ = [
-    "PROJECT_NAME",
     "Attention",
     "AttentionConfig",
     "AttnRegError",
-    "AttnregHookSpecs",
+    "Baseline",
     "Capabilities",
     "CausalAlignment",
     "ConfigError",
@@ -38,13 +46,12 @@ __all__ = [
     "UnknownVariantError",
     "UnsupportedFeatureError",
     "VariantSpec",
-    "canonical_device",
+    "accum_dtype",
     "causal_mask",
     "check_inputs",
     "dot_product_logits",
     "hits_under",
     "hookimpl",
-    "hookspec",
     "join_key_masks",
     "known",
     "masked_softmax",
@@ -52,10 +59,8 @@ __all__ = [
     "repeat_kv",
     "screen",
     "screen_kv",
-    "screening_needed",
     "sdpa_safe_mask",
     "softmax_attention_reference",
-    "span_hits",
     "tensor_nbytes",
     "write_key_mask",
     "zero_padded",

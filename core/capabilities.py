@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import AttentionConfig
+from .config import AttentionConfig, declared_variant
 
 if TYPE_CHECKING:
     from .interface import Attention
@@ -77,14 +76,16 @@ class Capabilities:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, bool)}
 
 
-def _literal_variant(config: type[AttentionConfig]) -> tuple[Any, ...]:
-    ann = config.model_fields["variant"].annotation
-    return typing.get_args(ann) if typing.get_origin(ann) is typing.Literal else ()
-
-
 @dataclass(frozen=True, eq=False)  # identity equality: hashable although it holds mappings
 class VariantSpec:
     """Everything the registry needs to know about one attention variant.
+
+    Made from the module class with ``VariantSpec.of(MyAttention, summary=..., reference=...)``:
+    name, config, factory and capabilities come from the class (its ``config_class`` and
+    ``capabilities``), so each is written once. The explicit form ``VariantSpec(name=...,
+    config=..., factory=..., capabilities=..., ...)`` is still accepted (``factory`` may then be
+    any callable); the conformance check ``spec_metadata`` verifies that what the factory builds
+    declares the spec's name and capabilities.
 
     ``factory(config)`` must return an ``attnreg.core.Attention``. ``expected_failures`` maps
     conformance check names to the reason the variant is known to fail them (strict xfail).
@@ -118,7 +119,7 @@ class VariantSpec:
         object.__setattr__(self, "aliases", aliases)
         if not (isinstance(self.config, type) and issubclass(self.config, AttentionConfig)):
             raise TypeError(f"{where}: config must be a subclass of AttentionConfig, got {self.config!r}")
-        if _literal_variant(self.config) != (self.name,):
+        if declared_variant(self.config) != self.name:
             raise TypeError(
                 f"{where}: {self.config.__name__}.variant must be declared as "
                 f"Literal[{self.name!r}] (it is the discriminator of config files)"
@@ -138,6 +139,26 @@ class VariantSpec:
                 )
         object.__setattr__(self, "expected_failures", MappingProxyType(xfail))
         object.__setattr__(self, "check_configs", self._validated_check_configs(where))
+
+    @classmethod
+    def of(cls, attention: type[Attention], *, summary: str, reference: str, aliases: tuple[str, ...] = (),
+           expected_failures: Mapping[str, str] | None = None,
+           check_configs: tuple[Mapping[str, Any], ...] = ()) -> VariantSpec:
+        """The spec of an ``Attention`` subclass that declares ``config_class`` (and
+        ``capabilities``): its name is the config's ``variant`` literal, the class is the
+        factory. ``TypeError`` naming the class when it declares no ``config_class``."""
+        from .interface import Attention
+
+        if not (isinstance(attention, type) and issubclass(attention, Attention)):
+            raise TypeError(f"VariantSpec.of: expected an Attention subclass, got {attention!r}")
+        if attention.config_class is None:
+            raise TypeError(f"VariantSpec.of({attention.__qualname__}): the class declares no config_class; "
+                            f"set config_class = <its AttentionConfig subclass with variant: "
+                            f"Literal[\"name\"]>")
+        return cls(name=attention.variant, config=attention.config_class, factory=attention,
+                   capabilities=attention.capabilities, summary=summary, reference=reference,
+                   aliases=aliases, expected_failures=dict(expected_failures or {}),
+                   check_configs=check_configs)
 
     def _validated_check_configs(self, where: str) -> tuple[Mapping[str, Any], ...]:
         """Each override validated with ``config`` now, so a typo fails at registration."""

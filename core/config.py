@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import typing
+from typing import Any
 
-__all__ = ["AttentionConfig"]
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
+
+__all__ = ["AttentionConfig", "declared_variant"]
+
+
+def declared_variant(config: type[AttentionConfig]) -> str | None:
+    """The variant name a config class declares: the single value of its ``variant:
+    Literal["name"]`` field, or None when the field is not a one-value ``Literal`` of a str."""
+    field = config.model_fields.get("variant")
+    if field is None or typing.get_origin(field.annotation) is not typing.Literal:
+        return None
+    args = typing.get_args(field.annotation)
+    return args[0] if len(args) == 1 and isinstance(args[0], str) else None
 
 
 class AttentionConfig(BaseModel):
     """Base of every variant config: frozen, strict, unknown fields rejected.
 
-    Subclasses narrow ``variant`` to ``Literal["<name>"]`` (the discriminator of config files)
-    and add their own bounded, documented fields: every int field needs an upper bound (what
-    torch can index, or a documented practical bound), every float field is finite.
+    Subclasses narrow ``variant`` to ``Literal["<name>"]``: the one place a variant's name is
+    written (the discriminator of config files; ``Attention`` subclasses and ``VariantSpec.of``
+    read it from here). Without a default of its own the field defaults to that name, so
+    ``variant: Literal["my_attn"]`` is the whole declaration. Subclasses add their own bounded,
+    documented fields: every int field needs an upper bound (what torch can index, or a
+    documented practical bound), every float field is finite.
 
     Values are not coerced (``strict``): ``True`` is not ``1``, ``"3"`` is not ``3`` and ``3.0``
     is not ``3`` (an int is accepted where a float is expected). A config file that says
@@ -31,3 +48,16 @@ class AttentionConfig(BaseModel):
         None, gt=0.0,
         description="Multiplier of the logits; None means 1/sqrt(E) (E = query head dim). Finite.",
     )
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """``variant: Literal["name"]`` without a default gets ``"name"`` as its default."""
+        super().__pydantic_init_subclass__(**kwargs)
+        field = cls.model_fields["variant"]
+        name = declared_variant(cls)
+        if name is None or not field.is_required():
+            return
+        cls.model_fields["variant"] = FieldInfo.from_annotated_attribute(
+            field.annotation, Field(name, description=field.description or "Variant name.")
+        )
+        cls.model_rebuild(force=True)

@@ -8,9 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .bench_hooks import BenchmarkHooks
 from .capabilities import Capabilities
-from .config import AttentionConfig
+from .config import AttentionConfig, declared_variant
 from .decoding import DecodeState, KVCacheState, canonical_device, check_decode_inputs, freeze_fingerprint
+from .dtypes import accum_dtype
 from .errors import UnsupportedFeatureError
 from .masks import CausalAlignment, Masks, check_inputs
 from .second_order import guard_second_order
@@ -18,12 +20,16 @@ from .second_order import guard_second_order
 __all__ = ["Attention"]
 
 
-class Attention(nn.Module):
+class Attention(BenchmarkHooks, nn.Module):
     """Base class of every attention variant.
 
-    Subclasses set the class attributes ``variant`` (registered name) and ``capabilities``, and
-    implement ``_attend`` and ``_weights``; this class validates inputs, canonicalises masks and
-    rejects undeclared features, so that variants never re-implement it.
+    Subclasses set the class attributes ``config_class`` (their ``AttentionConfig`` subclass,
+    whose ``variant: Literal["name"]`` is the variant's name: ``variant`` is derived from it)
+    and ``capabilities``, and implement ``_attend`` and ``_weights``; this class validates
+    inputs, canonicalises masks and rejects undeclared features, so that variants never
+    re-implement it. ``VariantSpec.of(cls, summary=..., reference=...)`` registers the class.
+    The optional benchmark hooks (``pattern_mask``, ``flops``, ``benchmark_baselines``) are
+    documented on ``BenchmarkHooks``.
 
         out = attn(query, key, value, attn_mask=None, key_mask=None, is_causal=False)
         w   = attn.attention_weights(query, key, ...)          # dense (B, H, Lq, Lk)
@@ -37,12 +43,42 @@ class Attention(nn.Module):
     """
 
     variant: ClassVar[str] = "attention"
+    config_class: ClassVar[type[AttentionConfig] | None] = None
     capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Derive ``variant`` from ``config_class``. A class that sets ``variant`` itself (the
+        explicit form, registered with ``VariantSpec(name=..., config=...)``) has no
+        ``config_class`` of its own."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "config_class" not in own:
+            if "variant" in own:
+                cls.config_class = None  # an inherited config names another variant
+            return
+        config = own["config_class"]
+        if config is None:  # explicitly none: the explicit form
+            return
+        if "variant" in own:
+            raise TypeError(f"{cls.__qualname__} sets both config_class and variant: the name is "
+                            f"declared once, as the config's variant: Literal[\"name\"]; drop variant")
+        if not (isinstance(config, type) and issubclass(config, AttentionConfig)):
+            raise TypeError(f"{cls.__qualname__}.config_class must be a subclass of AttentionConfig, "
+                            f"got {config!r}")
+        name = declared_variant(config)
+        if name is None:
+            raise TypeError(f"{cls.__qualname__}.config_class {config.__name__} must declare its variant "
+                            f"as one name, variant: Literal[\"name\"], got "
+                            f"{config.model_fields['variant'].annotation!r}")
+        cls.variant = name
 
     def __init__(self, config: AttentionConfig) -> None:
         super().__init__()
         if not isinstance(config, AttentionConfig):
             raise TypeError(f"{type(self).__name__} needs an AttentionConfig, got {config!r}")
+        if self.config_class is not None and not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
         if config.dropout > 0 and not self.capabilities.dropout:
             raise UnsupportedFeatureError(self.variant, f"dropout={config.dropout}")
         self.config = config
@@ -199,9 +235,5 @@ class Attention(nn.Module):
         fields = self.config.model_dump(exclude={"variant"})
         return ", ".join(f"{k}={v!r}" for k, v in fields.items())
 
-    @staticmethod
-    def _accum_dtype(x: Tensor | torch.dtype) -> torch.dtype:
-        """float32 for half inputs (softmax and normalisers), the input dtype otherwise; ``x`` is
-        an input tensor or its dtype."""
-        dtype = x if isinstance(x, torch.dtype) else x.dtype
-        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    # Plugins published before ``attnreg.core.accum_dtype`` existed call this name.
+    _accum_dtype = staticmethod(accum_dtype)

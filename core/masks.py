@@ -27,6 +27,9 @@ from .host import known
 __all__ = ["CausalAlignment", "Masks", "check_inputs", "causal_mask", "sdpa_safe_mask"]
 
 CausalAlignment = Literal["upper_left", "lower_right"]
+CausalAlignment.__doc__ = """Where the queries sit in the keys' sequence under ``is_causal``:
+``"upper_left"`` (query i sees keys j <= i) or ``"lower_right"`` (the queries are the last Lq
+positions: query i sees keys j <= i + Lk - Lq)."""
 _ALIGNMENTS = ("upper_left", "lower_right")
 
 

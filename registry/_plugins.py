@@ -19,15 +19,10 @@ from typing import Any
 
 import pluggy
 
-from attnreg.core import (
-    PROJECT_NAME,
-    AttnregHookSpecs,
-    DuplicateVariantError,
-    PluginLoadError,
-    VariantSpec,
-)
+from attnreg.core import DuplicateVariantError, PluginLoadError, VariantSpec
 
 from ._errors import PluginWarning, unknown_variant
+from ._hookspec import PROJECT_NAME, AttnregHookSpecs
 from ._isolation import TorchStateGuard, describe_exception, normalize_name
 from ._plugin_env import (
     BUILTIN_DIST,

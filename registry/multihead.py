@@ -27,9 +27,9 @@ from attnreg.core import (
     ConfigError,
     DecodeState,
     UnsupportedFeatureError,
-    canonical_device,
     repeat_kv,
 )
+from attnreg.core.decoding import canonical_device
 
 from ._configs import build, read_config_file, validate_config
 from ._plugins import REGISTRY

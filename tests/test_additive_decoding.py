@@ -9,6 +9,7 @@ import torch
 
 from attnreg.core import UnsupportedFeatureError, causal_mask, check_inputs
 from attnreg.plugins.additive import AdditiveAttention, AdditiveConfig
+from attnreg.plugins.additive.attention import causal_pairs
 from attnreg.plugins.additive.reference import additive_reference
 
 TOL = 1e-10
@@ -93,12 +94,20 @@ def test_chunks_read_only_the_keys_they_can_see(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize("lq,lk,offset", [(5, 5, 0), (7, 3, 0), (3, 7, 0), (3, 10, 7), (1, 9, 8),
                                           (6, 20, 14), (7, 5, -2), (12, 5, -7), (4, 2, -2), (3, 4, -3)])
-def test_flops_counts_causal_pairs_with_an_offset(lq: int, lk: int, offset: int) -> None:
+def test_causal_pairs_count_the_mask_with_an_offset(lq: int, lk: int, offset: int) -> None:
+    assert causal_pairs(lq, lk, offset) == int(causal_mask(lq, lk, offset=offset).sum())
+
+
+@pytest.mark.parametrize("lq,lk", [(5, 5), (7, 3), (3, 7), (1, 9), (12, 5)])
+@pytest.mark.parametrize("alignment", ["upper_left", "lower_right"])
+def test_flops_counts_causal_pairs_of_the_alignment(lq: int, lk: int, alignment: str) -> None:
     m = _module(4)
-    pairs = int(causal_mask(lq, lk, offset=offset).sum())
+    q, k, _ = _qkv(lq, lk, grad=False)
+    masks = check_inputs("additive", m.capabilities, q, k, None, None, None, True, alignment)
+    pairs = int(masks.allowed().sum())  # (1, 1, Lq, Lk): what forward attends to
     d_a = m.hidden_dim
     want = B * H * (2.0 * (lq + lk) * E * d_a + pairs * (4.0 * d_a + 2.0 * EV))
-    assert m.flops(B, H, lq, lk, E, EV, True, q_offset=offset) == want
+    assert m.flops(B, H, lq, lk, E, EV, is_causal=True, causal_alignment=alignment) == want
 
 
 def _decode_all(m, q, k, v, cuts, key_mask=None, state=None):

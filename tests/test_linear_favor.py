@@ -155,9 +155,10 @@ def test_benchmark_baselines_match_fast_path(fmap: str, causal: bool) -> None:
 
 def test_flops_grow_linearly_in_length() -> None:
     m = attnreg.build("linear")
-    f1 = m.flops(1, 8, 4096, 4096, 64, 64, True)
-    f2 = m.flops(1, 8, 8192, 8192, 64, 64, True)
+    f1 = m.flops(1, 8, 4096, 4096, 64, 64, is_causal=True)
+    f2 = m.flops(1, 8, 8192, 8192, 64, 64, is_causal=True)
     assert f1 > 0 and f2 == pytest.approx(2 * f1)
-    assert m.flops(1, 8, 4096, 4096, 64, 64, False) < f1  # no intra-chunk work
+    assert m.flops(1, 8, 4096, 4096, 64, 64, is_causal=False) < f1  # no intra-chunk work
     perf = attnreg.build("performer")
-    assert perf.flops(1, 8, 4096, 4096, 64, 64, False) > m.flops(1, 8, 4096, 4096, 64, 64, False)
+    sizes = (1, 8, 4096, 4096, 64, 64)
+    assert perf.flops(*sizes, is_causal=False) > m.flops(*sizes, is_causal=False)

@@ -147,23 +147,24 @@ def test_weights_pattern_flops_and_baseline() -> None:
     q, k, v = (t.detach() for t in _inputs(50))
     for causal in (False, True):
         w = attn.attention_weights(q, k, is_causal=causal)  # (B, H, L, L)
-        pattern = attn.pattern_mask(50, is_causal=causal)  # (L, L)
+        pattern = attn.pattern_mask(50, is_causal=causal, num_heads=H)  # (1, L, L)
         assert torch.equal(w != 0, pattern.expand_as(w))
         assert torch.allclose(w.sum(-1), torch.ones(B, H, 50, dtype=w.dtype))
         assert (attn(q, k, v, is_causal=causal) - w @ v).abs().max() <= TOL
         baseline = attn.benchmark_baselines()["sdpa_dense_band"](q, k, v, causal)
         assert (baseline - w @ v).abs().max() <= TOL
         pairs = int(pattern.sum())
-        assert attn.flops(B, H, 50, 50, E, EV, causal) == 2 * (E + EV) * pairs * B * H
-    assert attn.pattern_mask(4).tolist() == [[abs(i - j) <= 3 for j in range(4)] for i in range(4)]
+        assert attn.flops(B, H, 50, 50, E, EV, is_causal=causal) == 2 * (E + EV) * pairs * B * H
+    want = [[[abs(i - j) <= 3 for j in range(4)] for i in range(4)]]
+    assert attn.pattern_mask(4, is_causal=False, num_heads=H).tolist() == want
 
 
 @pytest.mark.parametrize("window", [0, 1, 3, 9, 40])
 @pytest.mark.parametrize("causal", [False, True])
 def test_pattern_mask_is_the_definition(window: int, causal: bool) -> None:
     attn = attnreg.build("local", window=window)
-    got = attn.pattern_mask(11, is_causal=causal)  # (L, L)
-    want = [[abs(i - j) <= window and (j <= i or not causal) for j in range(11)] for i in range(11)]
+    got = attn.pattern_mask(11, is_causal=causal, num_heads=2)  # (1, L, L)
+    want = [[[abs(i - j) <= window and (j <= i or not causal) for j in range(11)] for i in range(11)]]
     assert got.dtype == torch.bool and got.tolist() == want
 
 

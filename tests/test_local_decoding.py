@@ -243,6 +243,8 @@ def test_flops_lower_right_counts_the_band() -> None:
     attn = attnreg.build("local", window=3)
     for lq, lk in ((1, 20), (5, 9), (9, 9)):
         pairs = int(_blocked.rect_band(lq, lk, lk - lq, 3, True).sum())
-        assert attn.flops(1, 1, lq, lk, E, EV, True) == 2 * (E + EV) * pairs
-    with pytest.raises(ValueError, match="q_len"):
-        attn.flops(1, 1, 5, 9, E, EV, False)
+        got = attn.flops(1, 1, lq, lk, E, EV, is_causal=True, causal_alignment="lower_right")
+        assert got == 2 * (E + EV) * pairs
+    for causal, alignment in ((False, "lower_right"), (True, "upper_left")):
+        with pytest.raises(ValueError, match="q_len"):
+            attn.flops(1, 1, 5, 9, E, EV, is_causal=causal, causal_alignment=alignment)

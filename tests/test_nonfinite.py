@@ -25,8 +25,8 @@ from attnreg.core import (
     poison_rows,
     screen,
     screen_kv,
-    span_hits,
 )
+from attnreg.core.nonfinite import span_hits
 
 NAN, INF = float("nan"), float("inf")
 MINE = ("dot_product", "additive", "local", "sparse", "bigbird")

@@ -43,7 +43,8 @@ def check_against_reference(attn, q, k, v, *, attn_mask=None, key_mask=None, is_
     """Forward and all three input gradients equal the dense float64 reference to <= 1e-10."""
     out = attn(q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal)
     masks = check_inputs("sparse", attn.capabilities, q, k, v, attn_mask, key_mask, is_causal)
-    ref, _ = sparse_reference(q, k, v, masks, attn.pattern_mask(q.shape[2], q.shape[1]), attn.scale)
+    pattern = attn.pattern_mask(q.shape[2], is_causal=False, num_heads=q.shape[1])  # (H|1, L, L)
+    ref, _ = sparse_reference(q, k, v, masks, pattern, attn.scale)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     grad_out = torch.randn_like(out)
@@ -167,14 +168,17 @@ def test_num_heads_field_is_checked():
     q, k, v = inputs(1, 2, 40)
     with pytest.raises(ValueError, match="num_heads=3"):
         attn(q, k, v)
-    assert attn.pattern_mask(40).shape == (3, 40, 40)
+    assert attn.pattern_mask(40, is_causal=False, num_heads=3).shape == (3, 40, 40)
+    with pytest.raises(ValueError, match="num_heads=3"):
+        attn.pattern_mask(40, is_causal=False, num_heads=2)
 
 
-def test_cross_attention_and_per_head_pattern_need_explicit_heads():
+def test_pattern_of_one_head_and_no_cross_attention():
     attn = attnreg.build("bigbird", block_size=16)
-    with pytest.raises(ValueError, match="num_heads"):
-        attn.pattern_mask(100)
-    assert attnreg.build("sparse", layout="strided").pattern_mask(100).shape == (1, 100, 100)
+    strided = attnreg.build("sparse", layout="strided")
+    assert strided.pattern_mask(100, is_causal=False, num_heads=1).shape == (1, 100, 100)
+    causal = strided.pattern_mask(100, is_causal=True, num_heads=1)
+    assert torch.equal(causal, strided.pattern_mask(100, is_causal=False, num_heads=1).tril())
     q = torch.randn(1, 2, 10, 8)
     kv = torch.randn(1, 2, 12, 8)
     with pytest.raises(attnreg.UnsupportedFeatureError):
@@ -186,11 +190,11 @@ def test_cross_attention_and_per_head_pattern_need_explicit_heads():
 def test_flops_counts_allowed_pairs(layout, is_causal):
     length, heads = 150, 3
     attn = make(layout, 16, length)
-    pattern = attn.pattern_mask(length, heads).expand(heads, length, length)
+    pattern = attn.pattern_mask(length, is_causal=is_causal, num_heads=heads).expand(heads, length, length)
     if is_causal:
-        pattern = pattern & torch.ones(length, length, dtype=torch.bool).tril()
+        assert not pattern.triu(1).any()
     want = 2 * (8 + 4) * int(pattern.sum()) * 2
-    assert attn.flops(2, heads, length, length, 8, 4, is_causal) == want
+    assert attn.flops(2, heads, length, length, 8, 4, is_causal=is_causal) == want
 
 
 def test_benchmark_baseline_equals_forward():
@@ -215,7 +219,8 @@ def test_plan_is_cached_per_length():
 def _reference(attn, q, k, v, **kw):
     masks = check_inputs("sparse", attn.capabilities, q, k, v, kw.get("attn_mask"), kw.get("key_mask"),
                          kw.get("is_causal", False))
-    return sparse_reference(q, k, v, masks, attn.pattern_mask(q.shape[2], q.shape[1]), attn.scale)[0]
+    pattern = attn.pattern_mask(q.shape[2], is_causal=False, num_heads=q.shape[1])  # (H|1, L, L)
+    return sparse_reference(q, k, v, masks, pattern, attn.scale)[0]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

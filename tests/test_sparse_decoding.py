@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnreg
-from attnreg.core import causal_mask, check_inputs
+from attnreg.core import check_inputs
 from attnreg.plugins.sparse import SparseAttention, SparseConfig, sparse_reference
 
 LAYOUTS = ["bigbird", "strided", "fixed", "custom"]
@@ -57,7 +57,8 @@ def reference(attn, q, k, v, *, attn_mask=None, key_mask=None):
     """Float64 dense softmax over the rows of the length-Lk pattern that the last Lq queries own."""
     masks = check_inputs("sparse", attn.capabilities, q, k, v, attn_mask, key_mask, True, "lower_right")
     lk = k.shape[2]
-    pattern = attn.pattern_mask(lk, q.shape[1])[:, lk - q.shape[2] :]  # (H, Lq, Lk)
+    pattern = attn.pattern_mask(lk, is_causal=False, num_heads=q.shape[1])  # (H, Lk, Lk)
+    pattern = pattern[:, lk - q.shape[2] :]  # (H, Lq, Lk)
     return sparse_reference(q, k, v, masks, pattern, attn.scale)[0]
 
 
@@ -284,12 +285,14 @@ def test_a_decoded_token_reads_only_its_active_blocks(monkeypatch, max_length):
 def test_flops_of_the_last_positions_count_their_allowed_pairs():
     attn = make("strided", 4, 50)
     lk, lq, heads = 50, 7, 2
-    pattern = attn.pattern_mask(lk, heads)[:, lk - lq :] & causal_mask(lq, lk, offset=lk - lq)
-    assert attn.flops(3, heads, lq, lk, E, EV, True) == 2 * (E + EV) * int(pattern.sum()) * 3
-    full = attn.pattern_mask(lk, heads) & causal_mask(lk, lk)
-    assert attn.flops(3, heads, lk, lk, E, EV, True) == 2 * (E + EV) * int(full.sum()) * 3
-    with pytest.raises(ValueError, match="needs is_causal"):
-        attn.flops(1, heads, lq, lk, E, EV, False)
+    pattern = attn.pattern_mask(lk, is_causal=True, num_heads=heads)[:, lk - lq :]  # (H, Lq, Lk)
+    got = attn.flops(3, heads, lq, lk, E, EV, is_causal=True, causal_alignment="lower_right")
+    assert got == 2 * (E + EV) * int(pattern.sum()) * 3
+    full = attn.pattern_mask(lk, is_causal=True, num_heads=heads)  # (H, Lk, Lk)
+    assert attn.flops(3, heads, lk, lk, E, EV, is_causal=True) == 2 * (E + EV) * int(full.sum()) * 3
+    for causal, alignment in ((False, "upper_left"), (True, "upper_left")):
+        with pytest.raises(ValueError, match="needs is_causal"):
+            attn.flops(1, heads, lq, lk, E, EV, is_causal=causal, causal_alignment=alignment)
 
 
 def test_concurrent_decoding_and_forwards_on_one_module():

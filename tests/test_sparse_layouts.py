@@ -74,10 +74,11 @@ def test_bigbird_layout_same_in_a_fresh_process():
 
 def test_causal_bigbird_is_the_causal_part_of_the_layout():
     attn = bigbird(block_size=4)
-    pattern = attn.pattern_mask(60, 2)
+    pattern = attn.pattern_mask(60, is_causal=False, num_heads=2)
     q = torch.randn(1, 2, 60, 8)
     w = attn.attention_weights(q, q, is_causal=True)  # (1, 2, 60, 60)
     assert torch.equal(w[0] > 0, pattern & torch.ones(60, 60, dtype=torch.bool).tril())
+    assert torch.equal(w[0] > 0, attn.pattern_mask(60, is_causal=True, num_heads=2))
 
 
 def _paper_strided(nb: int, stride: int) -> torch.Tensor:
@@ -112,7 +113,7 @@ def test_default_stride_is_ceil_sqrt():
 
 def test_pattern_mask_is_the_expanded_layout_with_partial_last_block():
     attn = attnreg.build("sparse", layout="strided", block_size=4, stride=2)
-    pattern = attn.pattern_mask(10)  # 3 blocks, the last one 2 tokens
+    pattern = attn.pattern_mask(10, is_causal=False, num_heads=1)  # 3 blocks, the last one 2 tokens
     layout = attn.layout(10, 1)[0]
     assert pattern.shape == (1, 10, 10)
     for i in range(10):
@@ -173,7 +174,7 @@ def test_former_custom_layout_field_says_what_to_write(value, match):
 def test_custom_per_head_layout():
     layout = torch.stack([torch.eye(3, dtype=torch.bool), torch.ones(3, 3, dtype=torch.bool)])
     attn = SparseAttention.from_layout(layout, block_size=2)
-    assert torch.equal(attn.pattern_mask(6), expand_layout(layout, 2, 6))
+    assert torch.equal(attn.pattern_mask(6, is_causal=False, num_heads=2), expand_layout(layout, 2, 6))
     with pytest.raises(ValueError, match="2 heads but the input has 3"):
         attn(torch.randn(1, 3, 6, 4), torch.randn(1, 3, 6, 4), torch.randn(1, 3, 6, 4))
     with pytest.raises(ValueError, match="custom_matrix has 2 heads but num_heads=3"):

@@ -8,11 +8,8 @@ from .attention import AdditiveAttention, AdditiveConfig
 
 __all__ = ["AdditiveAttention", "AdditiveConfig", "SPEC", "attnreg_variants"]
 
-SPEC = VariantSpec(
-    name="additive",
-    config=AdditiveConfig,
-    factory=AdditiveAttention,
-    capabilities=AdditiveAttention.capabilities,
+SPEC = VariantSpec.of(
+    AdditiveAttention,
     summary="score = v_h . tanh(q W_q + k W_k + b), per-head parameters; query-chunked and "
     "checkpointed so memory is O(chunk*Lk*d_a)",
     reference="Bahdanau, Cho & Bengio 2015, 'Neural Machine Translation by Jointly Learning to Align "
@@ -24,5 +21,5 @@ SPEC = VariantSpec(
 
 @hookimpl
 def attnreg_variants() -> list[VariantSpec]:
-    """Provide ``additive``."""
+    """Provide the variant."""
     return [SPEC]

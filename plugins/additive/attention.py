@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -13,9 +13,12 @@ from torch import Tensor, nn
 from attnreg.core import (
     Attention,
     AttentionConfig,
+    Baseline,
     Capabilities,
+    CausalAlignment,
     DecodeState,
     Masks,
+    accum_dtype,
     causal_mask,
     hits_under,
     masked_softmax,
@@ -26,7 +29,7 @@ from attnreg.core import (
 from .chunked import chunked_attention, chunked_scores
 from .reference import additive_logits
 
-__all__ = ["AdditiveAttention", "AdditiveConfig", "MAX_WEIGHT_ELEMENTS", "WORKSPACE_ELEMENTS"]
+__all__ = ["AdditiveAttention", "AdditiveConfig", "MAX_WEIGHT_ELEMENTS", "WORKSPACE_ELEMENTS", "causal_pairs"]
 
 # Chosen by measurement (docs/variants/additive.md): the chunk's pairwise workspace
 # (B*H*chunk*Lk*d_a elements) is what costs memory, while many small chunks cost time (each op
@@ -41,7 +44,7 @@ MAX_WEIGHT_ELEMENTS = 2**24
 class AdditiveConfig(AttentionConfig):
     """Config of ``additive``: per-head Bahdanau scoring parameters and the query chunk size."""
 
-    variant: Literal["additive"] = Field("additive", description="Variant name.")
+    variant: Literal["additive"]
     num_heads: int = Field(
         ge=1, le=4096, description="Number of heads H (one parameter set per head)."
     )
@@ -84,7 +87,7 @@ class AdditiveAttention(Attention):
     cast to it, and the output has the input dtype.
     """
 
-    variant = "additive"
+    config_class = AdditiveConfig
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
         dropout=True, normalized=True, permutation_invariant=True, learnable=True, decoding=True,
@@ -143,7 +146,7 @@ class AdditiveAttention(Attention):
 
     def _project(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
         """(Q W_q + b, K W_k, v) in the compute dtype, and that dtype. Computed once per call."""
-        acc = self._accum_dtype(query)
+        acc = accum_dtype(query)
         w_q, w_k, b, v = (p.to(acc) for p in (self.w_q, self.w_k, self.b, self.v))
         qp = query.to(acc) @ w_q + b[None, :, None, :]  # (B, H, Lq, d_a): (B,H,Lq,E) @ (H,E,d_a)
         kp = key.to(acc) @ w_k  # (B, H, Lk, d_a)
@@ -171,25 +174,20 @@ class AdditiveAttention(Attention):
 
     def flops(
         self, batch: int, heads: int, q_len: int, k_len: int, head_dim: int, value_dim: int,
-        is_causal: bool, q_offset: int = 0,
+        *, is_causal: bool, causal_alignment: CausalAlignment = "upper_left",
     ) -> float:
         """Useful forward FLOPs: projections 2*(Lq+Lk)*E*d_a, and per attended (i, j) pair
-        4*d_a (add, tanh, multiply-add with v) + 2*Ev (weights @ V); causal pairs only.
-
-        ``q_offset`` is ``Masks.q_offset``: 0 for upper-left causal, Lk - Lq for lower-right
-        (a decode step or chunked prefill: query i sees keys j <= i + q_offset)."""
+        4*d_a (add, tanh, multiply-add with v) + 2*Ev (weights @ V); causal pairs only
+        (lower-right: a decode step or chunked prefill, query i sees keys j <= i + Lk - Lq)."""
         d_a = self.hidden_dim
-        if is_causal:  # row i sees clamp(i + q_offset + 1, 0, Lk) keys
-            first = min(max(-q_offset, 0), q_len)  # rows before it see no key (Lq > Lk lower-right)
-            full = min(max(k_len - q_offset - 1, first), q_len)  # rows from it on see every key
-            # rows first .. full-1 see i + q_offset + 1 keys: an arithmetic series
-            pairs = (full - first) * (first + full - 1 + 2 * (q_offset + 1)) // 2 + (q_len - full) * k_len
+        if is_causal:
+            pairs = causal_pairs(q_len, k_len, k_len - q_len if causal_alignment == "lower_right" else 0)
         else:
             pairs = q_len * k_len
         proj = 2.0 * (q_len + k_len) * head_dim * d_a
         return float(batch * heads * (proj + pairs * (4.0 * d_a + 2.0 * value_dim)))
 
-    def benchmark_baselines(self) -> dict[str, Callable[[Tensor, Tensor, Tensor, bool], Tensor]]:
+    def benchmark_baselines(self) -> Mapping[str, Baseline]:
         """``naive``: the broadcast formula (whole (B, H, Lq, Lk, d_a) tanh tensor) in the input
         dtype, with this module's parameters; the same math as ``reference.py``."""
 
@@ -202,3 +200,12 @@ class AdditiveAttention(Attention):
             return masked_softmax(scores, allowed) @ value  # (B, H, Lq, Ev)
 
         return {"naive": naive}
+
+
+def causal_pairs(q_len: int, k_len: int, q_offset: int) -> int:
+    """(query, key) pairs a causal call attends to when query i sees keys j <= i + ``q_offset``
+    (``Masks.q_offset``; row i sees clamp(i + q_offset + 1, 0, Lk) keys)."""
+    first = min(max(-q_offset, 0), q_len)  # rows before it see no key (Lq > Lk lower-right)
+    full = min(max(k_len - q_offset - 1, first), q_len)  # rows from it on see every key
+    # rows first .. full-1 see i + q_offset + 1 keys: an arithmetic series
+    return (full - first) * (first + full - 1 + 2 * (q_offset + 1)) // 2 + (q_len - full) * k_len

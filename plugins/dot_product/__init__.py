@@ -9,11 +9,8 @@ from .attention import DotProductAttention, DotProductConfig
 
 __all__ = ["DotProductAttention", "DotProductConfig", "SPEC", "attnreg_variants"]
 
-SPEC = VariantSpec(
-    name="dot_product",
-    config=DotProductConfig,
-    factory=DotProductAttention,
-    capabilities=DotProductAttention.capabilities,
+SPEC = VariantSpec.of(
+    DotProductAttention,
     summary="softmax(scale * Q K^T + mask) V on torch's fused scaled_dot_product_attention",
     reference="Vaswani et al. 2017, 'Attention Is All You Need', arXiv:1706.03762",
     aliases=("sdpa", "scaled_dot_product"),
@@ -22,5 +19,5 @@ SPEC = VariantSpec(
 
 @hookimpl
 def attnreg_variants() -> list[VariantSpec]:
-    """Provide ``dot_product``."""
+    """Provide the variant."""
     return [SPEC]

@@ -6,7 +6,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
 from attnreg.core import (
@@ -14,6 +13,7 @@ from attnreg.core import (
     AttentionConfig,
     Capabilities,
     Masks,
+    accum_dtype,
     dot_product_logits,
     hits_under,
     masked_softmax,
@@ -27,13 +27,13 @@ from attnreg.core import (
 class DotProductConfig(AttentionConfig):
     """Config of ``dot_product``: only the shared fields."""
 
-    variant: Literal["dot_product"] = Field("dot_product", description="Variant name.")
+    variant: Literal["dot_product"]
 
 
 class DotProductAttention(Attention):
     """softmax(scale * Q K^T + mask) V through PyTorch's fused SDPA kernels."""
 
-    variant = "dot_product"
+    config_class = DotProductConfig
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
         dropout=True, normalized=True, permutation_invariant=True, learnable=False,
@@ -57,7 +57,7 @@ class DotProductAttention(Attention):
         return poison_rows(out, hits_under(bad, masks))  # rows that see a NaN/inf input: NaN
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
-        acc = self._accum_dtype(query)
+        acc = accum_dtype(query)
         key = repeat_kv(key, query.shape[1])  # (B, H, Lk, E): the oracle may copy
         logits = dot_product_logits(query.to(acc), key.to(acc), self.scale)  # (B, H, Lq, Lk)
         if masks.float_mask is not None:

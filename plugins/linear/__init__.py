@@ -24,13 +24,11 @@ _KATHAROPOULOS = (
     "Linear Attention', arXiv:2006.16236"
 )
 _PERFORMER = "Choromanski et al. 2021, 'Rethinking Attention with Performers', arXiv:2009.14794"
+_RELU = "[chunk_size=4,segment_size=8,feature_map=relu]"  # the relu entry of check_configs below
 
 SPECS = (
-    VariantSpec(
-        name="linear",
-        config=LinearConfig,
-        factory=LinearAttention,
-        capabilities=LinearAttention.capabilities,
+    VariantSpec.of(
+        LinearAttention,
         summary="phi(Q) (phi(K)^T V) / (phi(Q) sum phi(K)); phi = elu+1 (default), relu or favor; "
         "O(L) causal via chunked prefix states; decodes with an O(1) recurrent state",
         reference=f"{_KATHAROPOULOS}; FAVOR+: {_PERFORMER}",
@@ -39,16 +37,13 @@ SPECS = (
         check_configs=({"chunk_size": 4, "segment_size": 8},
                        {"chunk_size": 4, "segment_size": 8, "feature_map": "relu"},
                        {"chunk_size": 4, "segment_size": 8, "feature_map": "favor"}),
-        expected_failures={"linear[chunk_size=4,segment_size=8,feature_map=relu]:rows_sum_to_one":
+        expected_failures={f"{LinearAttention.variant}{_RELU}:rows_sum_to_one":
                            "relu features can "
                            "give a query no overlap with any key: its normaliser is 0 and its weights "
                            "row is all 0 (documented: output 0), so rows need not sum to 1 with relu"},
     ),
-    VariantSpec(
-        name="performer",
-        config=PerformerConfig,
-        factory=PerformerAttention,
-        capabilities=PerformerAttention.capabilities,
+    VariantSpec.of(
+        PerformerAttention,
         summary="linear attention with FAVOR+ positive orthogonal random features (seeded), "
         "an unbiased approximation of softmax attention",
         reference=_PERFORMER,
@@ -59,5 +54,5 @@ SPECS = (
 
 @hookimpl
 def attnreg_variants() -> list[VariantSpec]:
-    """Provide ``linear`` and ``performer``."""
+    """Provide the variants."""
     return list(SPECS)

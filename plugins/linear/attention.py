@@ -14,7 +14,7 @@ memory and time per token. Half inputs are computed in float32.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -24,10 +24,13 @@ from torch import Tensor
 from attnreg.core import (
     Attention,
     AttentionConfig,
+    Baseline,
     Capabilities,
+    CausalAlignment,
     DecodeState,
     LRUCache,
     Masks,
+    accum_dtype,
     tensor_nbytes,
 )
 
@@ -93,7 +96,7 @@ class _LinearFields(AttentionConfig):
 class LinearConfig(_LinearFields):
     """Config of ``linear`` (alias ``linear_attention``)."""
 
-    variant: Literal["linear"] = Field("linear", description="Variant name.")
+    variant: Literal["linear"]
     feature_map: Literal["elu", "relu", "favor"] = Field(
         "elu",
         description="phi: 'elu' = elu(x)+1 (Katharopoulos 2020), 'relu' = max(x, 0), 'favor' = "
@@ -104,7 +107,7 @@ class LinearConfig(_LinearFields):
 class PerformerConfig(_LinearFields):
     """Config of ``performer``: linear attention with FAVOR+ features (the only map it allows)."""
 
-    variant: Literal["performer"] = Field("performer", description="Variant name.")
+    variant: Literal["performer"]
     feature_map: Literal["favor"] = Field(
         "favor", description="Always 'favor' (use variant 'linear' for elu / relu)."
     )
@@ -143,7 +146,7 @@ class LinearAttention(Attention):
     """Linear attention; see the module docstring. ``attention_weights`` is the dense (O(L^2))
     normalised matrix of the same computation."""
 
-    variant = "linear"
+    config_class = LinearConfig
     capabilities = Capabilities(**_CAPS, complexity="O(L*F*Ev), F = E (elu, relu) or m (favor)")
 
     config: LinearConfig | PerformerConfig
@@ -169,7 +172,7 @@ class LinearAttention(Attention):
                   anchor: Tensor | None = None) -> FeaturePair:
         """Features in the accumulation dtype (float32 for half inputs); ``anchor`` continues a
         causal FAVOR+ sequence (decoding, see ``feature_pair``)."""
-        acc = self._accum_dtype(query)
+        acc = accum_dtype(query)
         q, k = query.to(acc), key.to(acc)  # (B, H, L, E)
         allowed = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, Lk, 1)
         proj, scale = None, 1.0
@@ -186,7 +189,7 @@ class LinearAttention(Attention):
             fp = self._features(query, key, masks.key_mask, masks.is_causal)
             q, k, fmap = fp.phi_q, fp.phi_k, "identity"
         out = linear_attention(q, k, value, fmap, allowed, self.eps, masks.is_causal, self.chunk_size,
-                               self._accum_dtype(query), self.config.segment_size,
+                               accum_dtype(query), self.config.segment_size,
                                masks.q_offset)  # (B, H, Lq, Ev)
         return out.to(query.dtype)
 
@@ -210,7 +213,7 @@ class LinearAttention(Attention):
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int,
                     dtype: torch.dtype, device: torch.device, max_length: int | None) -> LinearState:
         return init_linear_state(batch, heads, head_dim, value_dim, dtype, device, max_length,
-                                 self.feature_map, self._num_features(head_dim), self._accum_dtype(dtype))
+                                 self.feature_map, self._num_features(head_dim), accum_dtype(dtype))
 
     def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
                 key_mask: Tensor | None) -> tuple[Tensor, LinearState]:
@@ -226,18 +229,19 @@ class LinearAttention(Attention):
             assert fp.anchor is not None
             anchor = fp.anchor[:, :, 0, 0]  # (B, H): fixed once a real key has been seen
         out, kv = recurrent_step(q, k, value, fmap, allowed, self.eps, state.kv, self.chunk_size,
-                                 self._accum_dtype(query), self.config.segment_size)  # (B, H, T, Ev)
+                                 accum_dtype(query), self.config.segment_size)  # (B, H, T, Ev)
         new = dataclasses.replace(state, kv=kv, anchor=anchor, length=state.length + query.shape[2])
         return out.to(query.dtype), new
 
     # -- benchmark harness hooks -------------------------------------------------------------------
     def flops(
         self, batch: int, heads: int, q_len: int, k_len: int, head_dim: int, value_dim: int,
-        is_causal: bool,
+        *, is_causal: bool, causal_alignment: CausalAlignment = "upper_left",
     ) -> float:
         """Forward FLOPs of the algorithm run (multiply-add = 2): feature maps, states, readout.
 
-        Causal adds the intra-chunk quadratic form (full C x C blocks, as computed).
+        Causal adds the intra-chunk quadratic form (full C x C blocks, as computed); the count
+        does not depend on ``causal_alignment`` (the same chunks are computed either way).
         """
         feat = self._num_features(head_dim)
         f = 0.0
@@ -254,7 +258,7 @@ class LinearAttention(Attention):
             f += 2.0 * (q_len - n) * feat * ev1 + (2.0 * k_len * feat * ev1 if q_len > k_len else 0.0)
         return batch * heads * f
 
-    def benchmark_baselines(self) -> dict[str, Callable[[Tensor, Tensor, Tensor, bool], Tensor]]:
+    def benchmark_baselines(self) -> Mapping[str, Baseline]:
         """Naive formulations to time against the fast path, run in the input dtype:
 
         - ``cumsum``: the cumulative-sum formulation (materialises every prefix state,
@@ -290,7 +294,7 @@ class PerformerAttention(LinearAttention):
     """Performer (Choromanski et al. 2021): linear attention with FAVOR+ features, an unbiased
     approximation of softmax(scale * Q K^T) V."""
 
-    variant = "performer"
+    config_class = PerformerConfig
     capabilities = Capabilities(
         **_CAPS, complexity="O(L*m*(E+Ev))", approximates="dot_product"
     )

@@ -9,11 +9,8 @@ from .attention import LocalAttention, LocalConfig
 
 __all__ = ["SPEC", "LocalAttention", "LocalConfig", "attnreg_variants"]
 
-SPEC = VariantSpec(
-    name="local",
-    config=LocalConfig,
-    factory=LocalAttention,
-    capabilities=LocalAttention.capabilities,
+SPEC = VariantSpec.of(
+    LocalAttention,
     summary="softmax attention over |i - j| <= window, blocked over SDPA: O(L*w) time and memory",
     reference="Beltagy et al. 2020, 'Longformer: The Long-Document Transformer', arXiv:2004.05150 "
     "(sliding-window attention); Child et al. 2019 (local attention)",
@@ -24,5 +21,5 @@ SPEC = VariantSpec(
 
 @hookimpl
 def attnreg_variants() -> list[VariantSpec]:
-    """Provide ``local``."""
+    """Provide the variant."""
     return [SPEC]

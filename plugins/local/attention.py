@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -14,9 +14,12 @@ from torch import Tensor
 from attnreg.core import (
     Attention,
     AttentionConfig,
+    Baseline,
     Capabilities,
+    CausalAlignment,
     DecodeState,
     Masks,
+    accum_dtype,
     check_inputs,
     dot_product_logits,
     masked_softmax,
@@ -31,7 +34,7 @@ __all__ = ["LocalAttention", "LocalConfig"]
 class LocalConfig(AttentionConfig):
     """Config of ``local``: softmax attention restricted to ``|i - j| <= window``."""
 
-    variant: Literal["local"] = Field("local", description="Variant name.")
+    variant: Literal["local"]
     window: int = Field(
         128, ge=0, le=2**31 - 1,
         description="Keys visible on each side of a query: query i sees keys j with |i - j| <= window "
@@ -55,7 +58,7 @@ class LocalAttention(Attention):
     keys and values (``LocalState``).
     """
 
-    variant = "local"
+    config_class = LocalConfig
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=False,
         dropout=True, normalized=True, permutation_invariant=False, learnable=False,
@@ -77,7 +80,7 @@ class LocalAttention(Attention):
         )  # (B, H, Lq, Ev)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
-        acc = self._accum_dtype(query)
+        acc = accum_dtype(query)
         logits = dot_product_logits(query.to(acc), key.to(acc), self.scale)  # (B, H, Lq, Lk)
         if masks.float_mask is not None:
             logits = logits + masks.float_mask.to(acc)
@@ -101,7 +104,7 @@ class LocalAttention(Attention):
     def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
                 key_mask: Tensor | None) -> tuple[Tensor, DecodeState]:
         if not isinstance(state, LocalState):
-            raise ValueError(f"decode: local needs the LocalState of its own init_state, got a "
+            raise ValueError(f"decode: {self.variant} needs the LocalState of its own init_state, got a "
                              f"{type(state).__name__}")
         k_all, v_all, km = state.extend(key, value, key_mask)  # (B, H, m+T, E|Ev), (B, m+T)
         # The T queries are the last T of the m + T positions: lower-right causal, Lk - Lq = m.
@@ -111,27 +114,28 @@ class LocalAttention(Attention):
         out = self._attend(query, k_all, v_all, masks)  # (B, H, T, Ev)
         return out, state.advanced(k_all, v_all, km, key.shape[2])
 
-    def pattern_mask(self, L: int, is_causal: bool = False) -> Tensor:  # noqa: N803 (harness API name)
-        """Dense allowed pattern ``(L, L)`` bool: True where ``|i - j| <= window`` (and j <= i if causal)."""
-        return band_mask(L, self.window, is_causal)
+    def pattern_mask(self, length: int, *, is_causal: bool, num_heads: int) -> Tensor:
+        """Dense allowed pattern ``(1, L, L)`` bool (the same in every head): True where
+        ``|i - j| <= window`` (and j <= i if causal)."""
+        return band_mask(length, self.window, is_causal)[None]  # (1, L, L)
 
     def flops(self, batch: int, heads: int, q_len: int, k_len: int, head_dim: int, value_dim: int,
-              is_causal: bool) -> float:
+              *, is_causal: bool, causal_alignment: CausalAlignment = "upper_left") -> float:
         """Useful forward FLOPs: 2*(E + Ev) per (query, allowed key) pair of the band, edges exact.
 
         ``4 * E * (2w + 1)`` per query and head away from the edges when ``Ev == E``. Lq < Lk is
         lower-right causal (the only Lq != Lk local accepts): query i at key position i + Lk - Lq.
         """
-        if q_len != k_len and not (is_causal and q_len < k_len):
-            raise ValueError(f"local: q_len {q_len} != k_len {k_len} needs is_causal and q_len < k_len "
-                             "(lower-right alignment)")
+        if q_len != k_len and not (is_causal and causal_alignment == "lower_right" and q_len < k_len):
+            raise ValueError(f"{self.variant}: q_len {q_len} != k_len {k_len} needs is_causal, "
+                             "causal_alignment='lower_right' and q_len < k_len")
         i = torch.arange(q_len, dtype=torch.float64) + (k_len - q_len)  # key position of query i
         hi = torch.clamp(i + (0 if is_causal else self.window), max=k_len - 1)
         lo = torch.clamp(i - self.window, min=0)
         pairs = float((hi - lo + 1).clamp(min=0).sum())
         return 2.0 * (head_dim + value_dim) * pairs * batch * heads
 
-    def benchmark_baselines(self) -> dict[str, Callable[..., Tensor]]:
+    def benchmark_baselines(self) -> Mapping[str, Baseline]:
         """``sdpa_dense_band``: torch SDPA with the equivalent dense ``(L, L)`` band mask (O(L^2))."""
         window, scale = self.window, self.scale
 

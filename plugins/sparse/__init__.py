@@ -31,11 +31,8 @@ __all__ = [
     "sparse_reference",
 ]
 
-SPEC = VariantSpec(
-    name="sparse",
-    config=SparseConfig,
-    factory=SparseAttention,
-    capabilities=SparseAttention.capabilities,
+SPEC = VariantSpec.of(
+    SparseAttention,
     summary="exact softmax attention over a block layout (fixed, strided, bigbird, custom); "
     "computes only the active blocks",
     reference="Child et al. 2019, 'Generating Long Sequences with Sparse Transformers', "
@@ -44,11 +41,8 @@ SPEC = VariantSpec(
     check_configs=({"block_size": 4}, {"block_size": 3, "layout": "strided"}),  # several blocks at L>=7
 )
 
-BIGBIRD_SPEC = VariantSpec(
-    name="bigbird",
-    config=BigBirdConfig,
-    factory=BigBirdAttention,
-    capabilities=BigBirdAttention.capabilities,
+BIGBIRD_SPEC = VariantSpec.of(
+    BigBirdAttention,
     summary="block-sparse softmax attention with the BigBird layout (window + global + seeded "
     "random blocks)",
     reference="Zaheer et al. 2020, 'Big Bird: Transformers for Longer Sequences', arXiv:2007.14062",
@@ -58,5 +52,5 @@ BIGBIRD_SPEC = VariantSpec(
 
 @hookimpl
 def attnreg_variants() -> list[VariantSpec]:
-    """Provide ``sparse`` and ``bigbird``."""
+    """Provide the variants."""
     return [SPEC, BIGBIRD_SPEC]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -12,10 +12,13 @@ from torch import Tensor
 
 from attnreg.core import (
     Attention,
+    Baseline,
     Capabilities,
+    CausalAlignment,
     DecodeState,
     LRUCache,
     Masks,
+    accum_dtype,
     dot_product_logits,
     masked_softmax,
     screen,
@@ -65,7 +68,7 @@ class SparseAttention(Attention):
     the layout of the state's ``max_length`` (see ``max_length_reason``).
     """
 
-    variant = "sparse"
+    config_class = SparseConfig
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=False,
         dropout=True, normalized=True, permutation_invariant=False, learnable=False, decoding=True,
@@ -132,29 +135,19 @@ class SparseAttention(Attention):
             raise ValueError(f"custom layout has {h0} heads but the input has {heads} heads")
         return self._custom.expand(heads, nb, nb).clone()
 
-    def _head_count(self, num_heads: int | None) -> int:
-        """Heads for ``pattern_mask``/``flops`` when the caller does not say."""
-        if num_heads is not None:
-            return num_heads
-        if self.config.num_heads is not None:
-            return self.config.num_heads
-        if self._custom is not None:
-            return self._custom.shape[0]
-        if self.config.layout == "bigbird" and self.config.num_random_blocks > 0:
-            raise ValueError(
-                "the bigbird layout differs per head: call pattern_mask(L, num_heads=H) or set the "
-                "config field num_heads"
-            )
-        return 1  # head-independent layout: (1, L, L) broadcasts over heads
+    def pattern_mask(self, length: int, *, is_causal: bool, num_heads: int) -> Tensor:
+        """Dense allowed pattern ``(H, L, L)`` bool: the expanded block layout of ``num_heads``
+        heads (``num_heads=1`` for a layout that is the same in every head gives ``(1, L, L)``),
+        ANDed with the causal mask when ``is_causal``."""
+        self._check_heads(num_heads)
+        pattern = self._pattern(length, num_heads)  # (H, L, L)
+        if not is_causal:
+            return pattern
+        return pattern & torch.ones(length, length, dtype=torch.bool, device=pattern.device).tril()
 
-    def pattern_mask(self, L: int, num_heads: int | None = None) -> Tensor:
-        """Dense allowed pattern ``(H, L, L)`` bool: the expanded block layout (before any mask).
-
-        ``H`` is ``num_heads``, else the config's ``num_heads``, else 1 for layouts that are the
-        same in every head (bigbird with random blocks needs one of the two).
-        """
-        heads = self._head_count(num_heads)
-        return _on_cpu(lambda: expand_layout(self.layout(L, heads), self.block_size, L))()  # (H, L, L)
+    def _pattern(self, length: int, heads: int) -> Tensor:
+        """The expanded layout ``(H, L, L)`` bool (CPU), before any mask."""
+        return _on_cpu(lambda: expand_layout(self.layout(length, heads), self.block_size, length))()
 
     def _plan(self, length: int, heads: int, causal: bool, device: torch.device) -> Plan:
         return self._plans.get_or_build(
@@ -199,12 +192,12 @@ class SparseAttention(Attention):
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         heads, lk = query.shape[1], key.shape[2]
         self._check_heads(heads)
-        acc = self._accum_dtype(query)
+        acc = accum_dtype(query)
         logits = dot_product_logits(query.to(acc), key.to(acc), self.scale)  # (B, H, Lq, Lk)
         if masks.float_mask is not None:
             logits = logits + masks.float_mask.to(acc)
         # The queries are the last Lq positions (q_offset = Lk - Lq): their rows of the pattern.
-        pattern = self.pattern_mask(lk, heads)[:, masks.q_offset :].to(query.device)[None]  # (1, H, Lq, Lk)
+        pattern = self._pattern(lk, heads)[:, masks.q_offset :].to(query.device)[None]  # (1, H, Lq, Lk)
         allowed = masks.allowed(query.device)  # (B|1, H|1, Lq, Lk) or None
         allowed = pattern if allowed is None else allowed & pattern
         return masked_softmax(logits, allowed).to(query.dtype)  # (B, H, Lq, Lk)
@@ -292,17 +285,18 @@ class SparseAttention(Attention):
     # ------------------------------------------------------------------ benchmark helpers
     def flops(
         self, batch: int, heads: int, q_len: int, k_len: int, head_dim: int, value_dim: int,
-        is_causal: bool,
+        *, is_causal: bool, causal_alignment: CausalAlignment = "upper_left",
     ) -> float:
         """Useful forward FLOPs: 2 * (E + Ev) per allowed (query, key) pair of the pattern.
 
-        ``q_len < k_len`` (with ``is_causal``) counts the last ``q_len`` positions, as a
-        lower-right call or a decode step computes them.
+        ``q_len < k_len`` (with ``is_causal`` and ``causal_alignment="lower_right"``) counts the
+        last ``q_len`` positions, as a lower-right call or a decode step computes them.
         """
         if q_len != k_len:
-            if not is_causal or q_len > k_len:
+            if not is_causal or causal_alignment != "lower_right" or q_len > k_len:
                 raise ValueError(f"{self.variant} attends within one sequence: q_len {q_len} != k_len "
-                                 f"{k_len} needs is_causal (the last q_len positions) and q_len <= k_len")
+                                 f"{k_len} needs is_causal, causal_alignment='lower_right' (the last "
+                                 "q_len positions) and q_len <= k_len")
             return 2.0 * (head_dim + value_dim) * self._lower_right_pairs(heads, q_len, k_len) * batch
         layout = self.layout(q_len, heads).to(torch.float64)  # (H, nb, nb)
         nb = layout.shape[-1]
@@ -327,12 +321,12 @@ class SparseAttention(Attention):
         blk = pos // b
         return float((before[:, blk] + diag[:, blk] * (pos - blk * b + 1)).sum())
 
-    def benchmark_baselines(self) -> dict[str, Callable[..., Tensor]]:
+    def benchmark_baselines(self) -> Mapping[str, Baseline]:
         """Naive formulation to time against: SDPA on the dense ``pattern_mask`` (O(L^2))."""
 
         def sdpa_dense_pattern(query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> Tensor:
             heads, length = query.shape[1], query.shape[2]
-            mask = self.pattern_mask(length, heads).to(query.device)[None]  # (1, H, L, L)
+            mask = self._pattern(length, heads).to(query.device)[None]  # (1, H, L, L)
             if is_causal:
                 mask = mask & torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
             return F.scaled_dot_product_attention(
@@ -345,7 +339,7 @@ class SparseAttention(Attention):
 class BigBirdAttention(SparseAttention):
     """``sparse`` with the layout defaulting to BigBird (the ``bigbird`` variant)."""
 
-    variant = "bigbird"
+    config_class = BigBirdConfig
 
     def __init__(self, config: BigBirdConfig) -> None:
         super().__init__(config)

@@ -25,7 +25,7 @@ class SparseConfig(AttentionConfig):
     one are ignored (they keep their defaults in dumps, so switching ``layout`` is one edit).
     """
 
-    variant: Literal["sparse"] = Field("sparse", description="Variant name.")
+    variant: Literal["sparse"]
     layout: LayoutName = Field(
         "fixed",
         description="Block layout: 'bigbird' (window + global + random blocks), 'strided' or "
@@ -72,8 +72,7 @@ class SparseConfig(AttentionConfig):
     )
     num_heads: int | None = Field(
         None, ge=1, le=4096,
-        description="Heads the layout is built for (checked against the inputs); None = any. "
-        "Only needed for pattern_mask() of per-head layouts without an explicit num_heads.",
+        description="Heads the layout is built for (checked against the inputs); None = any.",
     )
 
     @model_validator(mode="before")
@@ -132,7 +131,7 @@ def _matrix_heads(layout: list) -> int | None:
 class BigBirdConfig(SparseConfig):
     """Config of ``bigbird``: ``sparse`` whose layout defaults to ``bigbird``."""
 
-    variant: Literal["bigbird"] = Field("bigbird", description="Variant name.")  # type: ignore[assignment]
+    variant: Literal["bigbird"]  # type: ignore[assignment]
     layout: LayoutName = Field(
         "bigbird",
         description="Block layout; defaults to 'bigbird' (see the 'sparse' variant for the others).",

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import Attention, AttentionConfig, causal_mask
+from attnreg.core import Attention, AttentionConfig
 
 from .decode import DECODE_REPEATS, prepare_decode_call
 from .settings import DTYPES
@@ -69,22 +69,17 @@ def build_module(job: Job) -> Attention:
     return module.to(DTYPES[job.dtype]).eval()
 
 
-def pattern_of(module: Attention, length: int, causal: bool) -> Tensor | None:
-    """The variant's dense pattern as a 4-D SDPA mask (1, 1|H, L, L), ANDed with causal; or None."""
-    fn = getattr(module, "pattern_mask", None)
-    if not callable(fn):
+def pattern_of(module: Attention, length: int, heads: int, causal: bool) -> Tensor | None:
+    """The variant's ``pattern_mask`` (causal included) as a 4-D SDPA mask (1, 1|H, L, L); None
+    where the variant provides none."""
+    mask = module.pattern_mask(length, is_causal=causal, num_heads=heads)  # (1|H, L, L) bool
+    if mask is None:
         return None
-    mask = torch.as_tensor(fn(length)).to(torch.bool)
-    if mask.dim() == 2:
-        mask = mask[None, None]  # (1, 1, L, L)
-    elif mask.dim() == 3:
-        mask = mask[None]  # (1, H, L, L)
-    else:
-        raise ValueError(f"{module.variant}.pattern_mask({length}) must be (L, L) or (H, L, L), "
-                         f"got {tuple(mask.shape)}")
-    if causal:
-        mask = mask & causal_mask(length, length)  # (1, 1|H, L, L)
-    return mask
+    if mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[1:] != (length, length) \
+            or mask.shape[0] not in (1, heads):
+        raise ValueError(f"{module.variant}.pattern_mask({length}, num_heads={heads}) must be a bool "
+                         f"(1|H, L, L) tensor, got {mask.dtype} {tuple(mask.shape)}")
+    return mask[None]  # (1, 1|H, L, L)
 
 
 def sdpa_flops(batch: int, heads: int, length: int, head_dim: int, causal: bool) -> float:
@@ -94,10 +89,11 @@ def sdpa_flops(batch: int, heads: int, length: int, head_dim: int, causal: bool)
 
 
 def variant_flops(module: Attention, job: Job, dense: bool) -> float | None:
-    """Useful forward FLOPs of a variant: its ``flops()`` if defined, the dense count for SDPA."""
-    fn = getattr(module, "flops", None)
-    if callable(fn):
-        return float(fn(job.batch, job.heads, job.length, job.length, job.head_dim, job.head_dim, job.causal))
+    """Useful forward FLOPs of a variant: its ``flops()`` if provided, the dense count for SDPA."""
+    flops = module.flops(job.batch, job.heads, job.length, job.length, job.head_dim, job.head_dim,
+                         is_causal=job.causal)
+    if flops is not None:
+        return float(flops)
     if dense:
         return sdpa_flops(job.batch, job.heads, job.length, job.head_dim, job.causal)
     return None
@@ -120,9 +116,9 @@ def _attention_fn(job: Job) -> tuple[Callable[[Tensor, Tensor, Tensor], Tensor],
     if job.kind == "variant":
         return (lambda q, k, v: module(q, k, v, is_causal=causal)), (module,)
     if job.kind in MASKED:
-        allowed = pattern_of(module, job.length, causal)  # (1, 1|H, L, L) bool
+        allowed = pattern_of(module, job.length, job.heads, causal)  # (1, 1|H, L, L) bool
         if allowed is None:
-            raise ValueError(f"variant {module.variant!r} has no pattern_mask(L)")
+            raise ValueError(f"variant {module.variant!r} provides no pattern_mask")
         mask = allowed  # sdpa_masked_bool: the mask as a user passes it
         if job.kind == "sdpa_masked":
             # SDPA's own fast form of a mask: additive 0 / -inf, precomputed. A bool mask is
@@ -137,8 +133,7 @@ def _attention_fn(job: Job) -> tuple[Callable[[Tensor, Tensor, Tensor], Tensor],
 
         return masked, (module, mask)
     if job.kind == "baseline":
-        baselines = module.benchmark_baselines()  # type: ignore[operator]
-        fn = baselines[job.baseline]
+        fn = module.benchmark_baselines()[job.baseline]
         return (lambda q, k, v: fn(q, k, v, causal)), (module, fn)
     raise ValueError(f"unknown job kind {job.kind!r}; expected one of {KINDS}")
 

@@ -163,9 +163,9 @@ class _Run:
             if gate.ok:
                 module = build_module(self.job("variant", 1, "fwd", False, choice))
                 self.modules[choice.label] = module
-                entry["pattern_mask"] = callable(getattr(module, "pattern_mask", None))
-                baselines = getattr(module, "benchmark_baselines", None)
-                own = sorted(baselines()) if callable(baselines) else []
+                hooks = module.benchmark_hooks()
+                entry["pattern_mask"] = "pattern_mask" in hooks
+                own = sorted(module.benchmark_baselines())
                 # The bench itself times SDPA with pattern_mask (sdpa_masked[...], float and bool):
                 # a variant's own "sdpa_dense..." baseline would be the same measurement again.
                 dup = [b for b in own if entry["pattern_mask"] and b.startswith("sdpa_dense")]
@@ -173,7 +173,7 @@ class _Run:
                 if dup:
                     entry["baselines_not_run"] = {b: "same as the bench's sdpa_masked_bool baseline"
                                                    for b in dup}
-                entry["flops"] = callable(getattr(module, "flops", None)) or choice.is_dense_sdpa
+                entry["flops"] = "flops" in hooks or choice.is_dense_sdpa
                 passed.append(choice)
         return passed
 

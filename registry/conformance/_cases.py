@@ -13,6 +13,7 @@ from attnreg.core import VariantSpec
 
 # Importing the check modules registers their checks.
 from . import (  # noqa: F401
+    _checks_benchmark,
     _checks_contract,
     _checks_decoding,
     _checks_decoding_errors,

@@ -12,11 +12,9 @@ from .attention import SigmoidAttention, SigmoidConfig
 
 __all__ = ["SPEC", "SigmoidAttention", "SigmoidConfig", "attnreg_variants"]
 
-SPEC = VariantSpec(
-    name="sigmoid",
-    config=SigmoidConfig,
-    factory=SigmoidAttention,
-    capabilities=SigmoidAttention.capabilities,
+# Name, config, factory and capabilities come from the class (VariantSpec.of).
+SPEC = VariantSpec.of(
+    SigmoidAttention,
     summary="sigmoid(scale * Q K^T + b) V with b = -log(Lk): element-wise weights, rows not normalised",
     reference="Ramapuram et al. 2024, 'Theory, Analysis, and Best Practices for Sigmoid Self-Attention', "
     "arXiv:2409.04431",
@@ -29,5 +27,5 @@ SPEC = VariantSpec(
 
 @hookimpl
 def attnreg_variants() -> list[VariantSpec]:
-    """Provide ``sigmoid``."""
+    """Provide the variant."""
     return [SPEC]

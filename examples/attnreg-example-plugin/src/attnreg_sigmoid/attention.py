@@ -16,6 +16,7 @@ from attnreg.core import (
     DecodeState,
     KVCacheState,
     Masks,
+    accum_dtype,
     dot_product_logits,
     hits_under,
     poison_rows,
@@ -26,7 +27,7 @@ from attnreg.core import (
 class SigmoidConfig(AttentionConfig):
     """Config of ``sigmoid``: the shared fields and the logit bias ``b``."""
 
-    variant: Literal["sigmoid"] = Field("sigmoid", description="Variant name.")
+    variant: Literal["sigmoid"]  # the variant's name: the one place it is written
     bias: float | None = Field(
         None, description="Logit bias b added before the sigmoid; None means -log(Lk), the paper's "
         "choice, which keeps the initial sum of a row of weights near 1.",
@@ -46,7 +47,7 @@ class SigmoidAttention(Attention):
     equals the causal forward over those L positions.
     """
 
-    variant = "sigmoid"
+    config_class = SigmoidConfig  # gives the class its variant name
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
         dropout=False, normalized=False, permutation_invariant=True, learnable=False, decoding=True,
@@ -60,7 +61,7 @@ class SigmoidAttention(Attention):
     def _weights_acc(self, query: Tensor, key: Tensor, masks: Masks, length: int | None = None) -> Tensor:
         """Weights (B, H, Lq, Lk) in the accumulation dtype (float32 for half inputs); ``length``
         is the sequence length of the default bias (Lk unless decoding)."""
-        acc = self._accum_dtype(query)
+        acc = accum_dtype(query)
         b = self.bias if self.bias is not None else -math.log(length or key.shape[2])
         logits = dot_product_logits(query.to(acc), key.to(acc), self.scale) + b  # (B, H, Lq, Lk)
         if masks.float_mask is not None:
@@ -89,8 +90,8 @@ class SigmoidAttention(Attention):
     def _init_state(self, batch: int, heads: int, head_dim: int, value_dim: int, dtype: torch.dtype,
                     device: torch.device, max_length: int | None) -> DecodeState:
         if self.bias is None and max_length is None:
-            raise ValueError("init_state: sigmoid's default bias -log(L) needs the total length L: pass "
-                             "max_length=L (or build with an explicit bias)")
+            raise ValueError(f"init_state: {self.variant}'s default bias -log(L) needs the total length L: "
+                             "pass max_length=L (or build with an explicit bias)")
         return super()._init_state(batch, heads, head_dim, value_dim, dtype, device, max_length)
 
     def _attend_cached(self, query: Tensor, state: KVCacheState, masks: Masks) -> Tensor:

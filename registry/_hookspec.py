@@ -1,20 +1,20 @@
-"""The plugin contract: the ``attnreg_variants`` hookspec and the ``hookimpl`` marker."""
+"""The hook attnreg calls on every plugin: ``attnreg_variants``. Plugins never import this; they
+mark their function with ``attnreg.core.hookimpl`` (whose project name this module shares)."""
 
 from __future__ import annotations
 
 import pluggy
 
-from .capabilities import VariantSpec
+from attnreg.core import VariantSpec, hookimpl
 
-__all__ = ["PROJECT_NAME", "hookimpl", "hookspec", "AttnregHookSpecs"]
+__all__ = ["PROJECT_NAME", "AttnregHookSpecs"]
 
-PROJECT_NAME = "attnreg"
+PROJECT_NAME = hookimpl.project_name
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
-hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 class AttnregHookSpecs:
-    """Hook specifications of attnreg (the plugin author's manual)."""
+    """Hook specifications of attnreg (the plugin author's manual: docs/plugins.md)."""
 
     @hookspec
     def attnreg_variants(self) -> list[VariantSpec]:  # type: ignore[empty-body]
@@ -22,20 +22,19 @@ class AttnregHookSpecs:
 
         How to publish a variant:
 
-        1. Subclass ``attnreg.core.Attention``; set ``variant = "my_attn"`` and ``capabilities =
-           Capabilities(...)``; implement ``_attend(q, k, v, masks)`` and ``_weights(q, k, masks)``.
-           Inputs arrive validated; ``masks`` (``attnreg.core.Masks``) holds the canonical masks.
-        2. Subclass ``attnreg.core.AttentionConfig`` with ``variant: Literal["my_attn"]`` and
-           typed, bounded, documented fields.
+        1. Subclass ``attnreg.core.AttentionConfig`` with ``variant: Literal["my_attn"]`` (the
+           one place the name is written) and typed, bounded, documented fields.
+        2. Subclass ``attnreg.core.Attention``; set ``config_class = MyConfig`` (``variant`` is
+           derived from it) and ``capabilities = Capabilities(...)``; implement ``_attend(q, k,
+           v, masks)`` and ``_weights(q, k, masks)``. Inputs arrive validated; ``masks``
+           (``attnreg.core.Masks``) holds the canonical masks.
         3. In a module of your package::
 
                from attnreg.core import hookimpl, VariantSpec
 
                @hookimpl
                def attnreg_variants():
-                   return [VariantSpec(name="my_attn", config=MyConfig, factory=MyAttention,
-                                       capabilities=MyAttention.capabilities,
-                                       summary="...", reference="Author et al. 2025")]
+                   return [VariantSpec.of(MyAttention, summary="...", reference="Author et al. 2025")]
 
         4. Declare the module in your ``pyproject.toml``::
 
@@ -46,9 +45,9 @@ class AttnregHookSpecs:
            capability both ways (declared True must work, declared False must raise
            ``UnsupportedFeatureError``).
 
-        Optional ``VariantSpec`` fields: ``aliases``; ``expected_failures={"check": "reason"}``
-        (strict xfail); ``check_configs=({"block_size": 4}, ...)``: config overrides the suite
-        also runs its numeric checks under, each reported as the subject
+        Optional ``VariantSpec.of`` arguments: ``aliases``; ``expected_failures={"check":
+        "reason"}`` (strict xfail); ``check_configs=({"block_size": 4}, ...)``: config overrides
+        the suite also runs its numeric checks under, each reported as the subject
         ``my_attn[block_size=4]``. The suite's inputs are tiny (L <= 263), so declare small
         blocks / chunks / windows here when your fast path only starts at longer lengths;
         otherwise only the dense fallback is ever checked. Each entry must validate with your
