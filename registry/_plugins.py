@@ -374,6 +374,12 @@ class Registry:
         with self._lock:
             return list(self._state.records)
 
+    def records_so_far(self) -> tuple[list[PluginRecord], tuple[str, ...]]:
+        """The plugin records and unmatched ``ATTNREG_PLUGINS`` names as they stand, without
+        loading or raising (for a report after strict loading failed)."""
+        with self._lock:
+            return list(self._state.records), self._unmatched
+
     def unmatched_allow_list(self) -> tuple[str, ...]:
         """Names in ``ATTNREG_PLUGINS`` that matched no entry point or distribution at loading."""
         self.ensure_loaded()

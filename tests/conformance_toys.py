@@ -16,6 +16,7 @@ from attnreg.core import (
     Capabilities,
     Masks,
     VariantSpec,
+    accum_dtype,
     dot_product_logits,
     hits_under,
     masked_softmax,
@@ -47,7 +48,7 @@ class Textbook(Attention):
         return t.repeat_interleave(heads // t.shape[1], dim=1)
 
     def _logits(self, q: Tensor, k: Tensor, masks: Masks) -> Tensor:
-        acc = self._accum_dtype(q)
+        acc = accum_dtype(q)
         k = self._repeat(k, q.shape[1])  # (B, H, Lk, E)
         logits = dot_product_logits(q.to(acc), k.to(acc), self.scale)  # (B, H, Lq, Lk)
         if masks.float_mask is not None:

@@ -3,8 +3,10 @@ the bench times and reports from them must be true of the variant."""
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -32,6 +34,18 @@ def _provided(s: Subject, hook: str) -> None:
         raise NotApplicable(f"provides no {hook}")
 
 
+def _accepts(fn: Callable[..., Any], documented: str, *args: Any, **kwargs: Any) -> None:
+    """Fail unless ``fn`` can be called with these arguments (the hook's documented signature)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a callable without an inspectable signature: just call it
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as err:
+        raise CheckFailure(f"must accept the documented signature {documented}: {fn!r}{sig}: {err}") from None
+
+
 def _causal_flags(s: Subject) -> tuple[bool, ...]:
     return (False, True) if s.caps.causal else (False,)
 
@@ -46,6 +60,8 @@ def benchmark_pattern_mask(s: Subject) -> None:
     for length in _LENGTHS:
         h = heads_for(length)
         m = s.build(heads=h)
+        _accepts(m.pattern_mask, "pattern_mask(length, *, is_causal, num_heads)", length, is_causal=False,
+                 num_heads=h)
         q, k, _ = s.inputs(h=h, lq=length, seed=length)
         for causal in _causal_flags(s):
             call = f"pattern_mask({length}, is_causal={causal}, num_heads={h})"
@@ -80,6 +96,8 @@ def benchmark_flops(s: Subject) -> None:
     ``ValueError``."""
     _provided(s, "flops")
     m = s.build()
+    _accepts(m.flops, "flops(batch, heads, q_len, k_len, head_dim, value_dim, *, is_causal, "
+             "causal_alignment)", B, H, 7, 7, E, EV, is_causal=False, causal_alignment="upper_left")
     for causal in _causal_flags(s):
         previous = 0.0
         for length in _LENGTHS:
@@ -125,6 +143,7 @@ def benchmark_baselines(s: Subject) -> None:
             if not isinstance(name, str) or not name or not callable(fn):
                 raise CheckFailure(f"benchmark_baselines() entry {name!r}: {fn!r} must be a non-empty "
                                    "name and a callable")
+            _accepts(fn, f"baseline {name!r}: fn(query, key, value, is_causal)", q, k, v, False)
             for causal in _causal_flags(s):
                 with torch.no_grad():
                     want = m(q, k, v, is_causal=causal)  # (B, H, L, Ev)

@@ -47,8 +47,10 @@ def split_check_key(key: str) -> tuple[str, str | None]:
 
 @check("spec_metadata", "manifest")
 def spec_metadata(s: Subject) -> None:
-    """The spec and the module agree: the built module declares the same ``Capabilities`` as
-    the spec and the spec's name as ``variant``; ``complexity`` is set; ``approximates`` names
+    """The spec and the module agree: the module the factory builds declares the same
+    ``Capabilities`` as the spec and the spec's name as ``variant`` (true by construction for a
+    spec made with ``VariantSpec.of``; an explicit spec's factory may be any callable);
+    ``complexity`` is set; ``approximates`` names
     another registered variant; every ``expected_failures`` key is a real check name (optionally
     ``check[dtype]``, optionally prefixed ``subject:`` naming one of the spec's ``check_configs``)."""
     m = s.build()
