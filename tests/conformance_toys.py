@@ -3,6 +3,8 @@ check, and ``spec_for`` to register it (or a deliberately broken copy) under its
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field, create_model
 from torch import Tensor
 
+import attnreg
 from attnreg.core import (
     Attention,
     AttentionConfig,
@@ -83,3 +86,16 @@ def spec_for(cls: type[Attention], **extra: Any) -> VariantSpec:
     )
     return VariantSpec(name=name, config=config, factory=cls, capabilities=cls.capabilities,
                        summary=cls.__doc__ or name, reference="attnreg conformance self-test", **extra)
+
+
+@contextmanager
+def registered_toys(*classes: type[Attention]) -> Iterator[dict[str, VariantSpec]]:
+    """``spec_for`` of each toy class registered for the duration (by name), unregistered after."""
+    specs = {cls.variant: spec_for(cls) for cls in classes}
+    for spec in specs.values():
+        attnreg.register(spec)
+    try:
+        yield specs
+    finally:
+        for name in specs:
+            attnreg.unregister(name)

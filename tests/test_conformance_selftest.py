@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conformance_toys import Textbook, spec_for
+from conformance_toys import Textbook, registered_toys, spec_for
 from torch import Tensor
 
 import attnreg
@@ -189,14 +189,8 @@ BROKEN = {
 @pytest.fixture(scope="module")
 def registered() -> Iterator[dict[str, VariantSpec]]:
     """Register the textbook variant and every broken one for this module only."""
-    specs = {cls.variant: spec_for(cls) for cls in (Textbook, NoCausal, *BROKEN)}
-    for spec in specs.values():
-        attnreg.register(spec)
-    try:
+    with registered_toys(Textbook, NoCausal, *BROKEN) as specs:
         yield specs
-    finally:
-        for name in specs:
-            attnreg.unregister(name)
 
 
 @pytest.mark.parametrize("cls", list(BROKEN), ids=lambda c: c.variant)

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 import pytest
 import torch
 import torch.nn.functional as F
-from conformance_toys import Textbook, spec_for
+from conformance_toys import Textbook, registered_toys
 from torch import Tensor
 
 import attnreg
@@ -130,14 +130,8 @@ BROKEN = {
 
 @pytest.fixture(scope="module")
 def registered() -> Iterator[dict[str, VariantSpec]]:
-    specs = {cls.variant: spec_for(cls) for cls in (Textbook, WithHooks, *BROKEN)}
-    for spec in specs.values():
-        attnreg.register(spec)
-    try:
+    with registered_toys(Textbook, WithHooks, *BROKEN) as specs:
         yield specs
-    finally:
-        for name in specs:
-            attnreg.unregister(name)
 
 
 @pytest.mark.parametrize("check", HOOK_CHECKS)

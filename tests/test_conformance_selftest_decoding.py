@@ -9,10 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conformance_toys import ALL, Textbook, spec_for
+from conformance_toys import ALL, Textbook, registered_toys
 from torch import Tensor
 
-import attnreg
 from attnreg.conformance import CheckFailure, run_check
 from attnreg.core import DecodeState, KVCacheState, Masks, VariantSpec, causal_mask, check_inputs
 
@@ -163,14 +162,8 @@ BROKEN = {
 @pytest.fixture(scope="module")
 def registered() -> Iterator[dict[str, VariantSpec]]:
     """Register the textbook variant, the honest controls and every broken one for this module."""
-    specs = {cls.variant: spec_for(cls) for cls in (Textbook, NoDecoding, NoGrouped, *BROKEN)}
-    for spec in specs.values():
-        attnreg.register(spec)
-    try:
+    with registered_toys(Textbook, NoDecoding, NoGrouped, *BROKEN) as specs:
         yield specs
-    finally:
-        for name in specs:
-            attnreg.unregister(name)
 
 
 @pytest.mark.parametrize("cls", list(BROKEN), ids=lambda c: c.variant)

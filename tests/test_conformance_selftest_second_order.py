@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conformance_toys import ALL, Textbook, spec_for
+from conformance_toys import ALL, Textbook, registered_toys
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -69,14 +69,8 @@ class DropsPenalty(Textbook):
 
 @pytest.fixture(scope="module")
 def registered() -> Iterator[dict[str, VariantSpec]]:
-    specs = {cls.variant: spec_for(cls) for cls in (Textbook, Twice, ClaimsTwice, DropsPenalty)}
-    for spec in specs.values():
-        attnreg.register(spec)
-    try:
+    with registered_toys(Textbook, Twice, ClaimsTwice, DropsPenalty) as specs:
         yield specs
-    finally:
-        for name in specs:
-            attnreg.unregister(name)
 
 
 @pytest.mark.parametrize("cls", [Textbook, Twice], ids=lambda c: c.variant)
