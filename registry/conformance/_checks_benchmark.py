@@ -1,4 +1,4 @@
-"""Checks of the optional benchmark hooks (``attnreg.core.BenchmarkHooks``), where provided: what
+"""Checks of the optional benchmark hooks (``attnreg.core.bench_hooks.BenchmarkHooks``), where provided: what
 the bench times and reports from them must be true of the variant."""
 
 from __future__ import annotations
