@@ -1,5 +1,5 @@
-"""Checks of the optional benchmark hooks (``attnreg.core.bench_hooks.BenchmarkHooks``), where provided: what
-the bench times and reports from them must be true of the variant."""
+"""Checks of the optional benchmark hooks (``attnreg.core.bench_hooks.BenchmarkHooks``), where
+provided: what the bench times and reports from them must be true of the variant."""
 
 from __future__ import annotations
 
