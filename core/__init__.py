@@ -11,7 +11,7 @@ from ._hooks import hookimpl
 from .bench_hooks import Baseline
 from .cache import LRUCache, tensor_nbytes
 from .capabilities import Capabilities, VariantSpec
-from .config import AttentionConfig
+from .config import SCALE_MAX, AttentionConfig
 from .decoding import DecodeState, KVCacheState, join_key_masks, write_key_mask, zero_padded
 from .dtypes import accum_dtype
 from .errors import (
@@ -32,6 +32,7 @@ from .reference import dot_product_logits, masked_softmax, softmax_attention_ref
 __all__ = [
     "Attention",
     "AttentionConfig",
+    "SCALE_MAX",
     "AttnRegError",
     "Baseline",
     "Capabilities",
