@@ -19,6 +19,9 @@ from attnreg.core import (
     repeat_kv,
     sdpa_safe_mask,
 )
+from attnreg.core.parallel import ShardContext
+
+from .distributed import ring_attention
 
 
 class DotProductConfig(AttentionConfig):
@@ -34,7 +37,7 @@ class DotProductAttention(Attention):
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
         dropout=True, normalized=True, permutation_invariant=True, learnable=False,
-        decoding=True, grouped_query=True, complexity="O(Lq*Lk*E)",
+        decoding=True, grouped_query=True, context_parallel=True, complexity="O(Lq*Lk*E)",
     )
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
@@ -48,6 +51,12 @@ class DotProductAttention(Attention):
         out = _sdpa(query, key, value, mask, self.active_dropout, False, scale)  # (B, H, Lq, Ev)
         # Rows with nothing to attend were given a harmless mask; zero them (and their grads).
         return out.masked_fill(dead, 0.0) if dead is not None else out
+
+    def _attend_sharded(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks,
+                        ctx: ShardContext) -> Tensor:
+        # Ring attention (distributed.py): key/value shards travel around the process group.
+        return ring_attention(query, key, value, masks, ctx, self.softmax_scale(query.shape[-1]),
+                              self._accum_dtype(query))
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         acc = self._accum_dtype(query)

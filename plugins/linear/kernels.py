@@ -40,7 +40,8 @@ from attnreg.core import causal_mask
 
 from .features import pointwise_features
 
-__all__ = ["FEATURE_FNS", "linear_attention", "linear_attention_step", "linear_weights", "segment_length"]
+__all__ = ["FEATURE_FNS", "key_state", "linear_attention", "linear_attention_step", "linear_weights",
+           "segment_length", "state_readout"]
 
 FEATURE_FNS = ("elu", "relu", "identity")  # identity: query and key already are features (FAVOR+)
 
@@ -119,6 +120,29 @@ def linear_attention_step(
         raise ValueError(f"a step needs as many queries as keys, got {query.shape[2]} and {key.shape[2]}")
     plan = _plan(query, key, value, fmap, True, chunk, acc, segment, 0)
     return _Streamed.apply(query, key, value, key_allowed, thr, state, plan)
+
+
+def key_state(key: Tensor, value: Tensor, fmap: str, key_allowed: Tensor | None, acc: torch.dtype,
+              segment: int | None = None) -> Tensor:
+    """``sum_j phi(k_j) [v_j, 1]^T`` over the real keys, (B, H, F, Ev + 1) in ``acc``: the state
+    of a run of keys (what a process holding them contributes under context parallelism).
+    Streamed like ``linear_attention``; differentiable w.r.t. key and value."""
+    b, h, _, f = key.shape
+    none = key.new_empty(b, h, 0, f)  # no query reads it here
+    plan = _plan(none, key, value, fmap, False, 1, acc, segment, 0)
+    return _Streamed.apply(none, key, value, key_allowed, 1.0, None, plan)[1]
+
+
+def state_readout(query: Tensor, state: Tensor, fmap: str, thr: float | Tensor, acc: torch.dtype,
+                  segment: int | None = None) -> Tensor:
+    """Queries (B, H, Lq, E|F) that see every key summarised by ``state`` (B, H, F, Ev + 1):
+    ``phi(q) S / max(phi(q) z, thr)``, (B, H, Lq, Ev) in ``acc``; differentiable w.r.t. query and
+    state."""
+    b, h = query.shape[:2]
+    ev = state.shape[-1] - 1
+    k, v = query.new_empty(b, h, 0, query.shape[-1]), query.new_empty(b, h, 0, ev)  # no key of its own
+    plan = _plan(query, k, v, fmap, False, 1, acc, segment, 0)
+    return _Streamed.apply(query, k, v, None, thr, state, plan)[0]
 
 
 def _features(x: Tensor, plan: _Plan, allowed: Tensor | None) -> tuple[Tensor, Tensor]:
