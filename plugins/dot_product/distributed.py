@@ -29,9 +29,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from attnreg.core import Masks, causal_mask
-from attnreg.core.parallel import Piece, ShardContext, exchange, lse_merge, start_exchange
+from attnreg.core.parallel import Piece, SequenceLayout, ShardContext, exchange, lse_merge, start_exchange
 
-__all__ = ["ring_attention"]
+__all__ = ["ring_attention", "ring_blocks"]
 
 # Scores held at once per block tile (B * H * rows * keys): bounds the working set of a block,
 # whatever the shard length (8 MB in float32).
@@ -56,12 +56,21 @@ def _diff(qp: Piece, kp: Piece, offset: int) -> int:
     return qp.start + offset - kp.start
 
 
-def _visible(qp: Piece, kp: Piece, causal: bool, offset: int) -> tuple[bool, bool]:
-    """(any key of ``kp`` visible to ``qp``, the causal mask needed) for a block."""
-    if not causal:
-        return True, False
-    d = _diff(qp, kp, offset)
-    return qp.length - 1 + d >= 0, kp.length - 1 > d
+def ring_blocks(q_layout: SequenceLayout, k_layout: SequenceLayout, rank: int, src: int, causal: bool,
+                offset: int) -> list[tuple[Piece, Piece, bool]]:
+    """The blocks ``rank`` computes when it holds ``src``'s key/value shard: (query piece, key
+    piece, causal mask needed). Under ``is_causal`` blocks entirely in the future of their
+    queries are left out, and blocks entirely in their past need no mask."""
+    out = []
+    for qp in q_layout.pieces(rank):
+        for kp in k_layout.pieces(src):
+            if not causal:
+                out.append((qp, kp, False))
+                continue
+            d = _diff(qp, kp, offset)
+            if qp.length - 1 + d >= 0:  # the last query sees at least the piece's first key
+                out.append((qp, kp, kp.length - 1 > d))
+    return out
 
 
 def _allowed(rows: tuple[int, int], kp_len: int, diff: int | None, km: Tensor | None,
@@ -139,16 +148,11 @@ class _Ring(torch.autograd.Function):
         out = q5.new_zeros(b, hkv, h // hkv, nq, ev)  # (B, Hkv, G, nq, Ev)
         lse = q5.new_full((b, hkv, h // hkv, nq), float("-inf"))  # (B, Hkv, G, nq)
         for src, (ck, cv, ckm) in _ring(sc, k, v, km):
-            for qp in sc.q_layout.pieces(sc.rank):
-                for kp in sc.k_layout.pieces(src):
-                    seen, masked = _visible(qp, kp, causal, offset)
-                    if not seen:
-                        continue  # entirely in the future
-                    ks, vs, kms = _kv(ck, cv, ckm, kp, acc)
-                    _block_forward(q5[..., qp.local:qp.local + qp.length, :], ks, vs, kms,
-                                   _diff(qp, kp, offset) if masked else None, scale,
-                                   out[..., qp.local:qp.local + qp.length, :],
-                                   lse[..., qp.local:qp.local + qp.length])
+            for qp, kp, masked in ring_blocks(sc.q_layout, sc.k_layout, sc.rank, src, causal, offset):
+                rows = slice(qp.local, qp.local + qp.length)
+                ks, vs, kms = _kv(ck, cv, ckm, kp, acc)
+                _block_forward(q5[..., rows, :], ks, vs, kms, _diff(qp, kp, offset) if masked else None,
+                               scale, out[..., rows, :], lse[..., rows])
         ctx.save_for_backward(q5, k, v, km, out, lse)
         ctx.args = (sc, scale, causal, offset, acc, q.dtype)
         return out.reshape(b, h, nq, ev).to(q.dtype)
@@ -167,18 +171,14 @@ class _Ring(torch.autograd.Function):
         dk = k.new_zeros(k.shape, dtype=acc) if need_k else None  # for the shard now held
         dv = v.new_zeros(v.shape, dtype=acc) if need_v else None
         for step, (src, (ck, cv, ckm)) in enumerate(_ring(sc, k, v, km)):
-            for kp in sc.k_layout.pieces(src):
-                dks = None if dk is None else dk.narrow(2, kp.local, kp.length)
-                dvs = None if dv is None else dv.narrow(2, kp.local, kp.length)
-                for qp in sc.q_layout.pieces(sc.rank):
-                    seen, masked = _visible(qp, kp, causal, offset)
-                    if not seen:
-                        continue
-                    rows = slice(qp.local, qp.local + qp.length)
-                    ks, vs, kms = _kv(ck, cv, ckm, kp, acc)
-                    _block_backward(q5[..., rows, :], ks, vs, kms, _diff(qp, kp, offset) if masked else None,
-                                    scale, do[..., rows, :], lse[..., rows], delta[..., rows],
-                                    None if dq is None else dq[..., rows, :], dks, dvs)
+            for qp, kp, masked in ring_blocks(sc.q_layout, sc.k_layout, sc.rank, src, causal, offset):
+                rows = slice(qp.local, qp.local + qp.length)
+                ks, vs, kms = _kv(ck, cv, ckm, kp, acc)
+                _block_backward(q5[..., rows, :], ks, vs, kms, _diff(qp, kp, offset) if masked else None,
+                                scale, do[..., rows, :], lse[..., rows], delta[..., rows],
+                                None if dq is None else dq[..., rows, :],
+                                None if dk is None else dk.narrow(2, kp.local, kp.length),
+                                None if dv is None else dv.narrow(2, kp.local, kp.length))
             if sc.world > 1 and (dk is not None or dv is not None):
                 # The accumulators follow their shard to the next rank; after the last step they
                 # hold every rank's contribution and reach the shard's owner.
