@@ -277,6 +277,9 @@ def test_an_error_on_one_rank_is_raised_on_every_rank() -> None:
     ("linear", {"lq": 8, "is_causal": True}, UnsupportedFeatureError, "causal attention with Lq != Lk"),
     ("dot_product", {"rank0_causal": True}, ValueError, "'is_causal' differs (rank 0: 1, rank 1: 0)"),
     ("dot_product", {"length": 3}, ValueError, "cannot be split over 2 processes"),
+    ("dot_product", {"is_causal": True, "causal_alignment": "lower-right"}, ValueError,
+     "causal_alignment must be 'upper_left' or 'lower_right'"),
+    ("dot_product", {"causal_alignment": "lower_right"}, ValueError, "needs is_causal=True"),
 ])
 def test_forward_sharded_refusals_are_the_same_on_every_rank(name: str, call: dict[str, Any],
                                                                error: type[Exception], text: str) -> None:

@@ -90,6 +90,8 @@ def _check_local(module: Attention, query: Tensor, key: Tensor, value: Tensor,
     masks = check_inputs(variant, local_caps, query, key, value, None, key_mask, False)
     if not isinstance(is_causal, bool):
         raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+    if causal_alignment not in ("upper_left", "lower_right"):
+        raise ValueError(f"causal_alignment must be 'upper_left' or 'lower_right', got {causal_alignment!r}")
     if is_causal and not caps.causal:
         raise UnsupportedFeatureError(variant, "is_causal=True")
     return dataclasses.replace(masks, is_causal=is_causal)
