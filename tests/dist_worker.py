@@ -14,9 +14,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 _T0 = time.perf_counter()
@@ -142,9 +144,22 @@ def torch_cp(world: int) -> dict[str, Any]:
     return out
 
 
+def docs_example() -> dict[str, Any]:
+    """Run the first python block of docs/distributed.md as written (it initialises the process
+    group itself) and compare its gathered output with the single-process forward."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    ns: dict[str, Any] = {}
+    exec(compile(code, "docs/distributed.md", "exec", dont_inherit=True), ns)
+    want = ns["attn"](ns["q"], ns["k"], ns["v"], is_causal=True, key_mask=ns["pad"])
+    return {"error": float((ns["full"] - want).abs().max()), "grad": ns["qs"].grad is not None}
+
+
 def main() -> None:
     out_dir, suite = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "main"
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    example = docs_example() if suite == "main" and int(os.environ["WORLD_SIZE"]) == 2 else None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     started = time.perf_counter()
     torch.set_num_threads(1)
@@ -160,6 +175,8 @@ def main() -> None:
             results[name] = {"crash": traceback.format_exc()[-2000:]}
     if suite == "main":
         results["bad_shards"] = bad_shards()
+    if example is not None:
+        results["docs_example"] = example
     results["seconds"] = {"import": started - _T0, "run": time.perf_counter() - started}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

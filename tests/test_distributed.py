@@ -68,6 +68,13 @@ def test_bad_shards_raise_on_every_rank(reports: Reports, world: int) -> None:
         assert "do not follow the layout" in report["bad_shards"]["message"]
 
 
+def test_the_docs_example_runs_under_two_processes(reports: Reports) -> None:
+    """docs/distributed.md's example, as written, on 2 processes: the gathered output equals
+    the single-process forward and the shards get gradients."""
+    for report in reports[2]:
+        assert report["docs_example"]["grad"] and report["docs_example"]["error"] <= 1e-5  # float32
+
+
 def test_communication_independent_of_length_for_linear(reports: Reports) -> None:
     """linear and local send the same bytes at L=29 and L=37 (states, halos); the ring sends more."""
     r0 = reports[2][0]
