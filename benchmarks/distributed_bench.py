@@ -83,7 +83,7 @@ def _measure(call: Any, barrier: Any) -> dict[str, Any]:
             "by_kind": dict(stats.by_kind), "times_s": times, "median_s": statistics.median(times)}
 
 
-def worker(out_dir: str, quick: bool) -> None:
+def worker(out_dir: str, quick: bool, only: str = "") -> None:
     """One rank: every series, written to OUT/rank<r>.json."""
     import torch
     import torch.distributed as dist
@@ -96,6 +96,8 @@ def worker(out_dir: str, quick: bool) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results: dict[str, Any] = {}
     for label, variant, cfg, causal, length in SERIES:
+        if only and only not in label:
+            continue
         length = QUICK[length] if quick else length
         m = attnreg.build(variant, **cfg)
 
@@ -199,10 +201,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small lengths (a smoke run)")
     ap.add_argument("--worlds", default="1,2,4", help="process counts (default 1,2,4)")
     ap.add_argument("--out", default="docs/bench/distributed", help="results.json, cp.png and table.md")
+    ap.add_argument("--only", default="", help="run only the series whose label contains this")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per launch")
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.quick)
+        worker(args.worker, args.quick, args.only)
         return
     import tempfile
 
@@ -215,7 +218,7 @@ def main() -> None:
     for world in (int(w) for w in args.worlds.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            argv = [__file__, "--worker", tmp] + (["--quick"] if args.quick else [])
+            argv = [__file__, "--worker", tmp, "--only", args.only] + (["--quick"] if args.quick else [])
             env = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
             ranks = ad.launch_local(argv, world, timeout=args.timeout, env=env)
             bad = [r for r in ranks if r.returncode != 0]

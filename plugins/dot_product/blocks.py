@@ -73,10 +73,22 @@ def block_backward(q: Tensor, k: Tensor, v: Tensor, km: Tensor | None, diff: int
 
 # -- flash --------------------------------------------------------------------------------------
 def _padded(t: Tensor, width: int, heads: int | None = None) -> Tensor:
-    """``t`` (B, H', n, D) repeated to ``heads`` and zero-padded to ``width`` in its last dim."""
+    """``t`` (B, H', n, D) repeated to ``heads`` and zero-padded to ``width`` in its last dim.
+
+    A row-narrowed view of a shard stays a view (no copy of the block): the kernels read rows
+    through the strides and only need a unit stride in the last dim.
+    """
     if heads is not None and t.shape[1] != heads:
         t = repeat_kv(t, heads)  # (B, H, n, D)
-    return F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t
+    if t.shape[-1] < width:
+        t = F.pad(t, (0, width - t.shape[-1]))
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _group_sum(t: Tensor, hkv: int) -> Tensor:
+    """(B, H, n, D) -> (B, Hkv, n, D): the gradients of a key/value head's G query heads summed."""
+    b, h, n, d = t.shape
+    return t if h == hkv else t.reshape(b, hkv, h // hkv, n, d).sum(dim=2)
 
 
 def _bias(km: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -90,8 +102,8 @@ def _flash_forward(q: Tensor, k: Tensor, v: Tensor, km: Tensor | None, causal: b
                    ) -> tuple[Tensor, Tensor]:
     h, e, ev = q.shape[1], q.shape[-1], v.shape[-1]
     width = max(e, ev)
-    out, lse = _FLASH(_padded(q, width).contiguous(), _padded(k.to(q.dtype), width, h).contiguous(),  # type: ignore[misc]
-                      _padded(v.to(q.dtype), width, h).contiguous(), 0.0, causal,
+    out, lse = _FLASH(_padded(q, width), _padded(k.to(q.dtype), width, h),  # type: ignore[misc]
+                      _padded(v.to(q.dtype), width, h), 0.0, causal,
                       attn_mask=_bias(km, q.dtype), scale=scale)  # (B, H, nq, D), (B, H, nq)
     if km is not None:  # the kernel reports lse 0 on rows with no allowed key
         alive = km.cumsum(dim=-1) > 0 if causal else km.any(dim=-1, keepdim=True)  # (B, nq) | (B, 1)
@@ -102,21 +114,19 @@ def _flash_forward(q: Tensor, k: Tensor, v: Tensor, km: Tensor | None, causal: b
 def _flash_backward(q: Tensor, k: Tensor, v: Tensor, km: Tensor | None, causal: bool, scale: float,
                     do: Tensor, out: Tensor, lse: Tensor, dq: Tensor | None, dk: Tensor | None,
                     dv: Tensor | None) -> None:
-    b, h, _, e = q.shape
-    hkv, nk, ev = k.shape[1], k.shape[2], v.shape[-1]
+    h, e, ev, hkv = q.shape[1], q.shape[-1], v.shape[-1], k.shape[1]
     width = max(e, ev)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # rows with no key: p = 0
     gq, gk, gv = _FLASH_BWD(  # type: ignore[misc]
-        _padded(do, width).contiguous(), _padded(q, width).contiguous(),
-        _padded(k.to(q.dtype), width, h).contiguous(), _padded(v.to(q.dtype), width, h).contiguous(),
-        _padded(out, width).contiguous(), safe.contiguous(), 0.0, causal,
+        _padded(do, width), _padded(q, width), _padded(k.to(q.dtype), width, h),
+        _padded(v.to(q.dtype), width, h), _padded(out, width), safe, 0.0, causal,
         attn_mask=_bias(km, q.dtype), scale=scale)  # (B, H, nq|nk, D)
     if dq is not None:
         dq.add_(gq[..., :e])
     if dk is not None:
-        dk.add_(gk[..., :e].reshape(b, hkv, h // hkv, nk, e).sum(dim=2))  # a group's heads summed
+        dk.add_(_group_sum(gk[..., :e], hkv))
     if dv is not None:
-        dv.add_(gv[..., :ev].reshape(b, hkv, h // hkv, nk, ev).sum(dim=2))
+        dv.add_(_group_sum(gv[..., :ev], hkv))
 
 
 # -- explicit -----------------------------------------------------------------------------------

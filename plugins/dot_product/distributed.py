@@ -81,12 +81,12 @@ class _Ring(torch.autograd.Function):
         qa = q.to(acc).contiguous()  # (B, H, nq, E)
         out = qa.new_zeros(b, h, nq, v.shape[-1])  # (B, H, nq, Ev)
         lse = qa.new_full((b, h, nq), float("-inf"))  # (B, H, nq)
-        for src, (ck, cv, ckm) in _ring(sc, k, v, km):
+        for src, shard in _ring(sc, k, v, km):
             for qp, kp, masked in ring_blocks(sc.q_layout, sc.k_layout, sc.rank, src, causal, offset):
                 rows = slice(qp.local, qp.local + qp.length)
-                ks, vs, kms = _kv(ck, cv, ckm, kp)
-                block_forward(qa[:, :, rows], ks, vs, kms, _diff(qp, kp, offset) if masked else None,
+                block_forward(qa[:, :, rows], *_kv(*shard, kp), _diff(qp, kp, offset) if masked else None,
                               scale, out[:, :, rows], lse[:, :, rows])
+            del shard  # the ring frees a received shard once no one holds it, before the next arrives
         ctx.save_for_backward(qa, k, v, km, out, lse)
         ctx.args = (sc, scale, causal, offset, acc, q.dtype)
         return out.to(q.dtype)
@@ -103,11 +103,10 @@ class _Ring(torch.autograd.Function):
         nxt, prv = (sc.rank + 1) % sc.world, (sc.rank - 1) % sc.world
         dk = k.new_zeros(k.shape, dtype=acc) if need_k else None  # for the shard now held
         dv = v.new_zeros(v.shape, dtype=acc) if need_v else None
-        for step, (src, (ck, cv, ckm)) in enumerate(_ring(sc, k, v, km)):
+        for step, (src, shard) in enumerate(_ring(sc, k, v, km)):
             for qp, kp, masked in ring_blocks(sc.q_layout, sc.k_layout, sc.rank, src, causal, offset):
                 rows = slice(qp.local, qp.local + qp.length)
-                ks, vs, kms = _kv(ck, cv, ckm, kp)
-                block_backward(qa[:, :, rows], ks, vs, kms, _diff(qp, kp, offset) if masked else None,
+                block_backward(qa[:, :, rows], *_kv(*shard, kp), _diff(qp, kp, offset) if masked else None,
                                scale, do[:, :, rows], out[:, :, rows], lse[:, :, rows], delta[:, :, rows],
                                None if dq is None else dq[:, :, rows],
                                None if dk is None else dk.narrow(2, kp.local, kp.length),
@@ -116,12 +115,14 @@ class _Ring(torch.autograd.Function):
                 # The accumulators follow their shard to the next rank; after the last step they
                 # hold every rank's contribution and reach the shard's owner.
                 n = sc.k_layout.shard_length((sc.rank - step - 1) % sc.world)
-                sends = [(nxt, t) for t in (dk, dv) if t is not None]
                 bufs = [t.new_empty(t.shape[0], t.shape[1], n, t.shape[3]) for t in (dk, dv) if t is not None]
-                exchange(sends, [(prv, t) for t in bufs], sc.group, kind="ring_grad", tag=_GRAD_TAG)
-                it = iter(bufs)
+                exchange([(nxt, t) for t in (dk, dv) if t is not None], [(prv, t) for t in bufs], sc.group,
+                         kind="ring_grad", tag=_GRAD_TAG)
+                it = iter(bufs)  # the sent accumulators are dropped here (no other reference)
                 dk = next(it) if dk is not None else None
                 dv = next(it) if dv is not None else None
+                del it, bufs
+            del shard
         return (None if dq is None else dq.to(q_dtype),
                 None if dk is None else dk.to(k.dtype), None if dv is None else dv.to(v.dtype),
                 None, None, None, None, None, None)
