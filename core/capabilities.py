@@ -39,6 +39,11 @@ class Capabilities:
     process: self-attention (Lq == Lk), ``is_causal`` and ``key_mask`` where declared. Never under
     a process group: ``attn_mask``, dropout, decoding. Variants without it raise
     ``UnsupportedFeatureError`` from ``forward_sharded``.
+    ``double_backward``: ``forward`` (and ``decode``) can be differentiated twice: gradients taken
+    with ``create_graph=True`` are correct functions of the inputs again (gradient penalties,
+    ``torch.autograd.gradgradcheck``). Declared False, ``Attention`` guards query, key and value
+    (``core/second_order.py``): first-order gradients work as before, differentiating one of them
+    again raises ``UnsupportedFeatureError``.
     """
 
     causal: bool = False
@@ -53,6 +58,7 @@ class Capabilities:
     decoding: bool = False
     grouped_query: bool = False
     context_parallel: bool = False
+    double_backward: bool = False
     dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES
     complexity: str = "O(L^2*E)"
     approximates: str | None = None
@@ -60,7 +66,7 @@ class Capabilities:
     def __post_init__(self) -> None:
         for name in ("causal", "key_mask", "attn_mask", "float_mask", "cross_attention",
                      "dropout", "normalized", "permutation_invariant", "learnable", "decoding",
-                     "grouped_query", "context_parallel"):
+                     "grouped_query", "context_parallel", "double_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Capabilities.{name} must be a bool, got {getattr(self, name)!r}")
         if self.float_mask and not self.attn_mask:

@@ -8,13 +8,19 @@ __all__ = ["AttentionConfig"]
 
 
 class AttentionConfig(BaseModel):
-    """Base of every variant config: frozen, unknown fields rejected.
+    """Base of every variant config: frozen, strict, unknown fields rejected.
 
     Subclasses narrow ``variant`` to ``Literal["<name>"]`` (the discriminator of config files)
-    and add their own bounded, documented fields.
+    and add their own bounded, documented fields: every int field needs an upper bound (what
+    torch can index, or a documented practical bound), every float field is finite.
+
+    Values are not coerced (``strict``): ``True`` is not ``1``, ``"3"`` is not ``3`` and ``3.0``
+    is not ``3`` (an int is accepted where a float is expected). A config file that says
+    ``window: yes`` gets an error, not a window of 1. ``inf`` and ``nan`` are refused in every
+    float field (``allow_inf_nan=False``).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     variant: str = Field(description="Name of the attention variant.")
     dropout: float = Field(
@@ -23,5 +29,5 @@ class AttentionConfig(BaseModel):
     )
     scale: float | None = Field(
         None, gt=0.0,
-        description="Multiplier of the logits; None means 1/sqrt(E) (E = query head dim).",
+        description="Multiplier of the logits; None means 1/sqrt(E) (E = query head dim). Finite.",
     )

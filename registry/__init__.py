@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     )
 
     from ._configs import build, config_type, load_config, validate_config
+    from ._errors import PluginWarning
     from ._plugins import REGISTRY, PluginRecord  # noqa: F401
     from .multihead import MultiHeadAttention
 
@@ -43,6 +44,7 @@ _LAZY = {
     )},
     **{n: "attnreg._configs" for n in ("build", "config_type", "load_config", "validate_config")},
     **{n: "attnreg._plugins" for n in ("REGISTRY", "PluginRecord")},
+    "PluginWarning": "attnreg._errors",
     "MultiHeadAttention": "attnreg.multihead",
 }
 
@@ -75,6 +77,7 @@ __all__ = [
     "MultiHeadAttention",
     "PluginLoadError",
     "PluginRecord",
+    "PluginWarning",
     "UnknownVariantError",
     "UnsupportedFeatureError",
     "VariantSpec",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -12,21 +10,32 @@ from pydantic import BeforeValidator, Field, ValidationError
 
 from attnreg.core import Attention, AttentionConfig, ConfigError, PluginLoadError
 
-from ._errors import config_error
+from ._config_files import MAX_CONFIG_DEPTH, read_config_file
+from ._errors import config_error, short_repr
 from ._plugins import REGISTRY
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+__all__ = ["build", "config_type", "load_config", "read_config_file", "validate_config"]
 
 
-def _plain(obj: Any) -> Any:
-    """Mappings -> dict and sequences -> list, recursively (OmegaConf/Hydra containers included)."""
+def _plain(obj: Any, where: str = "config", depth: int = 1) -> Any:
+    """Mappings -> dict and sequences -> list, recursively (OmegaConf/Hydra containers included).
+
+    Refuses nesting deeper than ``MAX_CONFIG_DEPTH`` (a self-referencing container included) and
+    keys that collide once turned into strings (``1`` and ``"1"``).
+    """
+    container = isinstance(obj, (Mapping, Sequence)) and not isinstance(obj, (str, bytes))
+    if container and depth > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"{where} is nested deeper than {MAX_CONFIG_DEPTH} levels")
     if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            key = str(k)
+            if key in out:
+                raise ConfigError(f"{where} has the key {key!r} twice ({short_repr(k)} once as a string)")
+            out[key] = _plain(v, f"{where}.{key}" if where != "config" else key, depth + 1)
+        return out
     if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
-        return [_plain(v) for v in obj]
+        return [_plain(v, where, depth + 1) for v in obj]
     return obj
 
 
@@ -37,7 +46,7 @@ def validate_config(data: Mapping[str, Any]) -> AttentionConfig:
     raw = _plain(data)
     if "variant" not in raw:
         raise ConfigError(
-            f"config {raw!r} has no 'variant' key; add e.g. variant: dot_product "
+            f"config {short_repr(raw)} has no 'variant' key; add e.g. variant: dot_product "
             "(`attnreg list` shows the names)"
         )
     spec = REGISTRY.get(raw["variant"])
@@ -48,6 +57,14 @@ def validate_config(data: Mapping[str, Any]) -> AttentionConfig:
         raise config_error(spec.name, spec.config, err) from None
 
 
+def _canonical(name: object) -> object:
+    """The canonical name of a variant name or alias; the input itself when it names none."""
+    try:
+        return REGISTRY.resolve(name)  # type: ignore[arg-type]
+    except ConfigError:
+        return name
+
+
 def build(config: AttentionConfig | Mapping[str, Any] | str, /, **fields: Any) -> Attention:
     """Build an attention module from a config model, a mapping, or a name plus keyword fields.
 
@@ -56,6 +73,12 @@ def build(config: AttentionConfig | Mapping[str, Any] | str, /, **fields: Any) -
         attnreg.build("local", window=128)
     """
     if isinstance(config, str):
+        if "variant" in fields and _canonical(fields["variant"]) != _canonical(config):
+            other = short_repr(fields["variant"])
+            raise ConfigError(
+                f"build({config!r}, variant={other}) names two variants; give the variant once: "
+                f"build({other}, ...) or build({config!r}, ...)"
+            )
         cfg = validate_config({**fields, "variant": config})
     elif fields:
         raise ConfigError(
@@ -86,41 +109,16 @@ def build(config: AttentionConfig | Mapping[str, Any] | str, /, **fields: Any) -
 
 
 def load_config(path: str | Path) -> AttentionConfig:
-    """Read a config file (.yaml/.yml with the safe loader, .json, .toml) into a config model."""
-    return validate_config(read_config_file(path))
+    """Read a config file (.yaml/.yml with the safe loader, .json, .toml) into a config model.
 
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a config file (.yaml/.yml with the safe loader, .json, .toml), not yet
-    validated (``attnreg.MultiHeadAttention`` fills in the head sizes first)."""
-    import yaml
-
-    p = Path(path)
-    suffix = p.suffix.lower()
+    Every problem is a ``ConfigError`` that names the file (see ``read_config_file`` for the
+    limits on files).
+    """
+    data = read_config_file(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror or exc}") from None
-    try:
-        if suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        elif suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            raise ConfigError(
-                f"config file {str(p)!r}: unknown extension {suffix!r}; "
-                "expected .yaml, .yml, .json or .toml"
-            )
-    except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config file {str(p)!r} could not be parsed: {exc}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"config file {str(p)!r} must hold a mapping with a 'variant' key, "
-            f"got {type(data).__name__}"
-        )
-    return dict(data)
+        return validate_config(data)
+    except ConfigError as err:
+        raise type(err)(f"config file {str(Path(path))!r}: {err}") from None
 
 
 def _resolve_alias(data: Any) -> Any:

@@ -16,12 +16,24 @@ def closest(word: str, choices: Iterable[str]) -> str | None:
     return match[0] if match else None
 
 
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters; safe for any value a config may hold (an int
+    with more digits than Python will print, an object whose ``repr`` raises)."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"<{'negative ' if value < 0 else ''}int of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - third-party objects: any repr failure becomes a placeholder
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def unknown_variant(name: object, known: list[str]) -> UnknownVariantError:
     """The error for a variant name nobody registered, listing names and the closest match."""
-    guess = closest(str(name), known)
+    guess = closest(short_repr(name), known) if isinstance(name, str) else None
     hint = f" Did you mean '{guess}'?" if guess else ""
     return UnknownVariantError(
-        f"unknown attention variant {name!r}.{hint} Registered names and aliases: "
+        f"unknown attention variant {short_repr(name)}.{hint} Registered names and aliases: "
         f"{', '.join(known) or '(none)'}. Run `attnreg doctor` if a plugin is missing."
     )
 
@@ -29,12 +41,25 @@ def unknown_variant(name: object, known: list[str]) -> UnknownVariantError:
 _BOUND_WORDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
+def _type_hint(value: object, error_type: str) -> str:
+    """Why a value of the wrong type is refused, for the inputs people actually write."""
+    if not error_type.endswith("_type"):
+        return ""
+    if isinstance(value, bool):
+        return " (true/false is not a number; YAML also reads yes/no/on/off as true/false)"
+    if isinstance(value, str) and error_type in ("int_type", "float_type"):
+        return " (write the number without quotes)"
+    if isinstance(value, float) and error_type == "int_type":
+        return " (write a whole number without a decimal point)"
+    return ""
+
+
 def config_error(variant: str, model: type[BaseModel], err: ValidationError) -> ConfigError:
     """Translate a pydantic ``ValidationError`` into one ``ConfigError`` message per problem."""
     allowed = [f for f in model.model_fields]
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(config)"
+        field = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             guess = closest(field, allowed)
             hint = f"; did you mean '{guess}'?" if guess else ""
@@ -42,12 +67,23 @@ def config_error(variant: str, model: type[BaseModel], err: ValidationError) -> 
                 f"unknown field '{field}'{hint} (allowed fields: {', '.join(allowed)})"
             )
             continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if not field:  # a check across fields: its message names them
+            lines.append(msg)
+            continue
         ctx = e.get("ctx") or {}
-        bounds = [f"{_BOUND_WORDS[k]} {v}" for k, v in ctx.items() if k in _BOUND_WORDS]
+        bounds = [f"{_BOUND_WORDS[k]} {short_repr(v)}" for k, v in ctx.items() if k in _BOUND_WORDS]
         bound = f" (bound: {field} {' and '.join(bounds)})" if bounds else ""
         if e["type"] == "missing":
             lines.append(f"field '{field}' is required")
         else:
-            lines.append(f"field '{field}' = {e.get('input')!r} is invalid: {e['msg']}{bound}")
+            value = e.get("input")
+            why = _type_hint(value, e["type"])
+            lines.append(f"field '{field}' = {short_repr(value)} is invalid: {msg}{bound}{why}")
     body = "\n  ".join(lines)
     return ConfigError(f"invalid config for attention variant '{variant}':\n  {body}")
+
+
+class PluginWarning(UserWarning):
+    """A plugin misbehaved while loading (e.g. changed torch's global state, which attnreg put
+    back), or ``ATTNREG_PLUGINS`` names no installed plugin. Strict mode makes these errors."""

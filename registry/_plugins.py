@@ -1,16 +1,19 @@
 """The plugin manager: lazy, thread-safe, isolated per entry point.
 
 pluggy's ``load_setuptools_entrypoints`` stops at the first broken plugin; here each entry
-point is imported, registered and asked for its variants on its own, and a failure is recorded
-(with the distribution that shipped it) instead of taking the registry down.
+point is imported, registered and asked for its variants on its own, and a failure (any
+exception but ``KeyboardInterrupt``, ``sys.exit`` included) is recorded with the distribution
+that shipped it instead of taking the registry, or the process, down. Plugin code never runs
+under the registry's lock, and whatever it changes in torch's global state is put back and
+reported (``_isolation.py``).
 """
 
 from __future__ import annotations
 
-import os
+import sys
 import threading
+import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -24,174 +27,263 @@ from attnreg.core import (
     VariantSpec,
 )
 
-ENTRY_POINT_GROUP = "attnreg"
-BUILTIN_DIST = "attnreg"
-ENV_DISABLE = "ATTNREG_DISABLE_PLUGIN_AUTOLOAD"
-ENV_ALLOW = "ATTNREG_PLUGINS"
-ENV_STRICT = "ATTNREG_STRICT_PLUGINS"
+from ._errors import PluginWarning, unknown_variant
+from ._isolation import TorchStateGuard, describe_exception, normalize_name
+from ._plugin_env import (
+    BUILTIN_DIST,
+    ENTRY_POINT_GROUP,
+    ENV_ALLOW,
+    ENV_DISABLE,
+    ENV_STRICT,
+    PluginRecord,
+    Running,
+    State,
+    allow_list,
+    dist_label,
+    dist_name,
+    env_flag,
+    env_switches,
+    is_builtin,
+)
 
+__all__ = ["BUILTIN_DIST", "ENTRY_POINT_GROUP", "ENV_ALLOW", "ENV_DISABLE", "ENV_STRICT", "REGISTRY",
+           "PluginRecord", "Registry", "env_switches"]
 
-@dataclass
-class PluginRecord:
-    """What happened to one plugin: where it came from, what it provided, or why it failed."""
-
-    name: str
-    provider: str  # distribution name and version, or "runtime"
-    target: str  # "module:attr" of the entry point, or the registered object's repr
-    status: str = "pending"  # loaded | failed | filtered | unregistered
-    variants: tuple[str, ...] = ()
-    error: str | None = None
-
-
-@dataclass
-class _State:
-    specs: dict[str, VariantSpec] = field(default_factory=dict)  # canonical name -> spec
-    names: dict[str, str] = field(default_factory=dict)  # name or alias -> canonical name
-    providers: dict[str, str] = field(default_factory=dict)  # canonical name -> provider
-    records: list[PluginRecord] = field(default_factory=list)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def env_switches() -> dict[str, str | None]:
-    """The plugin-loading environment switches and their current values."""
-    return {k: os.environ.get(k) for k in (ENV_DISABLE, ENV_ALLOW, ENV_STRICT)}
-
-
-def _dist_label(ep: EntryPoint) -> str:
-    dist = getattr(ep, "dist", None)
-    if dist is None:
-        return "<unknown distribution>"
-    return f"{dist.metadata['Name']} {dist.version}"
-
-
-def _is_builtin(ep: EntryPoint) -> bool:
-    dist = getattr(ep, "dist", None)
-    return dist is not None and dist.metadata["Name"] == BUILTIN_DIST
+def _warn(message: str) -> None:
+    """A ``PluginWarning`` attributed to the first caller outside attnreg (loading is lazy: that
+    is the user's line that first used the registry)."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is _warn's caller
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "attnreg":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, PluginWarning, stacklevel=level)
 
 
 class Registry:
     """Holds every registered variant. Use the module-level functions of ``attnreg``."""
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards the state below; never held while plugin code runs
+        self._changed = threading.Condition(self._lock)  # notified when loading ends or is abandoned
         self._loaded = False  # True only once loading has finished
-        self._loading = False  # True while this registry's entry points are being imported
+        self._loader: threading.Thread | None = None  # the thread loading entry points now
+        self._running: Running | None = None
         self._strict_error: PluginLoadError | None = None
-        self._state = _State()
+        self._unmatched: tuple[str, ...] = ()  # ATTNREG_PLUGINS names that matched no plugin
+        self._reset()
+
+    def _reset(self) -> None:
+        self._state = State()
         self._pm = pluggy.PluginManager(PROJECT_NAME)
         self._pm.add_hookspecs(AttnregHookSpecs)
 
     # -- loading ---------------------------------------------------------------------------
     def ensure_loaded(self) -> None:
-        """Load entry points on first use, once. Other threads wait on the lock until loading has
-        finished; only a plugin calling back into attnreg from its own import (same thread,
-        re-entrant lock) sees the partly filled registry instead of recursing."""
-        if not self._loaded:
-            with self._lock:
-                if not self._loaded and not self._loading:
-                    self._loading = True
-                    try:
-                        self._load_entry_points()
-                    except PluginLoadError as exc:
-                        self._strict_error = exc
-                    finally:
-                        self._loading = False
-                        self._loaded = True
+        """Load entry points on first use, once; every thread gets the same, complete registry.
+
+        Other threads wait until loading has finished. Plugin code on the loading thread (an
+        import or hook calling back into attnreg) sees the registry as loaded so far instead of
+        recursing. A thread started by a plugin while its code runs gets a ``PluginLoadError``
+        naming the plugin instead of waiting (waiting would deadlock a plugin that joins it).
+        """
+        if not self._loaded and self._claim_loading():
+            self._run_loading()
         if self._strict_error is not None:  # strict mode: every later use fails the same way
             raise self._strict_error
 
+    def _claim_loading(self) -> bool:
+        """True if this thread must load now; otherwise return once loading has finished (at
+        once for plugin code on the loading thread)."""
+        me = threading.current_thread()
+        with self._changed:
+            while not self._loaded:
+                if self._loader is None:
+                    self._loader = me
+                    return True
+                if self._loader is me:
+                    return False
+                running = self._running
+                if running is not None and me not in running.threads:
+                    raise self._reentry_error(running)
+                self._changed.wait()
+        return False
+
+    def _run_loading(self) -> None:
+        strict_error: PluginLoadError | None = None
+        try:
+            self._load_entry_points()
+        except PluginLoadError as exc:
+            strict_error = exc
+        except BaseException:  # KeyboardInterrupt: keep nothing half-loaded; the next use loads again
+            with self._changed:
+                self._reset()
+                self._loader = self._running = None
+                self._changed.notify_all()
+            raise
+        with self._changed:
+            self._strict_error = strict_error
+            self._loaded = True
+            self._loader = self._running = None
+            self._changed.notify_all()
+
+    def _reentry_error(self, running: Running) -> PluginLoadError:
+        record = running.record
+        note = ("started a thread that used attnreg while the plugin was loading (the call "
+                "raised PluginLoadError instead of deadlocking)")
+        if note not in record.warnings:
+            record.warnings += (note,)
+        return PluginLoadError(
+            f"attnreg was used from a thread started while plugin '{record.name}' from "
+            f"{record.provider} ({record.target}) was loading. The registry is incomplete until "
+            "that plugin's import and hook return, and waiting for them here would deadlock a "
+            "plugin that joins this thread: use attnreg after the import returns, not from "
+            "threads started during it."
+        )
+
     def _load_entry_points(self) -> None:
-        disabled = _env_flag(ENV_DISABLE)
-        allow_raw = os.environ.get(ENV_ALLOW)
-        allow = None if allow_raw is None else {a.strip() for a in allow_raw.split(",") if a.strip()}
-        strict = _env_flag(ENV_STRICT)
-        eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (not _is_builtin(e), e.name))
+        disabled = env_flag(ENV_DISABLE)
+        allow = allow_list()
+        strict = env_flag(ENV_STRICT)
+        matched: set[str] = set()
+        eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (not is_builtin(e), e.name))
         for ep in eps:
-            record = PluginRecord(ep.name, _dist_label(ep), ep.value)
-            dist = getattr(ep, "dist", None)
-            dist_name = dist.metadata["Name"] if dist is not None else None
-            if not _is_builtin(ep) and (
-                disabled or (allow is not None and ep.name not in allow and dist_name not in allow)
-            ):
+            record = PluginRecord(ep.name, dist_label(ep), ep.value)
+            dist = dist_name(ep)
+            keys = {normalize_name(ep.name)} | ({normalize_name(dist)} if dist else set())
+            listed = allow is not None and bool(keys & allow.keys())
+            matched |= keys if listed else set()
+            if not is_builtin(ep) and (disabled or (allow is not None and not listed)):
                 record.status = "filtered"
                 record.error = f"not loaded: {ENV_DISABLE}=1" if disabled else f"not in {ENV_ALLOW}"
-                self._state.records.append(record)
+                with self._lock:
+                    self._state.records.append(record)
                 continue
+            self._load_one(ep, record, strict)
+        unmatched = tuple(raw for norm, raw in (allow or {}).items() if norm not in matched)
+        with self._lock:
+            self._unmatched = unmatched
+        if unmatched:
+            message = (f"{ENV_ALLOW} names no installed attnreg plugin: {', '.join(unmatched)} (names "
+                       "are entry-point or distribution names, compared as pip does; `attnreg "
+                       "doctor` lists what is installed)")
+            if strict:
+                raise PluginLoadError(f"{message}. Unset {ENV_STRICT} to only warn.")
+            _warn(message)
+
+    def _load_one(self, ep: EntryPoint, record: PluginRecord, strict: bool) -> None:
+        """Import one entry point and register what its hook returns; any failure, exit or
+        change of torch's global state is recorded against it (and raised in strict mode)."""
+        guard = TorchStateGuard()
+        with self._lock:
+            self._running = Running(record, frozenset(threading.enumerate()))
+        error: str | None = None
+        cause: BaseException | None = None
+        specs: list[VariantSpec] = []
+        registered: Any = None
+        try:
             try:
                 obj = ep.load()
-            except Exception as exc:  # noqa: BLE001 - isolation is the point
-                self._fail(record, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}", exc, strict)
-                continue
-            self._add_entry_point(obj, record, strict)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - isolation is the point (SystemExit too)
+                error, cause = f"import of {ep.value!r} failed: {describe_exception(exc)}", exc
+            else:
+                try:
+                    specs, registered = self._collect(obj, record)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - isolation is the point
+                    error, cause = describe_exception(exc), exc
+        finally:
+            with self._lock:
+                self._running = None
+            changes = guard.restore()
+        if changes:
+            record.warnings += (f"changed torch's global state while loading: {'; '.join(changes)}",)
+        if error is None:
+            try:
+                self._commit(specs, record, registered)
+            except DuplicateVariantError as exc:
+                error, cause = describe_exception(exc), exc
+        if error is not None:
+            record.status, record.error = "failed", error
+            with self._lock:
+                self._state.records.append(record)
+        self._report(record, cause, strict)
 
-    def _fail(self, record: PluginRecord, message: str, exc: BaseException | None, strict: bool) -> None:
-        record.status = "failed"
-        record.error = message
-        self._state.records.append(record)
-        if strict:
+    def _report(self, record: PluginRecord, cause: BaseException | None, strict: bool) -> None:
+        """Strict mode: any failure or warning of ``record`` is an error. Otherwise warnings are
+        Python warnings (failures are shown by ``attnreg doctor`` / ``attnreg list``)."""
+        failed = record.status == "failed" and record.error is not None
+        problems = ([record.error] if failed else []) + list(record.warnings)
+        if strict and problems:
+            what = "failed to load" if record.status == "failed" else "misbehaved while loading"
             raise PluginLoadError(
-                f"plugin '{record.name}' from {record.provider} failed to load:\n  {message}\n"
-                f"Unset {ENV_STRICT} to skip broken plugins, or fix/uninstall that distribution."
-            ) from exc
+                f"plugin '{record.name}' from {record.provider} {what}:\n  " + "\n  ".join(problems)
+                + f"\nUnset {ENV_STRICT} to skip broken plugins, or fix/uninstall that distribution."
+            ) from cause
+        for note in record.warnings:
+            _warn(f"attnreg plugin '{record.name}' from {record.provider} {note}")
 
-    def _add_entry_point(self, obj: Any, record: PluginRecord, strict: bool) -> None:
-        try:
-            self._add_plugin(obj, record)
-        except Exception as exc:  # noqa: BLE001 - isolation is the point
-            self._fail(record, f"{type(exc).__name__}: {exc}", exc, strict)
-
-    def _add_plugin(self, obj: Any, record: PluginRecord) -> list[VariantSpec]:
-        """Register ``obj`` (module/object with the hook, a spec or a list of specs) atomically:
-        on any error nothing of it stays registered and the error propagates."""
-        registered: list[Any] = []
-        try:
-            specs = self._collect(obj, record, registered)
-            self._check_names(specs, record)
-        except BaseException:
-            for plugin in registered:
-                self._pm.unregister(plugin)
-            raise
-        for spec in specs:
-            self._state.specs[spec.name] = spec
-            self._state.providers[spec.name] = record.provider
-            for n in spec.names:
-                self._state.names[n] = spec.name
-        record.status = "loaded"
-        record.variants = tuple(s.name for s in specs)
-        self._state.records.append(record)
-        return specs
-
-    def _collect(self, obj: Any, record: PluginRecord, registered: list[Any]) -> list[VariantSpec]:
+    def _collect(self, obj: Any, record: PluginRecord) -> tuple[list[VariantSpec], Any]:
+        """The specs ``obj`` provides (a spec, a list of specs, or an object with the hook) and
+        the object registered with pluggy for it (None for specs). Runs the plugin's hook, so it
+        is never called under the lock; on any error nothing of ``obj`` stays registered."""
         if isinstance(obj, VariantSpec):
-            return [obj]
+            return [obj], None
         if isinstance(obj, (list, tuple)) and obj and all(isinstance(s, VariantSpec) for s in obj):
-            return list(obj)
-        name = f"{record.name}@{id(obj)}"
-        if not self._pm.is_registered(obj):  # the same object again fails on its names below
-            self._pm.register(obj, name=name)
-            registered.append(obj)
-        impls = [i for i in self._pm.hook.attnreg_variants.get_hookimpls() if i.plugin is obj]
-        if not impls:
-            raise PluginLoadError(
-                f"{record.target} defines no @attnreg.hookimpl function 'attnreg_variants'"
-            )
-        result = impls[0].function()
-        if not isinstance(result, (list, tuple)):
-            raise PluginLoadError(
-                f"attnreg_variants() must return a list of VariantSpec, got {type(result).__name__}"
-            )
-        bad = [r for r in result if not isinstance(r, VariantSpec)]
-        if bad:
-            raise PluginLoadError(
-                f"attnreg_variants() returned {type(bad[0]).__name__} {bad[0]!r}; "
-                "every item must be an attnreg.VariantSpec"
-            )
-        if not result:
-            raise PluginLoadError("attnreg_variants() returned no variants")
-        return list(result)
+            return list(obj), None
+        registered = None
+        try:
+            with self._lock:  # pluggy's manager is not thread-safe
+                if not self._pm.is_registered(obj):  # the same object again fails on its names later
+                    self._pm.register(obj, name=f"{record.name}@{id(obj)}")
+                    registered = obj
+                impls = [i for i in self._pm.hook.attnreg_variants.get_hookimpls() if i.plugin is obj]
+            if not impls:
+                raise PluginLoadError(
+                    f"{record.target} defines no @attnreg.hookimpl function 'attnreg_variants'"
+                )
+            result = impls[0].function()
+            if not isinstance(result, (list, tuple)):
+                raise PluginLoadError(
+                    f"attnreg_variants() must return a list of VariantSpec, got {type(result).__name__}"
+                )
+            bad = [r for r in result if not isinstance(r, VariantSpec)]
+            if bad:
+                raise PluginLoadError(
+                    f"attnreg_variants() returned {type(bad[0]).__name__} {bad[0]!r}; "
+                    "every item must be an attnreg.VariantSpec"
+                )
+            if not result:
+                raise PluginLoadError("attnreg_variants() returned no variants")
+            return list(result), registered
+        except BaseException:
+            self._forget(registered)
+            raise
+
+    def _forget(self, plugin: Any) -> None:
+        if plugin is not None:
+            with self._lock:
+                if self._pm.is_registered(plugin):
+                    self._pm.unregister(plugin)
+
+    def _commit(self, specs: list[VariantSpec], record: PluginRecord, registered: Any) -> None:
+        """Add ``specs`` and ``record`` atomically; a taken name adds nothing and raises."""
+        with self._lock:
+            try:
+                self._check_names(specs, record)
+            except BaseException:
+                self._forget(registered)
+                raise
+            for spec in specs:
+                self._state.specs[spec.name] = spec
+                self._state.providers[spec.name] = record.provider
+                for n in spec.names:
+                    self._state.names[n] = spec.name
+            record.status = "loaded"
+            record.variants = tuple(s.name for s in specs)
+            record.plugin = registered
+            self._state.records.append(record)
 
     def _check_names(self, specs: Iterable[VariantSpec], record: PluginRecord) -> None:
         seen: dict[str, str] = {}
@@ -217,45 +309,57 @@ class Registry:
         self.ensure_loaded()
         label = name or getattr(plugin, "name", None) or getattr(plugin, "__name__", None)
         label = label or type(plugin).__name__
-        with self._lock:
-            record = PluginRecord(str(label), "runtime", f"register({label})")
-            try:
-                return self._add_plugin(plugin, record)
-            except (DuplicateVariantError, PluginLoadError):
-                raise
-            except Exception as exc:
-                raise PluginLoadError(
-                    f"register({record.target}) failed: {type(exc).__name__}: {exc}"
-                ) from exc
+        record = PluginRecord(str(label), "runtime", f"register({label})")
+        try:
+            specs, registered = self._collect(plugin, record)
+        except (DuplicateVariantError, PluginLoadError, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a plugin's sys.exit must not exit
+            raise PluginLoadError(f"{record.target} failed: {describe_exception(exc)}") from exc
+        self._commit(specs, record, registered)
+        return specs
 
     def unregister(self, name: str) -> None:
-        """Remove a variant (by name or alias) and all its aliases."""
+        """Remove a variant (by name or alias) and all its aliases. A runtime registration
+        whose last variant goes leaves no record behind; an entry point's record says
+        ``unregistered``."""
+        self.ensure_loaded()
         with self._lock:
-            canonical = self.resolve(name)
+            canonical = self._resolve(name)
             spec = self._state.specs.pop(canonical)
             self._state.providers.pop(canonical)
             for n in spec.names:
                 self._state.names.pop(n, None)
-            for record in self._state.records:
-                if canonical in record.variants:
-                    record.variants = tuple(v for v in record.variants if v != canonical)
-                    record.status = record.status if record.variants else "unregistered"
+            for record in list(self._state.records):
+                if canonical not in record.variants:
+                    continue
+                record.variants = tuple(v for v in record.variants if v != canonical)
+                if record.variants:
+                    continue
+                self._forget(record.plugin)
+                record.plugin = None
+                if record.provider == "runtime":
+                    self._state.records.remove(record)
+                else:
+                    record.status = "unregistered"
 
-    def resolve(self, name: str) -> str:
-        """Canonical name of a variant name or alias; ``UnknownVariantError`` otherwise."""
-        from ._errors import unknown_variant
-
-        self.ensure_loaded()
-        with self._lock:
-            canonical = self._state.names.get(name) if isinstance(name, str) else None
+    def _resolve(self, name: str) -> str:
+        canonical = self._state.names.get(name) if isinstance(name, str) else None
         if canonical is None:
             raise unknown_variant(name, sorted(self._state.names))
         return canonical
 
+    def resolve(self, name: str) -> str:
+        """Canonical name of a variant name or alias; ``UnknownVariantError`` otherwise."""
+        self.ensure_loaded()
+        with self._lock:
+            return self._resolve(name)
+
     def get(self, name: str) -> VariantSpec:
         """The spec of a variant name or alias."""
+        self.ensure_loaded()
         with self._lock:
-            return self._state.specs[self.resolve(name)]
+            return self._state.specs[self._resolve(name)]
 
     def specs(self) -> list[VariantSpec]:
         """All registered specs, sorted by name."""
@@ -265,14 +369,21 @@ class Registry:
 
     def provider(self, name: str) -> str:
         """Distribution (and version) that provided a variant."""
+        self.ensure_loaded()
         with self._lock:
-            return self._state.providers[self.resolve(name)]
+            return self._state.providers[self._resolve(name)]
 
     def records(self) -> list[PluginRecord]:
-        """One record per plugin seen: loaded, failed or filtered."""
+        """One record per plugin seen: loaded, failed, filtered or unregistered."""
         self.ensure_loaded()
         with self._lock:
             return list(self._state.records)
+
+    def unmatched_allow_list(self) -> tuple[str, ...]:
+        """Names in ``ATTNREG_PLUGINS`` that matched no entry point or distribution at loading."""
+        self.ensure_loaded()
+        with self._lock:
+            return self._unmatched
 
 
 REGISTRY = Registry()

@@ -48,6 +48,12 @@ def attention_config(attention: AttentionSpec, num_heads: int, head_dim: int) ->
     ``num_heads``). A value given by the user that differs from the module's raises
     ``ConfigError``: the module decides the head count and size, the config may only agree.
     """
+    if isinstance(attention, os.PathLike) and not isinstance(attention, Mapping):
+        raw_file = read_config_file(attention)  # its errors name the file already
+        try:
+            return attention_config(raw_file, num_heads, head_dim)
+        except ConfigError as err:
+            raise type(err)(f"config file {os.fspath(attention)!r}: {err}") from None
     from_model = isinstance(attention, AttentionConfig)
     if from_model:
         raw: dict[str, Any] = dict(attention)

@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 import attnreg  # noqa: E402
 import attnreg.integrations.transformers as hf  # noqa: E402
 from attnreg.core import ConfigError, UnknownVariantError, UnsupportedFeatureError  # noqa: E402
+from attnreg.integrations.transformers._cache import forget_cache  # noqa: E402
 from attnreg.plugins.dot_product import DotProductAttention  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,7 +187,7 @@ def test_unsupported_uses_raise() -> None:
         model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD,
                        cache_implementation="static")
     def lose_state_layer(module: torch.nn.Module, args: tuple) -> None:  # as if the hook found no cache
-        module.__dict__["_attnreg_cache_layer"] = None
+        forget_cache(module, args, None)
 
     cache = hf.decoding_cache(model)
     next(hf.attention_modules(model)).register_forward_pre_hook(lose_state_layer)

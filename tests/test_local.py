@@ -221,10 +221,10 @@ def test_mask_caches_are_bounded_and_owned() -> None:
     # The big edge masks (> 64K elements) live in the module, never in the process-wide cache.
     assert attn._mask_cache.nbytes > 0
     shared = _blocked._SHARED
-    assert all(t.numel() <= shared.max_elements for t in shared._store.values())
+    assert all(t.numel() <= shared.max_elements for t in shared.values())
     assert not any("cache" in name for name in attn.state_dict())
     assert copy.deepcopy(attn)._mask_cache.nbytes == 0
-    held = weakref.ref(next(iter(attn._mask_cache._store.values())))
+    held = weakref.ref(next(iter(attn._mask_cache.values())))
     with torch.no_grad():  # served from the caches: same result
         torch.testing.assert_close(attn(x, x, x), first, atol=0, rtol=0)
     del attn
@@ -233,4 +233,4 @@ def test_mask_caches_are_bounded_and_owned() -> None:
     for length in range(300, 300 + shared.entries + 8):  # many shapes: the shared cache stays capped
         with torch.no_grad():
             attnreg.build("local", window=16, block_size=16)(*(torch.randn(1, 1, length, 4),) * 3)
-    assert len(shared._store) <= shared.entries
+    assert len(shared) <= shared.entries

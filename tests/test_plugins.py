@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -156,9 +157,9 @@ def test_concurrent_first_use_waits_for_loading(monkeypatch: pytest.MonkeyPatch)
     import time
 
     class SlowRegistry(Registry):
-        def _add_entry_point(self, obj, record, strict):  # type: ignore[no-untyped-def]
+        def _load_one(self, ep, record, strict):  # type: ignore[no-untyped-def]
             time.sleep(0.05)
-            super()._add_entry_point(obj, record, strict)
+            super()._load_one(ep, record, strict)
 
     reg = SlowRegistry()
     results: dict[str, object] = {}
@@ -173,12 +174,13 @@ def test_concurrent_first_use_waits_for_loading(monkeypatch: pytest.MonkeyPatch)
     assert results["b"] == "dot_product"
 
 
-def test_unregister_updates_the_record() -> None:
-    attnreg.register(DOT_SPEC.__class__(**{**DOT_SPEC.__dict__, "name": "dp_copy", "aliases": (),
-                                          "config": _copy_config("dp_copy")}), name="copy")
+def test_unregister_removes_the_runtime_record() -> None:
+    spec = DOT_SPEC.__class__(**{**DOT_SPEC.__dict__, "name": "dp_copy", "aliases": (),
+                                 "config": _copy_config("dp_copy")})
+    attnreg.register(spec, name="copy")
+    assert [r.status for r in attnreg.plugin_records() if r.name == "copy"] == ["loaded"]
     attnreg.unregister("dp_copy")
-    record = [r for r in attnreg.plugin_records() if r.name == "copy"][-1]
-    assert record.status == "unregistered" and record.variants == ()
+    assert not [r for r in attnreg.plugin_records() if r.name == "copy"]
 
 
 def _copy_config(name: str):  # type: ignore[no-untyped-def]
@@ -193,3 +195,166 @@ def _copy_config(name: str):  # type: ignore[no-untyped-def]
 def test_specs_are_hashable() -> None:
     specs = {attnreg.get_variant(n) for n in attnreg.list_variants()}
     assert len(specs) == len(attnreg.list_variants())
+
+
+# -- exits, interrupts, threads, names, cycles (issue 15) -------------------------------------
+def _fresh(monkeypatch: pytest.MonkeyPatch) -> Registry:
+    """A new registry that is also ``attnreg``'s (plugin code calling ``attnreg.*`` reaches it)."""
+    from attnreg import _plugins
+
+    reg = Registry()
+    monkeypatch.setattr(_plugins, "REGISTRY", reg)
+    monkeypatch.setattr(attnreg, "REGISTRY", reg, raising=False)  # undone with the line above
+    return reg
+
+
+def test_a_caught_exit_leaves_no_half_loaded_registry(plugin_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    exit_code = "import sys\nsys.exit(4)\n"
+    make_dist(plugin_dir, "attnreg-exit", "exit_first", "attnreg_test_exit_first", exit_code)
+    reg = _fresh(monkeypatch)
+    try:
+        names = [s.name for s in reg.specs()]
+    except SystemExit:  # what a notebook would catch
+        names = []
+    assert "good_variant" in names  # sorted after exit_first: loading went on
+    assert "sys.exit(4)" in next(r for r in reg.records() if r.name == "exit_first").error
+
+
+def test_keyboard_interrupt_propagates_and_the_next_use_loads_again(
+    plugin_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flag = plugin_dir / "interrupted"
+    code = (f"import pathlib\nflag = pathlib.Path({str(flag)!r})\n"
+            "if not flag.exists():\n    flag.touch()\n    raise KeyboardInterrupt\n"
+            + GOOD_PLUGIN.format(name="after_interrupt", aliases=()))
+    make_dist(plugin_dir, "attnreg-interrupt", "aa_interrupt", "attnreg_test_interrupt", code)
+    reg = _fresh(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        reg.specs()
+    assert not reg._loaded and not reg._state.records and not reg._pm.get_plugins()
+    names = [s.name for s in reg.specs()]  # a full load, not what was left of the first one
+    assert {"dot_product", "after_interrupt", "good_variant"} <= set(names)
+    assert [r.name for r in reg.records()].count("dot_product") == 1
+
+
+def test_plugin_code_on_the_loading_thread_sees_the_registry_so_far(
+    plugin_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code = ("import attnreg\nSEEN = attnreg.list_variants()\n"
+            + GOOD_PLUGIN.format(name="reentrant_variant", aliases=()))
+    make_dist(plugin_dir, "attnreg-reentrant", "a_reentrant", "attnreg_test_reentrant", code)  # before "good"
+    monkeypatch.setenv("ATTNREG_PLUGINS", "a_reentrant,good")
+    reg = _fresh(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not a misbehaviour: no warning
+        names = [s.name for s in reg.specs()]
+    assert "reentrant_variant" in names
+    seen = sys.modules["attnreg_test_reentrant"].SEEN
+    assert "dot_product" in seen and "reentrant_variant" not in seen and "good_variant" not in seen
+    assert next(r for r in reg.records() if r.name == "a_reentrant").warnings == ()
+
+
+def test_first_use_from_many_threads_loads_once(plugin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    loads: list[int] = []
+
+    class SlowRegistry(Registry):
+        def _load_entry_points(self) -> None:
+            loads.append(threading.get_ident())
+            super()._load_entry_points()
+
+        def _load_one(self, ep, record, strict):  # type: ignore[no-untyped-def]
+            time.sleep(0.01)  # widen the window in which the other threads arrive
+            super()._load_one(ep, record, strict)
+
+    reg = SlowRegistry()
+    barrier = threading.Barrier(8)
+    results: list[object] = [None] * 8
+
+    def use(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = ([s.name for s in reg.specs()], reg.resolve("goodie"))
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion below
+            results[i] = exc
+
+    threads = [threading.Thread(target=use, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(loads) == 1
+    assert all(r == results[0] for r in results), results
+    names, resolved = results[0]  # type: ignore[misc]
+    assert "good_variant" in names and resolved == "good_variant"
+
+
+@pytest.mark.parametrize("written",
+                         ["GOOD", "Attnreg_Good", "attnreg.good", "attnreg--good", " attnreg-good "])
+def test_allow_list_names_are_compared_as_pip_does(
+    plugin_dir: Path, monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    monkeypatch.setenv("ATTNREG_PLUGINS", written)
+    reg = Registry()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "good_variant" in [s.name for s in reg.specs()]
+    assert reg.unmatched_allow_list() == ()
+
+
+def test_allow_list_names_matching_nothing_are_reported(plugin_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNREG_PLUGINS", "good,attnreg-godo,nothing_here")
+    reg = Registry()
+    with pytest.warns(attnreg.PluginWarning, match="ATTNREG_PLUGINS names no installed attnreg plugin: "
+                                           "attnreg-godo, nothing_here"):
+        assert "good_variant" in [s.name for s in reg.specs()]
+    assert reg.unmatched_allow_list() == ("attnreg-godo", "nothing_here")
+    env = {**os.environ, "PYTHONPATH": str(plugin_dir), "COLUMNS": "250", "ATTNREG_PLUGINS": "good,godo"}
+    doctor = subprocess.run([sys.executable, "-m", "attnreg", "doctor"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert doctor.returncode == 0 and "ATTNREG_PLUGINS names no installed plugin: godo" in doctor.stdout
+    monkeypatch.setenv("ATTNREG_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginLoadError, match="names no installed attnreg plugin: attnreg-godo"):
+        Registry().specs()
+
+
+def test_register_unregister_cycles_leave_nothing_behind() -> None:
+    import types
+
+    mod = types.ModuleType("attnreg_cycle_plugin")
+    code = GOOD_PLUGIN.format(name="cycle_variant", aliases=("cycle_alias",))
+    exec(compile(code, "<cycle plugin>", "exec", dont_inherit=True), mod.__dict__)
+    spec = mod.attnreg_variants()[0]
+    reg = attnreg.REGISTRY
+
+    def footprint() -> tuple[int, ...]:
+        s = reg._state
+        return len(s.records), len(s.specs), len(s.names), len(s.providers), len(reg._pm.get_plugins())
+
+    attnreg.list_variants()
+    before = footprint()
+    for i in range(20):
+        plugin = (mod, spec, [spec])[i % 3]
+        assert [s.name for s in attnreg.register(plugin, name=f"cycle{i}")] == ["cycle_variant"]
+        assert footprint() != before
+        attnreg.unregister("cycle_alias")
+        assert footprint() == before, i
+    with pytest.raises(attnreg.DuplicateVariantError):  # a failed register leaves nothing either
+        attnreg.register(DOT_SPEC, name="dup")
+    assert footprint() == before
+
+
+def test_register_turns_a_plugin_exit_into_an_error() -> None:
+    import types
+
+    mod = types.ModuleType("attnreg_exit_plugin")
+    code = "from attnreg.core import hookimpl\n@hookimpl\ndef attnreg_variants():\n    raise SystemExit(5)\n"
+    exec(compile(code, "<exit plugin>", "exec", dont_inherit=True), mod.__dict__)
+    before = len(attnreg.plugin_records()), len(attnreg.REGISTRY._pm.get_plugins())
+    with pytest.raises(PluginLoadError, match=r"register\(exiter\) failed: SystemExit: .*sys.exit\(5\)"):
+        attnreg.register(mod, name="exiter")
+    assert (len(attnreg.plugin_records()), len(attnreg.REGISTRY._pm.get_plugins())) == before

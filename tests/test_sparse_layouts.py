@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -121,16 +122,52 @@ def test_pattern_mask_is_the_expanded_layout_with_partial_last_block():
 
 
 # ------------------------------------------------------------------ custom layouts
-def test_custom_layout_from_pairs_matrix_and_tensor_agree():
+def test_custom_blocks_matrix_and_tensor_agree():
     pairs = [[0, 0], [1, 0], [1, 1], [2, 2], [2, 0]]
     matrix = [[True, False, False], [True, True, False], [True, False, True]]
-    a = attnreg.build("sparse", layout="custom", custom_layout=pairs, block_size=4)
-    b = attnreg.build("sparse", layout="custom", custom_layout=matrix, block_size=4)
+    a = attnreg.build("sparse", layout="custom", custom_blocks=pairs, block_size=4)
+    b = attnreg.build("sparse", layout="custom", custom_matrix=matrix, block_size=4)
+    b01 = attnreg.build("sparse", layout="custom", custom_matrix=[[int(x) for x in r] for r in matrix],
+                        block_size=4)
     c = SparseAttention.from_layout(torch.tensor(matrix), block_size=4)
-    for m in (a, b, c):
+    for m in (a, b, b01, c):
         assert torch.equal(m.layout(12, 2)[1], torch.tensor(matrix))
-    assert attnreg.build(a.config.model_dump()).config == a.config  # round trip
+    assert b01.config == b.config  # 0/1 is stored as true/false
+    assert attnreg.build(a.config.model_dump()).config == a.config  # round trips
     assert attnreg.validate_config(json.loads(c.config.model_dump_json())) == c.config
+    # the decoding fingerprint names the layout, whichever form wrote it
+    digests = {m._state_fingerprint()["custom_layout_sha1"] for m in (a, b, b01, c)}
+    assert len(digests) == 1
+
+
+def test_a_2x2_01_matrix_and_two_pairs_are_different_layouts():
+    """The input that used to be ambiguous: each field reads it its own way."""
+    value = [[0, 1], [1, 1]]
+    blocks = attnreg.build("sparse", layout="custom", custom_blocks=value, block_size=2)
+    matrix = attnreg.build("sparse", layout="custom", custom_matrix=value, block_size=2)
+    assert blocks.layout(4, 1)[0].tolist() == [[False, True], [False, True]]  # pairs (0,1), (1,1)
+    assert matrix.layout(4, 1)[0].tolist() == [[False, True], [True, True]]  # rows of a matrix
+    assert (blocks._state_fingerprint()["custom_layout_sha1"]
+            != matrix._state_fingerprint()["custom_layout_sha1"])
+
+
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        ([[0, 1], [1, 0]], r"reads both ways: as \[query_block, key_block\] pairs write custom_blocks: "
+                           r"\[\[0, 1\], \[1, 0\]\]; as a matrix write custom_matrix: "
+                           r"\[\[0, 1\], \[1, 0\]\]"),
+        ([[1, 0, 1], [0, 1, 1], [1, 1, 1]], r"is a matrix: write custom_matrix: \[\[1, 0, 1\]"),
+        ([[True, False], [True, True]], r"is a matrix: write custom_matrix: \[\[True, False\]"),
+        ([[0, 0], [1, 0], [1, 1]], r"is a list of pairs: write custom_blocks: \[\[0, 0\], \[1, 0\]"),
+        ([[0, 5], [1, 0]], r"is a list of pairs: write custom_blocks"),
+        ("x", "write one of them instead of custom_layout"),
+    ],
+)
+def test_former_custom_layout_field_says_what_to_write(value, match):
+    with pytest.raises(attnreg.ConfigError, match="custom_layout was replaced by two fields") as info:
+        attnreg.build("sparse", layout="custom", custom_layout=value)
+    assert re.search(match, str(info.value), flags=re.I), str(info.value)
 
 
 def test_custom_per_head_layout():
@@ -139,24 +176,38 @@ def test_custom_per_head_layout():
     assert torch.equal(attn.pattern_mask(6), expand_layout(layout, 2, 6))
     with pytest.raises(ValueError, match="2 heads but the input has 3"):
         attn(torch.randn(1, 3, 6, 4), torch.randn(1, 3, 6, 4), torch.randn(1, 3, 6, 4))
+    with pytest.raises(ValueError, match="custom_matrix has 2 heads but num_heads=3"):
+        SparseAttention.from_layout(layout, block_size=2, num_heads=3)  # a config model: pydantic's error
+    with pytest.raises(attnreg.ConfigError, match="custom_matrix has 2 heads but num_heads=3"):
+        attnreg.build("sparse", layout="custom", custom_matrix=layout, num_heads=3)
 
 
 @pytest.mark.parametrize(
-    "layout,match",
+    "field,layout,match",
     [
-        ([[0, 0], [1, 2]], "key_block out of range"),
-        ([[0, 0], [2, 2], [2, 1]], r"query block\(s\) \[1\] attend to nothing"),
-        ([[0, -1]], "non-negative"),
-        ([[True, False], [False, False]], r"row\(s\) \[\[1\]\]"),
-        ([[True, False], [True]], "ragged"),
-        ([[True, False, True], [True, True, True]], "square"),
-        ([[1, 0, 1], [0, 1, 1], [1, 1, 1]], "0/1 integer matrix is not accepted"),
-        ([], "non-empty"),
+        ("custom_blocks", [[0, 0], [1, 2]], "key_block out of range"),
+        ("custom_blocks", [[0, 0], [2, 2], [2, 1]], r"query block\(s\) \[1\] attend to nothing"),
+        ("custom_blocks", [[0, -1]], "non-negative"),
+        ("custom_blocks", [[True, False]], "integer pairs"),
+        ("custom_blocks", [[0, 0, 0]], "integer pairs"),
+        ("custom_blocks", [[0.0, 0]], "integer pairs"),
+        ("custom_blocks", [[10**9, 0]], "at most 4096"),
+        ("custom_blocks", [], "non-empty"),
+        ("custom_blocks", "0,0", "non-empty"),
+        ("custom_matrix", [[True, False], [False, False]], r"row\(s\) \[\[1\]\]"),
+        ("custom_matrix", [[True, False], [True]], "ragged"),
+        ("custom_matrix", [[True, False, True], [True, True, True]], "square"),
+        ("custom_matrix", [[1, 2], [1, 1]], "true/false or 0/1"),
+        ("custom_matrix", [[1.0, 0.0], [1.0, 1.0]], "true/false or 0/1"),
+        ("custom_matrix", [True, False], "nesting depth 1"),
+        ("custom_matrix", [[[[True]]]], "nesting depth 4"),
+        ("custom_matrix", [], "non-empty"),
     ],
 )
-def test_custom_layout_validation_errors(layout, match):
-    with pytest.raises(attnreg.ConfigError, match=match):
-        attnreg.build("sparse", layout="custom", custom_layout=layout)
+def test_custom_layout_validation_errors(field, layout, match):
+    with pytest.raises(attnreg.ConfigError, match=match) as info:
+        attnreg.build("sparse", layout="custom", **{field: layout})
+    assert f"'{field}'" in str(info.value)
 
 
 def test_custom_tensor_must_be_bool_and_length_must_fit():
@@ -171,8 +222,10 @@ def test_custom_tensor_must_be_bool_and_length_must_fit():
 @pytest.mark.parametrize(
     "fields,match",
     [
-        ({"layout": "custom"}, "needs custom_layout"),
-        ({"layout": "bigbird", "custom_layout": [[0, 0]]}, "set layout='custom'"),
+        ({"layout": "custom"}, "needs custom_blocks"),
+        ({"layout": "bigbird", "custom_blocks": [[0, 0]]}, "custom_blocks is given but layout='bigbird'"),
+        ({"layout": "fixed", "custom_matrix": [[True]]}, "custom_matrix is given but layout='fixed'"),
+        ({"layout": "custom", "custom_blocks": [[0, 0]], "custom_matrix": [[True]]}, "give one of them"),
         ({"num_window_blocks": 4}, "must be odd"),
         ({"layout": "fixed", "stride": 2, "c": 3}, r"c=3 must be <= stride=2"),
         ({"block_size": 0}, "block_size"),
@@ -192,11 +245,26 @@ def test_config_defaults_are_documented():
 def test_custom_layout_from_yaml_file(tmp_path):
     pairs = tmp_path / "pairs.yaml"
     pairs.write_text("variant: block_sparse\nlayout: custom\nblock_size: 4\n"
-                     "custom_layout: [[0, 0], [1, 0], [1, 1]]\n")
+                     "custom_blocks: [[0, 0], [1, 0], [1, 1]]\n")
     matrix = tmp_path / "matrix.yaml"
     matrix.write_text("variant: sparse\nlayout: custom\nblock_size: 4\n"
-                      "custom_layout:\n  - [true, false]\n  - [true, true]\n")
+                      "custom_matrix:\n  - [true, false]\n  - [true, true]\n")
+    matrix01 = tmp_path / "matrix01.json"
+    matrix01.write_text('{"variant": "sparse", "layout": "custom", "block_size": 4, '
+                        '"custom_matrix": [[1, 0], [1, 1]]}')
     want = torch.tensor([[True, False], [True, True]])
-    for path in (pairs, matrix):
+    for path in (pairs, matrix, matrix01):
         attn = attnreg.build(attnreg.load_config(path))
         assert torch.equal(attn.layout(8, 1)[0], want)
+
+
+def test_custom_layout_examples_in_the_docs_build_the_same_layout():
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "variants" / "sparse.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "custom_" in b]
+    assert len(blocks) == 2
+    layouts = [attnreg.build(yaml.safe_load(b)["attention"]).layout(3 * 64, 1) for b in blocks]
+    assert torch.equal(layouts[0], layouts[1])

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedFeatureError
 from ..masks import CausalAlignment, Masks, _causal_offset, check_inputs
+from ..second_order import guard_second_order
 from .comm import all_gather, all_gather_ints, group_rank_size, resolve_group
 from .layout import SequenceLayout
 
@@ -43,6 +44,8 @@ _FIELDS = ("has key_mask", "is_causal", "lower_right alignment", "dtype", "batch
            "key/value heads", "head dim", "value dim", "grad mode", "query requires grad",
            "key requires grad", "value requires grad")
 _ERRORS = (ValueError, UnsupportedFeatureError, TypeError)
+_SECOND_ORDER_HINT = ("forward_sharded is differentiable once (its backward communicates); "
+                      "first-order gradients work, with or without create_graph")
 
 
 def run_sharded(module: Attention, query: Tensor, key: Tensor, value: Tensor, group: Any,
@@ -70,7 +73,24 @@ def run_sharded(module: Attention, query: Tensor, key: Tensor, value: Tensor, gr
     offset = _causal_offset(variant, caps, lq, lk, is_causal, causal_alignment)
     masks = dataclasses.replace(masks, q_offset=offset)  # local lengths, the global causal offset
     ctx = ShardContext(group, rank, world, q_layout, k_layout)
+    # The distributed forms' backward passes communicate and are not differentiable again.
+    query, key, value = guard_second_order(variant, query, key, value, hint=_SECOND_ORDER_HINT)
+    key, value = _zero_padding(key, value, masks.key_mask)
     return module._attend_sharded(query, key, value, masks, ctx)
+
+
+def _zero_padding(key: Tensor, value: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``key`` / ``value`` with non-finite entries at padded positions replaced by 0 (gradient 0
+    there), so that padding changes nothing whatever it holds, as on one process; unchanged (no
+    copy) when the padded entries are finite, the usual case. Real positions are left as they are."""
+    if key_mask is None or key.device.type == "meta":
+        return key, value
+    bi, ji = (~key_mask).nonzero(as_tuple=True)  # (P,) padded (item, position) pairs
+    if not bi.numel() or bool(torch.isfinite(key[bi, :, ji].sum() + value[bi, :, ji].sum())):
+        return key, value
+    pad = ~key_mask[:, None, :, None]  # (B, 1, Lk, 1)
+    return (torch.where(pad & ~torch.isfinite(key), 0.0, key),
+            torch.where(pad & ~torch.isfinite(value), 0.0, value))
 
 
 def _check_local(module: Attention, query: Tensor, key: Tensor, value: Tensor,

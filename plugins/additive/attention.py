@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from attnreg.core import (
@@ -17,39 +17,62 @@ from attnreg.core import (
     DecodeState,
     Masks,
     causal_mask,
+    hits_under,
     masked_softmax,
+    poison_rows,
+    screen,
 )
 
 from .chunked import chunked_attention, chunked_scores
 from .reference import additive_logits
 
-__all__ = ["AdditiveAttention", "AdditiveConfig", "WORKSPACE_ELEMENTS"]
+__all__ = ["AdditiveAttention", "AdditiveConfig", "MAX_WEIGHT_ELEMENTS", "WORKSPACE_ELEMENTS"]
 
 # Chosen by measurement (docs/variants/additive.md): the chunk's pairwise workspace
 # (B*H*chunk*Lk*d_a elements) is what costs memory, while many small chunks cost time (each op
 # is a parallel region; on a loaded 2-core machine 16-row chunks ran 4x slower than 64-row ones).
 # 2**26 elements = 256 MB in fp32 gives 64-row chunks at B=1, H=8, Lk=2048, d_a=64.
 WORKSPACE_ELEMENTS = 2**26
+# Elements of each (H, E, d_a) weight a config may ask for: far above any practical additive layer
+# (H=64, E=256, d_a=1024), low enough that a config cannot allocate gigabytes by a typo.
+MAX_WEIGHT_ELEMENTS = 2**24
 
 
 class AdditiveConfig(AttentionConfig):
     """Config of ``additive``: per-head Bahdanau scoring parameters and the query chunk size."""
 
     variant: Literal["additive"] = Field("additive", description="Variant name.")
-    num_heads: int = Field(ge=1, description="Number of heads H (one parameter set per head).")
-    head_dim: int = Field(ge=1, description="Query/key head dimension E (input size of W_q, W_k).")
+    num_heads: int = Field(
+        ge=1, le=4096, description="Number of heads H (one parameter set per head)."
+    )
+    head_dim: int = Field(
+        ge=1, le=65536, description="Query/key head dimension E (input size of W_q, W_k)."
+    )
     hidden_dim: int | None = Field(
-        None, ge=1, description="Size d_a of the additive hidden layer; None means head_dim."
+        None, ge=1, le=65536, description="Size d_a of the additive hidden layer; None means head_dim."
     )
     chunk_size: int | None = Field(
-        None, ge=1,
+        None, ge=1, le=2**31 - 1,
         description="Query rows per chunk of the fast path (peak memory ~ B*H*chunk_size*Lk*d_a floats); "
         "None picks the most rows whose workspace fits 2**26 elements (256 MB in fp32).",
     )
     scale: float | None = Field(
         None, gt=0.0,
-        description="Multiplier of the scores; None means 1 (Bahdanau's scores are not scaled).",
+        description="Multiplier of the scores; None means 1 (Bahdanau's scores are not scaled). Finite.",
     )
+
+    @model_validator(mode="after")
+    def _bounded_parameters(self) -> AdditiveConfig:
+        d_a = self.hidden_dim if self.hidden_dim is not None else self.head_dim
+        elements = self.num_heads * self.head_dim * d_a
+        if elements > MAX_WEIGHT_ELEMENTS:
+            # A typo (head_dim=64000) would otherwise allocate gigabytes in the constructor.
+            raise ValueError(
+                f"num_heads * head_dim * hidden_dim = {self.num_heads} * {self.head_dim} * {d_a} = "
+                f"{elements} elements in each of W_q and W_k exceeds the limit of 2**24 "
+                f"({MAX_WEIGHT_ELEMENTS}, 64 MB in fp32); hidden_dim defaults to head_dim"
+            )
+        return self
 
 
 class AdditiveAttention(Attention):
@@ -65,7 +88,7 @@ class AdditiveAttention(Attention):
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
         dropout=True, normalized=True, permutation_invariant=True, learnable=True, decoding=True,
-        complexity="O(Lq*Lk*d_a) time, O(chunk*Lk*d_a) memory",
+        double_backward=True, complexity="O(Lq*Lk*d_a) time, O(chunk*Lk*d_a) memory",
     )
 
     def __init__(self, config: AdditiveConfig) -> None:
@@ -128,12 +151,14 @@ class AdditiveAttention(Attention):
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         self._check_sizes(query)
+        # A key hidden from some query: NaN/inf there must not leak (bad: (B, H, Lk) or None).
+        key, value, bad = screen(key, value, masks)
         qp, kp, v, acc = self._project(query, key)
         chunk = self.chunk_rows(query.shape[0], key.shape[2])
         out = chunked_attention(
             qp, kp, v, value.to(acc), masks, self.score_scale, self.active_dropout, chunk
         )  # (B, H, Lq, Ev)
-        return out.to(query.dtype)
+        return poison_rows(out, hits_under(bad, masks)).to(query.dtype)  # rows seeing NaN/inf: NaN
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         self._check_sizes(query)

@@ -12,14 +12,14 @@ keys (``key_state``), and only those sums travel:
 
 Communication is O(F * (Ev + 1)) per rank and message (O(log P) messages), independent of the
 sequence length; backward sends the adjoint sums the same way. FAVOR+ (``performer``) also needs
-the single-process key stabiliser, a constant that cancels mathematically but fixes the rounding
-and the eps threshold: the maximum exponent over every real key (non-causal, one all-reduce of
-(B, H)) or that of the globally first real key (causal, two all-reduces of (B,) and (B, H)).
+the single-process key stabiliser, a constant subtracted from every key exponent that must be the
+same on every rank (the ranks' sums are added): the maximum exponent over every real key
+(non-causal, one all-reduce of (B, H)) or that of the globally first real key (causal, two
+all-reduces of (B,) and (B, H)).
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,30 +46,30 @@ def linear_sharded(module: LinearAttention, query: Tensor, key: Tensor, value: T
     acc, seg = module._accum_dtype(query), module.config.segment_size
     km = masks.key_mask
     allowed = None if km is None else km[:, None, :, None]  # (B, 1, Lk, 1)
-    q, k, fmap, thr = query, key, module.feature_map, module.eps  # elu / relu: applied in the kernels
+    q, k, fmap, eps = query, key, module.feature_map, module.eps  # elu / relu: applied in the kernels
     if module.feature_map == "favor":
-        q, k, thr = _favor(module, query, key, km, causal, ctx)
+        q, k = _favor(module, query, key, km, causal, ctx)
         fmap = "identity"
     if not causal:
         total = all_reduce_sum(key_state(k, value, fmap, allowed, acc, seg), ctx.group)  # (B, H, F, Ev + 1)
-        return state_readout(q, total, fmap, thr, acc, seg).to(query.dtype)
+        return state_readout(q, total, fmap, eps, acc, seg).to(query.dtype)
     pieces = ctx.q_layout.pieces(ctx.rank)
 
-    def rows(t: Tensor | float | None, i: int) -> Tensor | float | None:
+    def rows(t: Tensor | None, i: int) -> Tensor | None:
         p = pieces[i]
-        return t.narrow(2, p.local, p.length) if isinstance(t, Tensor) else t
+        return None if t is None else t.narrow(2, p.local, p.length)
 
     states = [key_state(rows(k, i), rows(value, i), fmap, rows(allowed, i), acc, seg) for i in (0, 1)]
     before = chunk_prefix(states[0], states[1], ctx.group)  # (B, H, F, Ev + 1) each
     outs = [linear_attention_step(rows(q, i), rows(k, i), rows(value, i), fmap, rows(allowed, i),
-                                  rows(thr, i), before[i], module.chunk_size, acc, seg)[0]
+                                  eps, before[i], module.chunk_size, acc, seg)[0]
             for i in (0, 1)]  # (B, H, n_i, Ev)
     return torch.cat(outs, dim=2).to(query.dtype)
 
 
 def _favor(module: LinearAttention, query: Tensor, key: Tensor, km: Tensor | None, causal: bool,
-           ctx: ShardContext) -> tuple[Tensor, Tensor, Tensor]:
-    """FAVOR+ features (phi_q, phi_k, thr) with the key stabiliser of the whole sequence."""
+           ctx: ShardContext) -> tuple[Tensor, Tensor]:
+    """FAVOR+ features (phi_q, phi_k) with the key stabiliser of the whole sequence."""
     acc = module._accum_dtype(query)
     e = query.shape[-1]
     proj = module.projection(e, query.device, acc)  # (m, E)
@@ -77,9 +77,9 @@ def _favor(module: LinearAttention, query: Tensor, key: Tensor, km: Tensor | Non
     q, k = query.to(acc), key.to(acc)  # (B, H, L, E)
     allowed = None if km is None else km[:, None, :, None]  # (B, 1, Lk, 1)
     if causal:  # the stabiliser of the first real key of the sequence, wherever it is
-        fp = feature_pair("favor", q, k, allowed, module.eps, proj, scale, True,
-                          _first_key_anchor(k, km, proj, scale, ctx))
-        return fp.phi_q, fp.phi_k, fp.thr  # type: ignore[return-value]
+        anchor = _first_key_anchor(k, km, proj, scale, ctx)  # (B, H, 1, 1)
+        fp = feature_pair("favor", q, k, allowed, proj, scale, True, anchor)
+        return fp.phi_q, fp.phi_k
     if allowed is not None:
         k = k.masked_fill(~allowed, 0.0)  # padding values never reach the math
     arg_q = favor_args(q, proj, scale)  # (B, H, Lq, m)
@@ -90,8 +90,7 @@ def _favor(module: LinearAttention, query: Tensor, key: Tensor, km: Tensor | Non
     c_k = arg_k.detach().amax(dim=(-2, -1), keepdim=True).contiguous()  # (B, H, 1, 1); -inf: no real key
     c_k = all_reduce_(c_k, ctx.group, "max", kind="favor_stabiliser")
     c_k = torch.where(torch.isfinite(c_k), c_k, torch.zeros_like(c_k))
-    thr = torch.exp(math.log(module.eps * proj.shape[0]) - c_q - c_k).clamp_min(torch.finfo(acc).tiny)
-    return torch.exp(arg_q - c_q), torch.exp(arg_k - c_k), thr
+    return torch.exp(arg_q - c_q), torch.exp(arg_k - c_k)
 
 
 @torch.no_grad()

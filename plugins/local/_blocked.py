@@ -25,15 +25,13 @@ and kernels): they are opened and their output zeroed, so their gradients are ex
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import Masks, sdpa_safe_mask
+from attnreg.core import LRUCache, Masks, hits_under, poison_rows, screen, sdpa_safe_mask, tensor_nbytes
 
 from ._views import views
 
@@ -132,6 +130,16 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, 
     """
     if masks.q_offset > window:  # keys before position q_offset - window are in no query's band
         k, v, masks = _drop_keys(k, v, masks, masks.q_offset - window)
+    # The band hides keys from some query (from here on q_offset <= window): NaN/inf there must
+    # not leak through the kernels' -inf bias and 0 * value, nor spread past the window.
+    hides = masks.q_len > 1 if masks.is_causal else masks.k_len - 1 > window
+    k, v, bad = screen(k, v, masks, hides)  # bad: (B, H, Lk) positions screened, or None
+    out = _local(q, k, v, masks, window, block, scale, dropout_p, cache)  # (B, H, Lq, Ev)
+    return poison_rows(out, hits_under(bad, masks, window))  # rows that see a NaN/inf input: NaN
+
+
+def _local(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, block: int,
+           scale: float, dropout_p: float, cache: MaskCache | None) -> Tensor:
     length = q.shape[2]
     right = 0 if masks.is_causal else window
     # Blocks with their whole window inside the keys (q_offset <= window from here on).
@@ -141,7 +149,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, 
     return _blocked(q, k, v, masks, window, block, scale, dropout_p, cache)
 
 
-class MaskCache:
+class MaskCache(LRUCache[Tensor]):
     """A small LRU of band masks: at most ``entries`` tensors of at most ``max_elements`` each.
 
     Rebuilding a mask every call costs more than the attention it serves on a busy CPU (fresh
@@ -151,41 +159,18 @@ class MaskCache:
     """
 
     def __init__(self, entries: int, max_elements: int) -> None:
-        self.entries = entries
+        super().__init__(entries, nbytes_of=tensor_nbytes)
         self.max_elements = max_elements
-        self._store: OrderedDict[tuple[object, ...], Tensor] = OrderedDict()
-        self._lock = threading.Lock()
 
-    def __reduce__(self) -> tuple[type[MaskCache], tuple[int, int]]:
+    def __reduce__(self) -> tuple[type[MaskCache], tuple[int, int]]:  # type: ignore[override]
         return (MaskCache, (self.entries, self.max_elements))  # cached tensors (and lock) are not state
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes currently held."""
-        with self._lock:
-            return sum(t.numel() * t.element_size() for t in self._store.values())
-
-    def clear(self) -> None:
-        """Free the cached masks (they are rebuilt on demand)."""
-        with self._lock:
-            self._store.clear()
 
     def get(self, numel: int, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor | None:
         """The mask under ``key`` (built and kept if missing); None if ``numel`` is over the cap.
         Callers must not modify the returned tensor in place."""
         if numel > self.max_elements:
             return None
-        with self._lock:
-            hit = self._store.get(key)
-            if hit is not None:
-                self._store.move_to_end(key)
-                return hit
-        made = build()
-        with self._lock:
-            self._store[key] = made
-            while len(self._store) > self.entries:
-                self._store.popitem(last=False)
-        return made
+        return self.get_or_build(key, build)
 
 
 # Process-wide: 32 masks of at most 64K elements (256 KB in float32): under 16 MB in any dtype.
@@ -276,6 +261,8 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
         dirty = torch.ones(b_, n, dtype=torch.bool, device=q.device)
         empty = empty if empty is not None else torch.zeros_like(dirty)
 
+    if q.device.type == "meta":  # no values: the per-pair pass below rewrites values, not shapes
+        dirty = None
     if dirty is not None and bool(dirty.all()):
         main = q.new_zeros(b_, h_, n * blk, ev)  # every pair is recomputed below
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -34,9 +35,10 @@ class LocalConfig(AttentionConfig):
 
     variant: Literal["local"] = Field("local", description="Variant name.")
     window: int = Field(
-        128, ge=0,
+        128, ge=0, le=2**31 - 1,
         description="Keys visible on each side of a query: query i sees keys j with |i - j| <= window "
-        "(and j <= i when causal). 0 = each token attends only to itself.",
+        "(and j <= i when causal). 0 = each token attends only to itself; at most 2**31 - 1 (a "
+        "window >= L - 1 is full attention).",
     )
     block_size: int = Field(
         64, ge=1, le=65536,
@@ -111,6 +113,7 @@ class LocalAttention(Attention):
         # The T queries are the last T of the m + T positions: lower-right causal, Lk - Lq = m.
         masks = check_inputs(self.variant, self.capabilities, query, k_all, v_all, None, km, True,
                              "lower_right")
+        masks = dataclasses.replace(masks, padding_zeroed=True)  # extend zeroed the padding
         out = self._attend(query, k_all, v_all, masks)  # (B, H, T, Ev)
         return out, state.advanced(k_all, v_all, km, key.shape[2])
 

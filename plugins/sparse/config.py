@@ -8,14 +8,14 @@ from pydantic import Field, field_validator, model_validator
 
 from attnreg.core import AttentionConfig
 
-from .layouts import parse_custom_layout
+from .custom import legacy_custom_layout_message, parse_custom_blocks, parse_custom_matrix
 
 __all__ = ["SparseConfig", "BigBirdConfig", "LayoutName"]
 
 LayoutName = Literal["bigbird", "strided", "fixed", "custom"]
 
-# A custom layout as the config stores it: [query_block, key_block] pairs, or a bool matrix.
-CustomLayout = list[tuple[int, int]] | list[list[bool]] | list[list[list[bool]]]
+# A custom matrix as the config stores it: (nb, nb) or (H, nb, nb) nested bools.
+CustomMatrix = list[list[bool]] | list[list[list[bool]]]
 
 
 class SparseConfig(AttentionConfig):
@@ -29,7 +29,7 @@ class SparseConfig(AttentionConfig):
     layout: LayoutName = Field(
         "fixed",
         description="Block layout: 'bigbird' (window + global + random blocks), 'strided' or "
-        "'fixed' (Child et al. 2019), or 'custom' (custom_layout).",
+        "'fixed' (Child et al. 2019), or 'custom' (custom_blocks or custom_matrix).",
     )
     block_size: int = Field(64, ge=1, le=4096, description="Tokens per block.")
     num_window_blocks: int = Field(
@@ -58,11 +58,17 @@ class SparseConfig(AttentionConfig):
         description="fixed: Child et al.'s c, the last c blocks of every stride-l chunk are summary "
         "blocks every query attends to (c <= l).",
     )
-    custom_layout: CustomLayout | None = Field(
+    custom_blocks: list[list[int]] | None = Field(
         None,
-        description="custom: [[query_block, key_block], ...] pairs, or a nested true/false list "
-        "(nb, nb) or (H, nb, nb); every query block needs at least one key block. Used for lengths "
-        "L with ceil(L / block_size) == nb.",
+        description="custom: the active blocks as [[query_block, key_block], ...] integer pairs; the "
+        "largest query block fixes nb (at most 4096) and every query block needs a pair. Used for "
+        "lengths L with ceil(L / block_size) == nb.",
+    )
+    custom_matrix: CustomMatrix | None = Field(
+        None,
+        description="custom: the layout as an (nb, nb) or (H, nb, nb) matrix of true/false or 0/1 "
+        "(or a bool tensor), nb <= 4096; every row needs a true. Used for lengths L with "
+        "ceil(L / block_size) == nb.",
     )
     num_heads: int | None = Field(
         None, ge=1, le=4096,
@@ -70,13 +76,22 @@ class SparseConfig(AttentionConfig):
         "Only needed for pattern_mask() of per-head layouts without an explicit num_heads.",
     )
 
-    @field_validator("custom_layout", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _parse_custom(cls, value: Any) -> Any:
-        if value is None:
-            return None
-        _, data = parse_custom_layout(value)  # raises ValueError naming what is wrong
+    def _former_custom_layout(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "custom_layout" in data:
+            raise ValueError(legacy_custom_layout_message(data["custom_layout"]))
         return data
+
+    @field_validator("custom_blocks", mode="before")
+    @classmethod
+    def _parse_blocks(cls, value: Any) -> Any:
+        return None if value is None else parse_custom_blocks(value)  # ValueError names the problem
+
+    @field_validator("custom_matrix", mode="before")
+    @classmethod
+    def _parse_matrix(cls, value: Any) -> Any:
+        return None if value is None else parse_custom_matrix(value)
 
     @model_validator(mode="after")
     def _check_layout_fields(self) -> SparseConfig:
@@ -85,23 +100,29 @@ class SparseConfig(AttentionConfig):
                 f"num_window_blocks={self.num_window_blocks} must be odd (a window centred on the "
                 "query block: 1, 3, 5, ...)"
             )
-        if self.layout == "custom" and self.custom_layout is None:
-            raise ValueError("layout='custom' needs custom_layout (pairs or a bool matrix)")
-        if self.layout != "custom" and self.custom_layout is not None:
-            raise ValueError(f"custom_layout is given but layout={self.layout!r}; set layout='custom'")
+        given = [f for f in ("custom_blocks", "custom_matrix") if getattr(self, f) is not None]
+        if self.layout == "custom" and not given:
+            raise ValueError(
+                "layout='custom' needs custom_blocks ([[query_block, key_block], ...] pairs) or "
+                "custom_matrix (a true/false matrix)"
+            )
+        if len(given) == 2:
+            raise ValueError("custom_blocks and custom_matrix are both given; give one of them")
+        if self.layout != "custom" and given:
+            raise ValueError(f"{given[0]} is given but layout={self.layout!r}; set layout='custom'")
         if self.layout == "fixed" and self.stride is not None and self.c > self.stride:
             raise ValueError(f"fixed layout: c={self.c} must be <= stride={self.stride} (c <= l)")
-        if self.custom_layout is not None and self.num_heads is not None:
-            heads = _matrix_heads(self.custom_layout)
+        if self.custom_matrix is not None and self.num_heads is not None:
+            heads = _matrix_heads(self.custom_matrix)
             if heads is not None and heads != self.num_heads:
                 raise ValueError(
-                    f"custom_layout has {heads} heads but num_heads={self.num_heads}"
+                    f"custom_matrix has {heads} heads but num_heads={self.num_heads}"
                 )
         return self
 
 
 def _matrix_heads(layout: list) -> int | None:
-    """Head count of a (H, nb, nb) bool layout; None for pairs and (nb, nb) layouts."""
+    """Head count of a (H, nb, nb) bool layout; None for (nb, nb) layouts."""
     first = layout[0]
     if isinstance(first, (list, tuple)) and first and isinstance(first[0], (list, tuple)):
         return len(layout)

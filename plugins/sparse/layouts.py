@@ -9,7 +9,6 @@ global RNG), so the same config and length give the same layout in every call an
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -19,8 +18,6 @@ __all__ = [
     "strided_layout",
     "fixed_layout",
     "default_stride",
-    "custom_layout_tensor",
-    "parse_custom_layout",
     "expand_layout",
     "head_seed",
 ]
@@ -106,99 +103,6 @@ def fixed_layout(nb: int, heads: int, *, stride: int, c: int) -> Tensor:
     same_chunk = (i[:, None] // stride) == (i[None, :] // stride)  # (nb, nb) A(1)
     summary = (i % stride >= stride - c)[None, :].expand(nb, nb)  # (nb, nb) A(2)
     return (same_chunk | summary).expand(heads, nb, nb).clone()
-
-
-def custom_layout_tensor(spec: Sequence, heads: int | None = None) -> Tensor:
-    """A validated custom layout (``parse_custom_layout``'s output) as a ``(H|1, nb, nb)`` tensor."""
-    kind, data = spec[0], spec[1]
-    if kind == "pairs":
-        nb = 1 + max(q for q, _ in data)
-        layout = torch.zeros(1, nb, nb, dtype=torch.bool)
-        for q, k in data:
-            layout[0, q, k] = True
-        return layout
-    t = torch.tensor(data, dtype=torch.bool)
-    return t if t.dim() == 3 else t[None]  # (H|1, nb, nb)
-
-
-def _all_leaves(obj: object, kind: type) -> bool:
-    if isinstance(obj, (list, tuple)):
-        return all(_all_leaves(x, kind) for x in obj)
-    return isinstance(obj, kind) and (kind is bool or not isinstance(obj, bool))
-
-
-def _depth(obj: object) -> int:
-    d = 0
-    while isinstance(obj, (list, tuple)) and obj:
-        obj, d = obj[0], d + 1
-    return d
-
-
-def parse_custom_layout(value: object) -> tuple[str, list]:
-    """Validate a custom layout given as pairs, a nested bool list, or a bool tensor.
-
-    Returns ``("pairs", [[q, k], ...])`` or ``("matrix", nested bool list (nb, nb) or (H, nb, nb))``.
-    Raises ``ValueError`` naming what is wrong: out-of-range block, empty row, ragged matrix.
-    """
-    if isinstance(value, Tensor):
-        if value.dtype != torch.bool:
-            raise ValueError(f"custom_layout tensor must be bool (H, nb, nb) or (nb, nb), got {value.dtype}")
-        value = value.detach().cpu().tolist()
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(
-            "custom_layout must be a non-empty list of [query_block, key_block] pairs, a nested "
-            f"bool list (nb, nb) / (H, nb, nb), or a bool tensor; got {value!r}"
-        )
-    if _all_leaves(value, bool):
-        return "matrix", _check_matrix(value)
-    if _all_leaves(value, int) and _depth(value) == 2 and all(len(p) == 2 for p in value):
-        return "pairs", _check_pairs(value)
-    raise ValueError(
-        "custom_layout: expected [query_block, key_block] integer pairs or a nested list of "
-        "true/false (a 0/1 integer matrix is not accepted: use true/false); got "
-        f"{str(value)[:80]}"
-    )
-
-
-def _check_pairs(pairs: Sequence[Sequence[int]]) -> list:
-    out = [[int(q), int(k)] for q, k in pairs]
-    bad = [p for p in out if p[0] < 0 or p[1] < 0]
-    if bad:
-        raise ValueError(f"custom_layout pairs must be non-negative block indices, got {bad[:5]}")
-    nb = 1 + max(q for q, _ in out)  # every row must be present, so the last row fixes nb
-    far = [p for p in out if p[1] >= nb]
-    if far:
-        raise ValueError(
-            f"custom_layout pair(s) {far[:5]} have key_block out of range: the query blocks "
-            f"0..{nb - 1} give nb={nb} blocks, so key blocks must be in 0..{nb - 1}"
-        )
-    empty = sorted(set(range(nb)) - {q for q, _ in out})
-    if empty:
-        raise ValueError(
-            f"custom_layout: query block(s) {empty[:10]} attend to nothing; every query block "
-            f"0..{nb - 1} needs at least one [query_block, key_block] pair"
-        )
-    return sorted({(q, k) for q, k in out})  # type: ignore[return-value]
-
-
-def _check_matrix(m: Sequence) -> list:
-    t_depth = _depth(m)
-    if t_depth not in (2, 3):
-        raise ValueError(f"custom_layout bool list must be (nb, nb) or (H, nb, nb), got depth {t_depth}")
-    try:
-        t = torch.tensor(m, dtype=torch.bool)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"custom_layout bool list is ragged (rows of different lengths): {err}") from None
-    if t.shape[-1] != t.shape[-2]:
-        raise ValueError(f"custom_layout must be square (nb, nb) per head, got shape {tuple(t.shape)}")
-    rows = t.any(dim=-1)  # (H|., nb)
-    if not bool(rows.all()):
-        empty = (~rows).nonzero().tolist()
-        raise ValueError(
-            f"custom_layout: row(s) {empty[:10]} (as [head, query_block] or [query_block]) allow no "
-            "key block; every query block needs at least one True"
-        )
-    return t.tolist()
 
 
 def expand_layout(layout: Tensor, block_size: int, length: int) -> Tensor:

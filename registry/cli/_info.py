@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 from rich.table import Table
@@ -25,7 +28,7 @@ def list_cmd() -> None:
     import attnreg
     from attnreg._plugins import REGISTRY
 
-    with user_errors():
+    with user_errors(), _plugin_warnings_printed_here():
         table = Table(title="attnreg variants")
         table.add_column("name", no_wrap=True, style="bold")
         for col in ("aliases", "provider", "complexity", "supports"):
@@ -36,10 +39,12 @@ def list_cmd() -> None:
             table.add_row(spec.name, ", ".join(spec.aliases), REGISTRY.provider(spec.name),
                           caps.complexity, supports)
         console.print(table)
-        failed = [r for r in attnreg.plugin_records() if r.status == "failed"]
+        records = attnreg.plugin_records()
+        failed = [r for r in records if r.status == "failed"]
         for r in failed:
             console.print(f"[red]failed plugin[/] {r.name} ({r.provider}): {r.error}", highlight=False)
-        if failed:
+        _print_warnings(records, REGISTRY.unmatched_allow_list())
+        if failed or any(r.warnings for r in records):
             console.print("Run `attnreg doctor` for details.")
 
 
@@ -110,29 +115,39 @@ def schema_cmd(
 
 @app.command("doctor")
 def doctor_cmd() -> None:
-    """Environment report: torch, threads, entry points found / loaded / failed, env switches."""
+    """Environment report: torch, threads, entry points found / loaded / failed, env switches,
+    and what plugins did while loading (changes to torch's global state, unknown names)."""
     import torch
 
     import attnreg
     from attnreg import _plugins
 
+    threads_before = torch.get_num_threads()
+    try:
+        with _plugin_warnings_printed_here():
+            records = attnreg.plugin_records()
+        unmatched = _plugins.REGISTRY.unmatched_allow_list()
+        strict_error = None
+    except attnreg.PluginLoadError as exc:  # strict mode: report it, fail
+        records, unmatched = _plugins.REGISTRY._state.records, _plugins.REGISTRY._unmatched
+        strict_error = exc
+    threads = torch.get_num_threads()
+    before = f" ({threads_before} before plugins loaded)" if threads != threads_before else ""
     console.print(f"attnreg {attnreg.__version__}, python {platform.python_version()}, "
-                  f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+                  f"torch {torch.__version__}, threads {threads}{before}, "
                   f"cpus {os.cpu_count()}", highlight=False)
     for key, value in _plugins.env_switches().items():
         console.print(f"{key}={value if value is not None else '(unset)'}", highlight=False)
-    try:
-        records = attnreg.plugin_records()
-    except attnreg.PluginLoadError as exc:  # strict mode: report it, fail
-        console.print(f"[red]strict plugin loading failed:[/] {exc}", highlight=False)
-        records = _plugins.REGISTRY._state.records
-        _print_records(records)
-        raise typer.Exit(EXIT_FAILURE) from None
     _print_records(records)
+    _print_warnings(records, unmatched)
+    if strict_error is not None:
+        console.print(f"[red]strict plugin loading failed:[/] {strict_error}", highlight=False)
+        raise typer.Exit(EXIT_FAILURE)
     failed = sum(r.status == "failed" for r in records)
     console.print(f"{len(records)} entry points found, "
                   f"{sum(r.status == 'loaded' for r in records)} loaded, {failed} failed, "
-                  f"{sum(r.status == 'filtered' for r in records)} filtered")
+                  f"{sum(r.status == 'filtered' for r in records)} filtered, "
+                  f"{sum(bool(r.warnings) for r in records)} with warnings")
 
 
 def _print_records(records: list) -> None:
@@ -145,3 +160,25 @@ def _print_records(records: list) -> None:
         status = f"[{colours.get(r.status, 'white')}]{r.status}[/]"
         table.add_row(r.name, r.provider, r.target, status, detail)
     console.print(table)
+
+
+@contextmanager
+def _plugin_warnings_printed_here() -> Iterator[None]:
+    """Silence ``PluginWarning``: ``list`` and ``doctor`` print the same notes themselves."""
+    from attnreg._errors import PluginWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)
+        yield
+
+
+def _print_warnings(records: list, unmatched: tuple[str, ...]) -> None:
+    """What plugins did while loading that they must not (an error under strict mode)."""
+    from attnreg._plugins import ENV_ALLOW
+
+    for r in records:
+        for note in r.warnings:
+            console.print(f"[yellow]warning:[/] plugin {r.name} ({r.provider}) {note}", highlight=False)
+    if unmatched:
+        console.print(f"[yellow]warning:[/] {ENV_ALLOW} names no installed plugin: "
+                      f"{', '.join(unmatched)}", highlight=False)

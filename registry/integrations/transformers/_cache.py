@@ -17,6 +17,7 @@ attends to them with lower-right causal alignment.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -37,7 +38,17 @@ from ._compat import CACHE_KWARG, OTHER_CACHE_KWARG, PREPARE_CACHE_SIGNATURE, SU
 __all__ = ["AttnregCacheLayer", "decoding_cache", "forget_cache", "install_states", "layer_of",
            "prepare_generation_cache", "remember_cache"]
 
-_LAYER = "_attnreg_cache_layer"  # HF attention module attribute: its state layer during a call
+# Per thread: {id(HF attention module): its state layer during the current call}. Not an
+# attribute of the module: threads generating with one model at once (each with its own cache)
+# would read each other's layers.
+_CALLS = threading.local()
+
+
+def _calls() -> dict[int, AttnregCacheLayer | None]:
+    calls = getattr(_CALLS, "layers", None)
+    if calls is None:
+        calls = _CALLS.layers = {}
+    return calls
 
 
 class AttnregCacheLayer(CacheLayerMixin):
@@ -264,14 +275,14 @@ def remember_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
             f"attnreg supports transformers{SUPPORTED_TRANSFORMERS} with model code of the installed version")
     if cache is None:  # passed positionally
         cache = next((a for a in args if isinstance(a, Cache)), None)
-    module.__dict__[_LAYER] = _state_layer(module, cache)
+    _calls()[id(module)] = _state_layer(module, cache)
 
 
 def forget_cache(module: nn.Module, args: tuple, output: object) -> None:
     """Forward hook (always called): the state layer is only the current call's."""
-    module.__dict__[_LAYER] = None
+    _calls().pop(id(module), None)
 
 
 def layer_of(module: nn.Module) -> AttnregCacheLayer | None:
-    """The state layer of the module's current call (None: no cache, or a KV cache)."""
-    return module.__dict__.get(_LAYER)
+    """The state layer of the module's current call on this thread (None: no cache, or a KV cache)."""
+    return _calls().get(id(module))
