@@ -119,3 +119,29 @@ def test_second_order_gradients_are_refused_on_every_rank(name: str) -> None:
     for rank, err in enumerate(ad.simulate(2, fn)):
         assert isinstance(err, UnsupportedFeatureError), (rank, err)
         assert "forward_sharded is differentiable once" in str(err), str(err)
+
+
+_RING_NAN = ("documented limitation (docs/distributed.md): the ring's diagonal blocks multiply "
+             "the masked weight 0 by a future NaN value, so earlier rows of its chunk turn NaN too")
+
+
+@pytest.mark.parametrize(("name", "cfg"), [
+    ("local", {"window": 3, "block_size": 4}), ("linear", {"chunk_size": 4}),
+    ("performer", {"chunk_size": 4}),
+    pytest.param("dot_product", {}, marks=pytest.mark.xfail(strict=True, reason=_RING_NAN))])
+def test_a_real_nan_reaches_the_rows_that_see_it(name: str, cfg: dict[str, Any]) -> None:
+    """Causal, a NaN value at a real position: the sharded output is NaN on the same rows as the
+    single-process one, and equal elsewhere."""
+    g = torch.Generator().manual_seed(4)
+    n = 16
+    q, k, v = (torch.randn(2, 2, n, 6, dtype=F64, generator=g) for _ in range(3))
+    v[0, 1, 9, 2] = float("nan")  # position 9: chunk 2 of 4 (rank 1's front chunk at P = 2)
+    m = attnreg.build(name, **cfg)
+    want = m(q, k, v, is_causal=True)
+
+    def fn(rank: int, group: Any) -> torch.Tensor:
+        return m.forward_sharded(*(ad.shard(t, group) for t in (q, k, v)), group=group, is_causal=True)
+
+    got = unshard_tensors(ad.simulate(2, fn), ad.SequenceLayout(n, 2))  # (B, H, L, Ev)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10, equal_nan=True)
