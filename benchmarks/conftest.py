@@ -115,11 +115,10 @@ def pytest_generate_tests(metafunc: Any) -> None:
                         continue
                     cases.append(Case("variant", c.label, length, mode, causal))
                     module = c.spec.factory(c.config)
-                    if callable(getattr(module, "pattern_mask", None)):  # float and bool mask forms
+                    if "pattern_mask" in module.benchmark_hooks():  # float and bool mask forms
                         cases += [Case(k, c.label, length, mode, causal)
                                   for k in MASKED]
-                    baselines = getattr(module, "benchmark_baselines", None)
-                    for b in sorted(baselines()) if callable(baselines) else []:
+                    for b in sorted(module.benchmark_baselines()):
                         cases.append(Case("baseline", c.label, length, mode, causal, b))
     metafunc.parametrize("case", cases, ids=[c.id for c in cases])
 
