@@ -23,6 +23,7 @@ def plot_cmd(
     heads: int = typer.Option(2, "--heads", help="Heads H of the random inputs (head 0 is shown)."),
     head_dim: int = typer.Option(16, "--head-dim", help="Head size E of the random inputs."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs and of the module."),
+    dpi: int = typer.Option(100, "--dpi", min=30, max=600, help="Resolution of the PNG."),
 ) -> None:
     """Plot a variant's allowed pattern and one head's attention weights on random inputs.
 
@@ -48,6 +49,6 @@ def plot_cmd(
         pictures = [pattern_picture(variant, given, length=n, causal=c, heads=heads, head_dim=head_dim,
                                     seed=seed)
                     for n in lengths for c in flags]
-        path = plot_pictures(pictures, out)
+        path = plot_pictures(pictures, out, dpi=dpi)
         console.print(f"plot: {path} ({pictures[0].variant}, {pictures[0].config_text}; "
                       f"pattern from {pictures[0].source})", highlight=False)
