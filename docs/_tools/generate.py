@@ -221,10 +221,12 @@ def numbers_table(doc: dict[str, Any], series: str, lengths: tuple[int, ...] = T
             "variant is faster; `-`: that baseline was not measured at that length, skipped by the "
             "memory or time guards, reasons in the JSON); absolute times only hold for that machine.")
     sdpa = series == "sdpa"
-    rows = (["| mode | L | time (ms) | GFLOP/s | of the GEMM roof | peak MB |", "|---|---:|---:|---:|---:|---:|"]
-            if sdpa else
-            ["| mode | L | time (ms) | vs SDPA | vs SDPA + pattern (float mask) | vs SDPA + pattern (bool mask) "
-             "| peak MB |", "|---|---:|---:|---:|---:|---:|---:|"])
+    if sdpa:
+        rows = ["| mode | L | time (ms) | GFLOP/s | of the GEMM roof | peak MB |",
+                "|---|---:|---:|---:|---:|---:|"]
+    else:
+        rows = ["| mode | L | time (ms) | vs SDPA | vs SDPA + pattern (float mask) "
+                "| vs SDPA + pattern (bool mask) | peak MB |", "|---|---:|---:|---:|---:|---:|---:|"]
     order = {("fwd", False): 0, ("fwd", True): 1, ("fwdbwd", False): 2, ("fwdbwd", True): 3}
     for p in sorted(pts, key=lambda p: (order.get((p["mode"], bool(p["causal"])), 9), p["length"])):
         sp = p.get("speedup", {})
@@ -233,7 +235,8 @@ def numbers_table(doc: dict[str, Any], series: str, lengths: tuple[int, ...] = T
             x = [f"{p['gflops']:.0f}" if p.get("gflops") else "-",
                  f"{p['roof_ratio']:.0%}" if p.get("roof_ratio") else "-"]
         peak = (p.get("memory") or {}).get("peak_bytes")
-        mode = {"fwd": "forward", "fwdbwd": "forward+backward"}[p["mode"]] + (" causal" if p["causal"] else "")
+        mode = {"fwd": "forward", "fwdbwd": "forward+backward"}[p["mode"]]
+        mode += " causal" if p["causal"] else ""
         size = f"{p['length'] // 1024}K" if p["length"] % 1024 == 0 else str(p["length"])
         rows.append(f"| {mode} | {size} | {_fmt_ms(p['time']['median_s'])} | "
                     + " | ".join(x) + f" | {'-' if peak is None else f'{peak / 2**20:.0f}'} |")
@@ -242,8 +245,10 @@ def numbers_table(doc: dict[str, Any], series: str, lengths: tuple[int, ...] = T
 
 def fill_numbers(text: str, doc: dict[str, Any]) -> str:
     """``text`` with every ``<!-- numbers: SERIES -->`` block replaced by its current table."""
+
     def table(m: re.Match[str]) -> str:
-        lengths = tuple(int(x) for x in m.group("lengths").split(",")) if m.group("lengths") else TABLE_LENGTHS
+        given = m.group("lengths")
+        lengths = tuple(int(x) for x in given.split(",")) if given else TABLE_LENGTHS
         return m.group(1) + numbers_table(doc, m.group("series").strip(), lengths) + m.group(5)
 
     return NUMBERS.sub(table, text)
