@@ -50,6 +50,7 @@ def test_list_keeps_whole_rows_in_a_real_pipe() -> None:
     proc = subprocess.run([sys.executable, "-m", "attnreg", "list"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert "NumPy" not in proc.stderr, proc.stderr  # torch's "Failed to initialize NumPy" warning
     for spec in attnreg.REGISTRY.specs():
         # name, provider and the whole complexity text on one line: nothing wrapped at 80 columns
         rows = [line for line in proc.stdout.splitlines() if f" {spec.name} " in line]

@@ -1,15 +1,28 @@
-"""The code in the plugin author's guide runs and the variant it defines works."""
+"""Every code block of README.md and docs/ runs (tests/docs_blocks.py says how each is run), and
+the plugin guide's example and the README's model-layer snippet do what they say."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import subprocess
+import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
+from docs_blocks import LANGUAGES, Block, bash_commands, blocks, doc_files
 
 import attnreg
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,19 +67,6 @@ def test_readme_model_layer_snippet_generates_like_recomputation(capsys) -> None
 
 
 # -- every code block of README.md and docs/ (tests/docs_blocks.py says how each is run) ------
-import json  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-from docs_blocks import LANGUAGES, Block, bash_commands, blocks, doc_files  # noqa: E402
-
-try:
-    import tomllib  # noqa: E402
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # noqa: E402
 
 ALL_BLOCKS = [b for path in doc_files() for b in blocks(path)]
 

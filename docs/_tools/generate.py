@@ -204,6 +204,37 @@ def _fmt_ms(seconds: float) -> str:
     return f"{ms:.3g}" if ms < 100 else f"{ms:,.0f}"
 
 
+def _fmt_speedup(ratio: float | None) -> str:
+    """A speedup as `12.3x`; below 1, two significant digits (a 0.023x slowdown is not `0.0x`)."""
+    if not ratio:
+        return "-"
+    return f"{ratio:.1f}x" if ratio >= 1 else f"{ratio:.2g}x"
+
+
+def _fmt_length(length: float) -> str:
+    return f"{length / 1024:.1f}K" if length >= 1000 else f"{length:.0f}"
+
+
+def crossover_line(doc: dict[str, Any], series: str) -> str:
+    """Where ``series`` becomes faster than dense SDPA, per (mode, causal), from the run's summary."""
+    lo = min(doc["settings"]["lengths"])
+    parts = []
+    for row in doc["summary"]:
+        cross = row.get("crossover_vs_sdpa")
+        if row["series"] != series or not cross or cross["kind"] == "unmeasured":
+            continue
+        mode = {"fwd": "forward", "fwdbwd": "forward+backward"}[row["mode"]]
+        mode += " causal" if row["causal"] else ""
+        where = {"always": f"<= {lo}",
+                 "never": f"slower up to {_fmt_length(max(row['measured'] or [lo]))}"}.get(
+                     cross["kind"], f"~{_fmt_length(cross['length'] or 0)}")
+        parts.append(f"{mode} {where}")
+    if not parts:
+        return ""
+    return (f"Crossover with dense SDPA (faster from this length on; interpolated between measured "
+            f"lengths; `<= {lo}`: already faster at the shortest): " + ", ".join(parts) + ".")
+
+
 def numbers_table(doc: dict[str, Any], series: str, lengths: tuple[int, ...] = TABLE_LENGTHS) -> str:
     """One Markdown table of ``series`` in the full run: time, speedups and peak memory at
     ``lengths`` for each (mode, causal) it was measured in (dense SDPA itself: its rate and
@@ -230,7 +261,7 @@ def numbers_table(doc: dict[str, Any], series: str, lengths: tuple[int, ...] = T
     order = {("fwd", False): 0, ("fwd", True): 1, ("fwdbwd", False): 2, ("fwdbwd", True): 3}
     for p in sorted(pts, key=lambda p: (order.get((p["mode"], bool(p["causal"])), 9), p["length"])):
         sp = p.get("speedup", {})
-        x = [f"{sp[k]:.1f}x" if sp.get(k) else "-" for k in ("sdpa", "sdpa_masked", "sdpa_masked_bool")]
+        x = [_fmt_speedup(sp.get(k)) for k in ("sdpa", "sdpa_masked", "sdpa_masked_bool")]
         if sdpa:
             x = [f"{p['gflops']:.0f}" if p.get("gflops") else "-",
                  f"{p['roof_ratio']:.0%}" if p.get("roof_ratio") else "-"]
@@ -240,7 +271,8 @@ def numbers_table(doc: dict[str, Any], series: str, lengths: tuple[int, ...] = T
         size = f"{p['length'] // 1024}K" if p["length"] % 1024 == 0 else str(p["length"])
         rows.append(f"| {mode} | {size} | {_fmt_ms(p['time']['median_s'])} | "
                     + " | ".join(x) + f" | {'-' if peak is None else f'{peak / 2**20:.0f}'} |")
-    return head + "\n\n" + "\n".join(rows) + "\n"
+    cross = "" if sdpa else crossover_line(doc, series)
+    return head + "\n\n" + "\n".join(rows) + "\n" + (f"\n{cross}\n" if cross else "")
 
 
 def fill_numbers(text: str, doc: dict[str, Any]) -> str:
