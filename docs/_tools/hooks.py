@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mkdocs.plugins import event_priority
+
 ROOT = Path(__file__).resolve().parents[2]
 API_SRC = ROOT / "build" / "mkdocs-api-src"
 
@@ -30,7 +32,8 @@ def api_source_tree(root: Path = ROOT, target: Path = API_SRC) -> Path:
     return target
 
 
+@event_priority(100)  # before mkdocstrings' on_config, which drops search paths that do not exist
 def on_config(config: Any) -> Any:
-    """Before mkdocstrings collects anything: the tree exists (mkdocs.yml names its path)."""
+    """Before mkdocstrings sets up its handler: the tree exists (mkdocs.yml names its path)."""
     api_source_tree()
     return config
