@@ -3,7 +3,7 @@
 from .cache import LRUCache, tensor_nbytes
 from .capabilities import Capabilities, VariantSpec
 from .config import AttentionConfig
-from .decoding import DecodeState, KVCacheState, canonical_device, join_key_masks, write_key_mask
+from .decoding import DecodeState, KVCacheState, canonical_device, join_key_masks, write_key_mask, zero_padded
 from .errors import (
     AttnRegError,
     ConfigError,
@@ -14,8 +14,10 @@ from .errors import (
 )
 from .heads import repeat_kv
 from .hooks import PROJECT_NAME, AttnregHookSpecs, hookimpl, hookspec
+from .host import known
 from .interface import Attention
 from .masks import CausalAlignment, Masks, causal_mask, check_inputs, sdpa_safe_mask
+from .nonfinite import hits_under, poison_rows, screen, screen_kv, screening_needed, span_hits
 from .reference import dot_product_logits, masked_softmax, softmax_attention_reference
 
 __all__ = [
@@ -40,13 +42,21 @@ __all__ = [
     "causal_mask",
     "check_inputs",
     "dot_product_logits",
+    "hits_under",
     "hookimpl",
     "hookspec",
     "join_key_masks",
+    "known",
     "masked_softmax",
+    "poison_rows",
     "repeat_kv",
+    "screen",
+    "screen_kv",
+    "screening_needed",
     "sdpa_safe_mask",
     "softmax_attention_reference",
+    "span_hits",
     "tensor_nbytes",
     "write_key_mask",
+    "zero_padded",
 ]

@@ -33,6 +33,11 @@ class Capabilities:
     queries are the last Lq positions of the keys' sequence). Requires ``causal``.
     ``grouped_query``: key/value may have fewer heads than the query (H a multiple of Hkv;
     grouped-query / multi-query attention) without being copied per query head.
+    ``double_backward``: ``forward`` (and ``decode``) can be differentiated twice: gradients taken
+    with ``create_graph=True`` are correct functions of the inputs again (gradient penalties,
+    ``torch.autograd.gradgradcheck``). Declared False, ``Attention`` guards query, key and value
+    (``core/second_order.py``): first-order gradients work as before, differentiating one of them
+    again raises ``UnsupportedFeatureError``.
     """
 
     causal: bool = False
@@ -46,6 +51,7 @@ class Capabilities:
     learnable: bool = False
     decoding: bool = False
     grouped_query: bool = False
+    double_backward: bool = False
     dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES
     complexity: str = "O(L^2*E)"
     approximates: str | None = None
@@ -53,7 +59,7 @@ class Capabilities:
     def __post_init__(self) -> None:
         for name in ("causal", "key_mask", "attn_mask", "float_mask", "cross_attention",
                      "dropout", "normalized", "permutation_invariant", "learnable", "decoding",
-                     "grouped_query"):
+                     "grouped_query", "double_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Capabilities.{name} must be a bool, got {getattr(self, name)!r}")
         if self.float_mask and not self.attn_mask:

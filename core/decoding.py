@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DecodeState", "KVCacheState", "canonical_device", "check_decode_inputs", "freeze_fingerprint",
-           "join_key_masks", "write_key_mask"]
+           "join_key_masks", "write_key_mask", "zero_padded"]
 
 S = TypeVar("S", bound="DecodeState")
 
@@ -153,6 +153,7 @@ class KVCacheState(DecodeState):
         mode is off, which is always safe.
         """
         end = self.length + key.shape[2]
+        key, value = zero_padded(key, value, key_mask)  # (B, Hkv, T, E|Ev)
         if in_place is None:
             in_place = not torch.is_grad_enabled()
         if not in_place:
@@ -174,6 +175,16 @@ class KVCacheState(DecodeState):
         m = join_key_masks(self.key_mask, key_mask, self.length, key.shape[2])  # (B, T') or None
         return dataclasses.replace(self, key_buffer=k, value_buffer=v, mask_buffer=m,
                                    length=self.length + key.shape[2])
+
+
+def zero_padded(key: Tensor, value: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``key``/``value`` (B, H, T, E|Ev) with the padded positions (``key_mask`` (B, T) False) set
+    to 0. Decoding states store them so: no NaN or inf is kept where no query looks, and the
+    attention over the state need not screen the padding (``Masks.padding_zeroed``)."""
+    if key_mask is None:
+        return key, value
+    pad = ~key_mask[:, None, :, None]  # (B, 1, T, 1)
+    return key.masked_fill(pad, 0.0), value.masked_fill(pad, 0.0)
 
 
 def join_key_masks(old: Tensor | None, new: Tensor | None, old_len: int, new_len: int) -> Tensor | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -12,6 +13,7 @@ from .config import AttentionConfig
 from .decoding import DecodeState, KVCacheState, canonical_device, check_decode_inputs, freeze_fingerprint
 from .errors import UnsupportedFeatureError
 from .masks import CausalAlignment, Masks, check_inputs
+from .second_order import guard_second_order
 
 __all__ = ["Attention"]
 
@@ -74,6 +76,8 @@ class Attention(nn.Module):
             self.variant, self.capabilities, query, key, value, attn_mask, key_mask, is_causal,
             causal_alignment,
         )
+        if not self.capabilities.double_backward:
+            query, key, value = guard_second_order(self.variant, query, key, value)
         return self._attend(query, key, value, masks)
 
     def attention_weights(
@@ -142,6 +146,8 @@ class Attention(nn.Module):
             raise UnsupportedFeatureError(self.variant, "decoding (init_state / decode)")
         check_decode_inputs(self.variant, state, query, key, value, key_mask,
                             self.capabilities.grouped_query, freeze_fingerprint(self._state_fingerprint()))
+        if not self.capabilities.double_backward:
+            query, key, value = guard_second_order(self.variant, query, key, value)
         return self._decode(query, key, value, state, key_mask)
 
     def _state_fingerprint(self) -> dict[str, Any]:
@@ -162,9 +168,18 @@ class Attention(nn.Module):
         in_place = not self.records_graph(query, key, value, *state.tensors().values())
         state = state.append(key, value, key_mask, in_place=in_place)
         assert state.key is not None and state.value is not None
+        # The T new queries are the last positions of the cached keys: lower-right causal.
         masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
                              state.key_mask, True, "lower_right")
-        return self._attend(query, state.key, state.value, masks), state  # (B, H, T, Ev)
+        masks = dataclasses.replace(masks, padding_zeroed=True)  # append zeroed the padding
+        return self._attend_cached(query, state, masks), state  # (B, H, T, Ev)
+
+    def _attend_cached(self, query: Tensor, state: KVCacheState, masks: Masks) -> Tensor:
+        """The default decode's attention of the new queries over the whole cache (``masks``:
+        lower-right causal, the cache's key_mask). Override where the result depends on more
+        than the keys so far (e.g. on ``state.max_length``)."""
+        assert state.key is not None and state.value is not None
+        return self._attend(query, state.key, state.value, masks)  # (B, H, T, Ev)
 
     def records_graph(self, *tensors: Tensor) -> bool:
         """Whether autograd records a call on ``tensors``: grad mode is on and one of them or

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .capabilities import Capabilities
 from .errors import UnsupportedFeatureError
+from .host import known
 
 __all__ = ["CausalAlignment", "Masks", "check_inputs", "causal_mask", "sdpa_safe_mask"]
 
@@ -56,6 +57,9 @@ class Masks:
     # Key position of query 0: under is_causal query i sees keys j <= i + q_offset. 0 unless
     # causal_alignment="lower_right" with Lq != Lk (then Lk - Lq).
     q_offset: int = 0
+    # Keys/values at padded positions (key_mask False) are known to be zero: decoding states
+    # write them so, and variants then need not screen them for NaN/inf (see core/nonfinite.py).
+    padding_zeroed: bool = False
 
     @property
     def any(self) -> bool:
@@ -111,7 +115,8 @@ def sdpa_safe_mask(
     if allowed is None:
         return (None if bias is None else bias.to(dtype)), None
     dead = ~allowed.any(dim=-1, keepdim=True)  # (..., Lq, 1)
-    has_dead = bool(dead.any())
+    # On meta there are no values to test: keep the row-opening mask (same shapes either way).
+    has_dead = known(dead.any(), on_meta=True)
     if bias is None:
         return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
     mask = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (..., Lq, Lk)

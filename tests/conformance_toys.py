@@ -17,7 +17,10 @@ from attnreg.core import (
     Masks,
     VariantSpec,
     dot_product_logits,
+    hits_under,
     masked_softmax,
+    poison_rows,
+    screen,
 )
 
 ALL = Capabilities(causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
@@ -28,7 +31,9 @@ class Textbook(Attention):
     """softmax(scale * Q K^T + mask) V, straight from the formula: must pass every check.
 
     Decodes with the default KV cache (``masks.allowed()`` honours ``q_offset``) and reads
-    grouped key/value heads by repeating them per query head.
+    grouped key/value heads by repeating them per query head. Screens keys and values for
+    NaN/inf (``screen``): a weight of 0 times a NaN value is NaN, so without it a NaN at a
+    masked position would poison every row.
     """
 
     variant = "selftest_textbook"
@@ -57,6 +62,11 @@ class Textbook(Attention):
         return w.to(query.dtype)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        key, value, bad = screen(key, value, masks)  # non-finite entries -> 0, bad (B, Hkv, Lk) or None
+        out = self._formula(query, key, value, masks)  # (B, H, Lq, Ev)
+        return poison_rows(out, hits_under(bad, masks))  # rows that see a NaN/inf position: NaN
+
+    def _formula(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         w = self._softmax(self._logits(query, key, masks), self._allowed(masks, query.device))
         w = F.dropout(w, self.active_dropout)  # (B, H, Lq, Lk)
         value = self._repeat(value, query.shape[1])  # (B, H, Lk, Ev)

@@ -339,12 +339,3 @@ def test_auto_chunk_size_fits_the_workspace(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(attention_mod, "WORKSPACE_ELEMENTS", B * H * 9 * 6 * 4)  # 4 rows (d_a=6)
     assert m.chunk_rows(B, 9) == 4
     _check_against_reference(m, *_inputs(9, 9), key_mask=_bool_mask((B, 9), seed=8))
-
-
-def test_double_backward_raises_instead_of_being_wrong() -> None:
-    """The fast path's backward is hand-written and once-differentiable (documented)."""
-    m = _module(3)
-    q, k, v = _inputs(5, 5)
-    (gq,) = torch.autograd.grad(m(q, k, v).square().sum(), [q], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        gq.sum().backward()

@@ -133,6 +133,38 @@ class NeedsContiguous(Textbook):
         return super()._attend(flat.view(b, h, lq, e), key, value, masks)
 
 
+class NaNLeaks(Textbook):
+    """The formula as written, without screening: a weight of 0 times a NaN value at a masked
+    position is NaN, in every row."""
+
+    variant = "selftest_nan_leaks"
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        return self._formula(query, key, value, masks)
+
+
+class DropsNaN(Textbook):
+    """Replaces every non-finite key and value entry by 0 and says nothing: a NaN a row does
+    attend to vanishes from its output."""
+
+    variant = "selftest_drops_nan"
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        return self._formula(query, key.nan_to_num(0.0, 0.0, 0.0), value.nan_to_num(0.0, 0.0, 0.0), masks)
+
+
+class NeedsValues(Textbook):
+    """Reads a mask's values on the host (``bool(t.all())``): cannot run on the meta device."""
+
+    variant = "selftest_needs_values"
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
+        if masks.key_mask is not None and bool(masks.key_mask.all()):
+            masks = Masks(masks.batch, masks.heads, masks.q_len, masks.k_len, masks.attn_mask, None,
+                          masks.is_causal, masks.q_offset)
+        return super()._attend(query, key, value, masks)
+
+
 # broken class -> (the check that must catch it, a correct variant with the same capabilities)
 BROKEN = {
     LeaksFuture: ("causal_no_future_leak", Textbook),
@@ -145,6 +177,9 @@ BROKEN = {
     DropoutInEval: ("dropout", Textbook),
     PositionBiased: ("permutation_invariance", Textbook),
     NeedsContiguous: ("non_contiguous_inputs", Textbook),
+    NaNLeaks: ("padding_invariance", Textbook),
+    DropsNaN: ("nonfinite_locality", Textbook),
+    NeedsValues: ("meta_device", Textbook),
 }
 
 

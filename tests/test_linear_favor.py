@@ -24,8 +24,11 @@ def _qkv(lq: int, e: int = 8, ev: int = 5, std: float = 1.0, seed: int = 0, head
 # -- registry and configs ------------------------------------------------------------------------
 def test_names_aliases_and_defaults() -> None:
     lin = attnreg.build("linear_attention")
-    assert type(lin) is LinearAttention and lin.feature_map == "elu" and lin.eps == 1e-6
+    assert type(lin) is LinearAttention and lin.feature_map == "elu" and lin.config.eps is None
+    assert lin.eps == 1e-20 and attnreg.build("linear", feature_map="relu").eps == 1e-6  # None: per map
+    assert attnreg.build("linear", eps=1e-3).eps == 1e-3
     perf = attnreg.build("performer")
+    assert perf.eps == 1e-20
     assert type(perf) is PerformerAttention and perf.feature_map == "favor"
     assert perf.config.num_features == 256 and perf.variant == "performer"
     assert attnreg.get_variant("performer").capabilities.approximates == "dot_product"
@@ -42,6 +45,7 @@ def test_names_aliases_and_defaults() -> None:
         ({"variant": "linear", "feature_map": "softmax"}, "feature_map"),
         ({"variant": "linear", "num_features": 0}, "num_features"),
         ({"variant": "linear", "eps": 0.0}, "eps"),
+        ({"variant": "linear", "eps": 1.5}, "eps"),  # a relative floor: at most 1
         ({"variant": "linear", "chunk_size": 0}, "chunk_size"),
         ({"variant": "performer", "seed": -1}, "seed"),
     ],

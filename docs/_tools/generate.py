@@ -159,8 +159,10 @@ CAPABILITY_DOCS: dict[str, tuple[str, str, str]] = {
                  "requires `causal`", "", _REFUSED),
     "grouped_query": ("key/value with fewer heads than the query (H a multiple of Hkv), no copy per "
                       "query head", "", _REFUSED),
-    "double_backward": ("gradients of gradients (`create_graph=True`) through the variant", "",
-                        "a double backward raises instead of returning wrong second derivatives"),
+    "double_backward": ("gradients of gradients (`create_graph=True`: gradient penalties) through the "
+                        "variant, forward and decoding", "`double_backward` (gradgradcheck)",
+                        "first-order gradients as usual; the base class makes differentiating one "
+                        "again raise `UnsupportedFeatureError` (`double_backward` checks that)"),
     "context_parallel": ("the sequence may be split across processes (`attnreg.distributed`)", "",
                          "context-parallel use raises `UnsupportedFeatureError`"),
     "dtypes": ("the input dtypes accepted (a subset of float64, float32, float16, bfloat16)",

@@ -17,7 +17,10 @@ from attnreg.core import (
     DecodeState,
     Masks,
     causal_mask,
+    hits_under,
     masked_softmax,
+    poison_rows,
+    screen,
 )
 
 from .chunked import chunked_attention, chunked_scores
@@ -85,7 +88,7 @@ class AdditiveAttention(Attention):
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
         dropout=True, normalized=True, permutation_invariant=True, learnable=True, decoding=True,
-        complexity="O(Lq*Lk*d_a) time, O(chunk*Lk*d_a) memory",
+        double_backward=True, complexity="O(Lq*Lk*d_a) time, O(chunk*Lk*d_a) memory",
     )
 
     def __init__(self, config: AdditiveConfig) -> None:
@@ -148,12 +151,14 @@ class AdditiveAttention(Attention):
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         self._check_sizes(query)
+        # A key hidden from some query: NaN/inf there must not leak (bad: (B, H, Lk) or None).
+        key, value, bad = screen(key, value, masks)
         qp, kp, v, acc = self._project(query, key)
         chunk = self.chunk_rows(query.shape[0], key.shape[2])
         out = chunked_attention(
             qp, kp, v, value.to(acc), masks, self.score_scale, self.active_dropout, chunk
         )  # (B, H, Lq, Ev)
-        return out.to(query.dtype)
+        return poison_rows(out, hits_under(bad, masks)).to(query.dtype)  # rows seeing NaN/inf: NaN
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         self._check_sizes(query)

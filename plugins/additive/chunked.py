@@ -5,6 +5,8 @@ at L=2048, d_a=64, H=8 in fp32). Here the projections are computed once, and the
 processed ``chunk`` rows at a time: only one (B, H, chunk, Lk, d_a) tensor lives at a time in
 forward, and each chunk's backward recomputes it (activation checkpointing, with a hand-written
 in-place backward), so backward is bounded by the same O(chunk * Lk * d_a) per batch and head.
+Double backward (``create_graph=True``) differentiates a plain-torch recomputation of the chunks
+instead (``_differentiable_backward``; its graph holds every chunk's tanh tensor).
 Causal chunks only look at the keys they can see (j <= last row of the chunk + ``Masks.q_offset``,
 the lower-right shift of decoding): half the work."""
 
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from attnreg.core import Masks, masked_softmax
@@ -122,8 +123,9 @@ class _ChunkedAdditive(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, d_out: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable again
+            return _differentiable_backward(ctx, d_out)
         qp, kp, w_v, value, bias = ctx.saved_tensors
         masks, scale, p_drop = ctx.masks, ctx.scale, ctx.dropout_p
         b, h, lq, d_a = qp.shape
@@ -164,6 +166,40 @@ class _ChunkedAdditive(torch.autograd.Function):
             d_qp[:, :, start:stop] = (g.sum(-1, keepdim=True) - t.sum(3)) * v_b
             d_kp[:, :, :k_stop] += (g.sum(-2).unsqueeze(-1) - t.sum(2)) * v_b
         return d_qp, d_kp, d_w_v, d_value, d_bias, None, None, None, None
+
+
+def _differentiable_forward(qp: Tensor, kp: Tensor, w_v: Tensor, value: Tensor, bias: Tensor | None,
+                            masks: Masks, scale: float, p_drop: float, chunk: int, seed: int | None
+                            ) -> Tensor:
+    """The output of ``_ChunkedAdditive`` with autograd ops, chunk by chunk, the same dropout masks."""
+    gen = torch.Generator(device=qp.device) if seed is not None else None
+    parts = []
+    for idx, (start, stop, k_stop) in enumerate(_chunks(masks, chunk)):
+        if k_stop == 0:
+            parts.append(value.new_zeros(*value.shape[:2], stop - start, value.shape[-1]))
+            continue
+        t = torch.tanh(qp[:, :, start:stop, None] + kp[:, :, None, :k_stop])  # (B, H, c, k_stop, d_a)
+        p = _softmax(t, w_v, scale, bias, masks, start, stop, k_stop)  # (B, H, c, k_stop)
+        if gen is not None:
+            assert seed is not None
+            p = p * _keep_mask(p, p_drop, gen, seed, idx) / (1.0 - p_drop)
+        parts.append(p @ value[:, :, :k_stop])  # (B, H, c, Ev)
+    return torch.cat(parts, dim=2)
+
+
+def _differentiable_backward(ctx: torch.autograd.function.FunctionCtx, d_out: Tensor
+                             ) -> tuple[Tensor | None, ...]:
+    """Gradients of ``_ChunkedAdditive`` that autograd can differentiate again: those of
+    ``_differentiable_forward`` from the saved inputs, with a graph (``create_graph=True``)."""
+    saved = ctx.saved_tensors
+    inputs = [(i, t) for i, t in enumerate(saved) if ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        out = _differentiable_forward(*saved, ctx.masks, ctx.scale, ctx.dropout_p, ctx.chunk, ctx.seed)
+        got = torch.autograd.grad(out, [t for _, t in inputs], d_out, create_graph=True, allow_unused=True)
+    res: list[Tensor | None] = [None] * 9
+    for (i, t), g in zip(inputs, got, strict=True):
+        res[i] = torch.zeros_like(t) if g is None else g
+    return tuple(res)
 
 
 def _chunks(masks: Masks, chunk: int) -> list[tuple[int, int, int]]:

@@ -15,8 +15,11 @@ from attnreg.core import (
     Capabilities,
     Masks,
     dot_product_logits,
+    hits_under,
     masked_softmax,
+    poison_rows,
     repeat_kv,
+    screen,
     sdpa_safe_mask,
 )
 
@@ -41,13 +44,17 @@ class DotProductAttention(Attention):
         scale = self.softmax_scale(query.shape[-1])
         # The last query of a lower-right causal call sees every key: one query is not causal at all.
         causal = masks.is_causal and masks.q_offset < masks.k_len - 1
+        # A key hidden from some query: NaN/inf there must not leak (bad: (B, Hkv, Lk) or None).
+        key, value, bad = screen(key, value, masks)
         if masks.attn_mask is None and masks.key_mask is None and (not causal or masks.q_offset == 0):
             # No row can be empty (upper-left causal keeps key 0): SDPA's own causal kernel.
-            return _sdpa(query, key, value, None, self.active_dropout, causal, scale)
-        mask, dead = _sdpa_mask(masks, query.dtype)
-        out = _sdpa(query, key, value, mask, self.active_dropout, False, scale)  # (B, H, Lq, Ev)
-        # Rows with nothing to attend were given a harmless mask; zero them (and their grads).
-        return out.masked_fill(dead, 0.0) if dead is not None else out
+            out = _sdpa(query, key, value, None, self.active_dropout, causal, scale)
+        else:
+            mask, dead = _sdpa_mask(masks, query.dtype)
+            out = _sdpa(query, key, value, mask, self.active_dropout, False, scale)  # (B, H, Lq, Ev)
+            # Rows with nothing to attend were given a harmless mask; zero them (and their grads).
+            out = out.masked_fill(dead, 0.0) if dead is not None else out
+        return poison_rows(out, hits_under(bad, masks))  # rows that see a NaN/inf input: NaN
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         acc = self._accum_dtype(query)

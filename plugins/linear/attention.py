@@ -1,8 +1,11 @@
 """Linear attention (Katharopoulos et al. 2020) with elu+1, relu and FAVOR+ (Performer) features.
 
-    out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / max(phi(q_i)^T sum_j phi(k_j), eps)
+    out_i = phi(q_i)^T S_i / max(phi(q_i)^T z_i, eps * |phi(q_i)|_1 * |z_i|_1)
+    S_i = sum_j phi(k_j) v_j^T,   z_i = sum_j phi(k_j)
 
-over the allowed keys j (real keys; j <= i when causal, j <= i + Lk - Lq when lower-right).
+over the allowed keys j (real keys; j <= i when causal, j <= i + Lk - Lq when lower-right). The
+floor is relative (``den / (|phi(q_i)|_1 |z_i|_1)`` is the row's overlap, in [0, 1]), so rows are
+normalised whatever the scale of the features.
 Non-causal: two matmuls; causal: the chunked prefix-state algorithm; both stream over the
 sequence (``kernels.py``). Decoding keeps the recurrent state [S | z] (``decoding.py``): O(1)
 memory and time per token. Half inputs are computed in float32.
@@ -47,10 +50,16 @@ class _LinearFields(AttentionConfig):
         256, ge=1, le=65536,
         description="m, the number of FAVOR+ random features (feature_map='favor' only).",
     )
-    eps: float = Field(
-        1e-6, gt=0.0, le=1.0,
-        description="Lower bound of the normaliser: out = num / max(den, eps). A row whose "
-        "normaliser is 0 (nothing to attend; relu without overlap) gives output 0.",
+    eps: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Relative floor of the normaliser: out_i = num_i / max(den_i, eps * "
+        "|phi(q_i)|_1 * |z_i|_1), z_i = the sum of the features of the keys row i sees. "
+        "den_i / (|phi(q_i)|_1 |z_i|_1) is the row's overlap in [0, 1], so the floor does not "
+        "depend on the scale of the features: a row is normalised exactly unless its overlap is "
+        "below eps (then it is damped, num / floor, continuously to 0); a row with nothing to "
+        "attend (den 0) gives 0. None = 1e-6 for relu (a query can have no overlap: eps bounds "
+        "the gradient near it), 1e-20 for elu and favor (strictly positive features; FAVOR+ "
+        "overlaps reach 1e-17 at q, k ~ N(0, 16)).",
     )
     seed: int = Field(
         0, ge=0, le=2**63 - 1,
@@ -120,9 +129,13 @@ def cached_favor_projection(num_features: int, head_dim: int, seed: int) -> Tens
                                      lambda: favor_projection(num_features, head_dim, seed))
 
 
+# Default relative floors (see the eps field): relu can have zero overlap, elu and favor cannot.
+_DEFAULT_EPS = {"relu": 1e-6, "elu": 1e-20, "favor": 1e-20}
+
 _CAPS = dict(
     causal=True, key_mask=True, attn_mask=False, float_mask=False, cross_attention=True,
     dropout=False, normalized=True, permutation_invariant=True, learnable=False, decoding=True,
+    double_backward=True,
 )
 
 
@@ -138,7 +151,7 @@ class LinearAttention(Attention):
     def __init__(self, config: LinearConfig | PerformerConfig) -> None:
         super().__init__(config)
         self.feature_map = config.feature_map
-        self.eps = config.eps
+        self.eps = config.eps if config.eps is not None else _DEFAULT_EPS[config.feature_map]
         self.chunk_size = config.chunk_size
 
     # -- FAVOR+ projection: a pure function of (seed, m, E, dtype, device) ----------------------
@@ -164,22 +177,22 @@ class LinearAttention(Attention):
             e = query.shape[-1]
             proj = self.projection(e, query.device, acc)  # (m, E)
             scale = self.softmax_scale(e)
-        return feature_pair(self.feature_map, q, k, allowed, self.eps, proj, scale, is_causal, anchor)
+        return feature_pair(self.feature_map, q, k, allowed, proj, scale, is_causal, anchor)
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
         allowed = None if masks.key_mask is None else masks.key_mask[:, None, :, None]  # (B, 1, Lk, 1)
-        q, k, fmap, thr = query, key, self.feature_map, self.eps  # elu / relu: applied inside, per segment
+        q, k, fmap = query, key, self.feature_map  # elu / relu: applied inside, per segment
         if self.feature_map == "favor":  # its key stabiliser needs every key first: features up front
             fp = self._features(query, key, masks.key_mask, masks.is_causal)
-            q, k, fmap, thr = fp.phi_q, fp.phi_k, "identity", fp.thr
-        out = linear_attention(q, k, value, fmap, allowed, thr, masks.is_causal, self.chunk_size,
+            q, k, fmap = fp.phi_q, fp.phi_k, "identity"
+        out = linear_attention(q, k, value, fmap, allowed, self.eps, masks.is_causal, self.chunk_size,
                                self._accum_dtype(query), self.config.segment_size,
                                masks.q_offset)  # (B, H, Lq, Ev)
         return out.to(query.dtype)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         fp = self._features(query, key, masks.key_mask, masks.is_causal)
-        return linear_weights(fp.phi_q, fp.phi_k, fp.thr, masks.is_causal, masks.q_offset).to(query.dtype)
+        return linear_weights(fp.phi_q, fp.phi_k, self.eps, masks.is_causal, masks.q_offset).to(query.dtype)
 
     # -- incremental decoding: the recurrent state [S | z] (decoding.py) -----------------------------
     def _num_features(self, head_dim: int) -> int:
@@ -205,14 +218,14 @@ class LinearAttention(Attention):
             raise ValueError(f"decode: {self.variant} needs the state of its own init_state, got a "
                              f"{type(state).__name__}")
         allowed = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, T, 1)
-        q, k, fmap, thr, anchor = query, key, self.feature_map, self.eps, state.anchor
+        q, k, fmap, anchor = query, key, self.feature_map, state.anchor
         if self.feature_map == "favor":  # the stabiliser of the full forward: the first real key's
             assert state.anchor is not None
             fp = self._features(query, key, key_mask, True, state.anchor[:, :, None, None])
-            q, k, fmap, thr = fp.phi_q, fp.phi_k, "identity", fp.thr
+            q, k, fmap = fp.phi_q, fp.phi_k, "identity"
             assert fp.anchor is not None
             anchor = fp.anchor[:, :, 0, 0]  # (B, H): fixed once a real key has been seen
-        out, kv = recurrent_step(q, k, value, fmap, allowed, thr, state.kv, self.chunk_size,
+        out, kv = recurrent_step(q, k, value, fmap, allowed, self.eps, state.kv, self.chunk_size,
                                  self._accum_dtype(query), self.config.segment_size)  # (B, H, T, Ev)
         new = dataclasses.replace(state, kv=kv, anchor=anchor, length=state.length + query.shape[2])
         return out.to(query.dtype), new

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import DecodeState
+from attnreg.core import DecodeState, known
 
 from .features import pointwise_features
 from .kernels import linear_attention_step
+from .segments import normalised, state_norm
 
 __all__ = ["LinearState", "recurrent_step"]
 
@@ -70,17 +71,18 @@ def init_linear_state(
 
 def recurrent_step(
     query: Tensor, key: Tensor, value: Tensor, fmap: str, allowed: Tensor | None,
-    thr: float | Tensor, kv: Tensor, chunk: int, acc: torch.dtype, segment: int | None,
+    eps: float, kv: Tensor, chunk: int, acc: torch.dtype, segment: int | None,
 ) -> tuple[Tensor, Tensor]:
     """Outputs (B, H, T, Ev) of T new positions and the new ``[S | z]`` (B, H, F, Ev + 1), in ``acc``.
 
     ``fmap`` as in ``kernels.linear_attention`` (``identity``: query / key already are features,
-    0 on masked keys); ``allowed`` (B, 1, T, 1) marks real keys; ``thr`` is the normaliser's lower
-    bound (float or (B, H, T, 1)). Differentiable, also with respect to ``kv``.
+    0 on masked keys); ``allowed`` (B, 1, T, 1) marks real keys; ``eps`` is the relative floor of
+    the normaliser (``|z_i|_1`` comes from the state: nothing but ``[S | z]`` is carried).
+    Differentiable, also with respect to ``kv``, and twice.
     """
-    t, ev = query.shape[2], value.shape[-1]
+    t = query.shape[2]
     if t > chunk:  # a prefill: the streamed chunked kernel, started from the state
-        return linear_attention_step(query, key, value, fmap, allowed, thr, kv, chunk, acc, segment)
+        return linear_attention_step(query, key, value, fmap, allowed, eps, kv, chunk, acc, segment)
     q, k = query.to(acc), key.to(acc)  # (B, H, T, E|F)
     if fmap == "identity":
         pq, pk = q, (k if allowed is None else k.masked_fill(~allowed, 0.0))  # (B, H, T, F)
@@ -90,10 +92,12 @@ def recurrent_step(
     if allowed is not None:
         v1 = v1.masked_fill(~allowed, 0.0)  # padding (poisoned or not) never reaches the sums
     new = kv + pk.mT @ v1  # (B, H, F, Ev + 1)
-    if t == 1:
-        nd = pq @ new  # (B, H, 1, Ev + 1): the query sees its own key
-    else:
-        nd = pq @ kv + (pq @ pk.mT).tril() @ v1  # (B, H, T, Ev + 1): one chunk after the prefix
-    den = nd[..., ev:]  # (B, H, T, 1)
-    # As the kernel: the normaliser is den where den >= thr, else the constant thr (output 0 at den 0).
-    return nd[..., :ev] / torch.where(den >= thr, den, thr), new
+    if t == 1:  # the query sees its own key
+        return normalised(pq @ new, pq.sum(dim=-1, keepdim=True) * state_norm(new)[..., None, None], eps), new
+    if not known(torch.isfinite(new).all(), on_meta=True):
+        # A NaN / inf among the new keys or values: the kernel keeps it out of the rows before it
+        # (0 * NaN in tril(scores) @ v1 would reach them), forward and backward.
+        return linear_attention_step(query, key, value, fmap, allowed, eps, kv, chunk, acc, segment)
+    nd = pq @ kv + (pq @ pk.mT).tril() @ v1  # (B, H, T, Ev + 1): one chunk after the prefix
+    z = pk.sum(dim=-1, keepdim=True).cumsum(dim=2) + state_norm(kv)[..., None, None]  # (B, H, T, 1)
+    return normalised(nd, pq.sum(dim=-1, keepdim=True) * z, eps), new

@@ -4,10 +4,9 @@ Every map turns queries and keys (B, H, L, E) into non-negative features (B, H, 
 ``phi(q_i) . phi(k_j)`` is the (unnormalised) attention score. FAVOR+ features are returned
 *stabilised*: ``exp(arg - c)`` with ``c`` a per-query-row maximum (queries) or a per-(batch, head)
 constant (keys: the maximum over the real keys; causal: that of the first real key, which a
-decoder can fix once and keep, see ``_key_stabiliser``). Such a positive rescaling cancels in
-``num / den``; the
-threshold ``thr`` of the normaliser is rescaled by the same factor so that the result equals the
-unstabilised formula ``num / max(den, eps)`` exactly (see ``FeaturePair``).
+decoder can fix once and keep, see ``_key_stabiliser``). Such a positive rescaling cancels exactly
+in the result, the normaliser's floor included: that floor is relative to the norms of the
+features (``segments.py``), so no threshold has to be carried into stabilised units.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnreg.core import known
+
 __all__ = ["FEATURE_MAPS", "FeaturePair", "favor_projection", "favor_args", "feature_pair",
            "pointwise_features"]
 
@@ -27,14 +28,24 @@ FEATURE_MAPS = ("elu", "relu", "favor")
 
 def pointwise_features(x: Tensor, feature_map: str, allowed: Tensor | None = None) -> Tensor:
     """elu+1 or relu features of ``x`` (B, H, L, E); exactly 0 where ``allowed`` (B, 1, L, 1) is
-    False, and the masked entries never reach the map (poisoned padding cannot make NaN)."""
+    False, and the masked entries never reach the map (poisoned padding cannot make NaN).
+
+    elu+1 is computed as ``max(min(exp(x), 1), x + 1)`` (= exp(x) for x <= 0, x + 1 above, since
+    exp(x) >= x + 1), not ``elu(x) + 1``: the latter rounds ``exp(x) - 1 + 1`` to 0 below x = -16.6
+    (float32; -36.7 in float64), so a query or key with only negative entries would lose its
+    features altogether. About as fast as ``elu(x) + 1`` (measured in docs/variants/linear.md).
+    """
     if allowed is not None:
         x = x.masked_fill(~allowed, 0.0)
     if feature_map == "relu":
         return F.relu(x)  # relu(0) = 0 on masked entries; nothing in place: autograd keeps the output
     if feature_map != "elu":
         raise ValueError(f"{feature_map!r} is not a pointwise feature map; expected 'elu' or 'relu'")
-    phi = F.elu(x).add_(1.0)  # in place is safe: elu's backward reads its input, not its output
+    if torch.is_grad_enabled() and x.requires_grad:  # exp's backward reads its result: no in-place op
+        phi = torch.maximum(torch.exp(x).clamp(max=1.0), x + 1.0)
+    else:  # contiguous buffers even for a strided slice: no copy needed afterwards
+        phi = torch.exp(x, out=torch.empty(x.shape, dtype=x.dtype, device=x.device)).clamp_(max=1.0)
+        torch.maximum(phi, torch.add(x, 1.0, out=torch.empty_like(phi)), out=phi)
     return phi.masked_fill_(~allowed, 0.0) if allowed is not None else phi
 
 
@@ -68,15 +79,10 @@ def favor_args(x: Tensor, projection: Tensor, scale: float) -> Tensor:
 
 @dataclass(frozen=True)
 class FeaturePair:
-    """Features of one call and the normaliser threshold.
-
-    ``out = (phi_q phi_k^T V) / max(phi_q phi_k^T 1, thr)``; ``thr`` is ``eps`` (float) for
-    elu/relu and a (B, H, Lq, 1) tensor for favor (eps expressed in stabilised units).
-    """
+    """Features of one call (FAVOR+: stabilised; the result does not depend on the scale)."""
 
     phi_q: Tensor  # (B, H, Lq, F)
     phi_k: Tensor  # (B, H, Lk, F), exactly 0 on masked keys
-    thr: float | Tensor
     # favor, causal: the largest exponent of the first real key, (B, H, 1, 1); -inf where none.
     anchor: Tensor | None = None
 
@@ -86,7 +92,6 @@ def feature_pair(
     query: Tensor,
     key: Tensor,
     key_allowed: Tensor | None,
-    eps: float,
     projection: Tensor | None = None,
     scale: float = 1.0,
     is_causal: bool = False,
@@ -104,22 +109,21 @@ def feature_pair(
     if feature_map == "favor":
         if key_allowed is not None:
             key = key.masked_fill(~key_allowed, 0.0)  # (B, H, Lk, E): padding values never reach math
-        return _favor_pair(query, key, key_allowed, eps, projection, scale, is_causal, anchor)
+        return _favor_pair(query, key, key_allowed, projection, scale, is_causal, anchor)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {FEATURE_MAPS}")
     phi_q = pointwise_features(query, feature_map)  # (B, H, Lq, E)
-    return FeaturePair(phi_q, pointwise_features(key, feature_map, key_allowed), eps)  # (B, H, Lk, E)
+    return FeaturePair(phi_q, pointwise_features(key, feature_map, key_allowed))  # (B, H, Lk, E)
 
 
 def _favor_pair(
-    query: Tensor, key: Tensor, key_allowed: Tensor | None, eps: float,
-    projection: Tensor | None, scale: float, is_causal: bool, anchor: Tensor | None,
+    query: Tensor, key: Tensor, key_allowed: Tensor | None, projection: Tensor | None, scale: float,
+    is_causal: bool, anchor: Tensor | None,
 ) -> FeaturePair:
     if projection is None:
         raise ValueError("feature_map 'favor' needs its projection matrix (m, E)")
-    m = projection.shape[0]
     arg_q = favor_args(query, projection, scale)  # (B, H, Lq, m)
-    arg_k = favor_args(key, projection, scale)  # (B, H, Lk, m)
+    arg_k = _key_args(key, projection, scale, is_causal)  # (B, H, Lk, m)
     if key_allowed is not None:
         arg_k = arg_k.masked_fill(~key_allowed, float("-inf"))  # exp -> 0 with zero gradient
     # Stabilisers are constants of the math (they cancel exactly), hence detached.
@@ -127,11 +131,18 @@ def _favor_pair(
     c_k, first = _key_stabiliser(arg_k, key_allowed, projection, is_causal, anchor)  # (B, H, 1, 1) x2
     phi_q = torch.exp(arg_q - c_q)  # (B, H, Lq, m), max 1 per row
     phi_k = torch.exp(arg_k - c_k)  # (B, H, Lk, m)
-    # True features are exp(arg) / sqrt(m): den_true = den * exp(c_q + c_k) / m, so
-    # max(den_true, eps) corresponds to max(den, eps * m * exp(-c_q - c_k)) here.
-    log_thr = math.log(eps * m) - c_q - c_k  # (B, H, Lq, 1)
-    thr = torch.exp(log_thr).clamp_min(torch.finfo(arg_q.dtype).tiny)  # (B, H, Lq, 1), > 0
-    return FeaturePair(phi_q, phi_k, thr, first)
+    return FeaturePair(phi_q, phi_k, first)
+
+
+def _key_args(key: Tensor, projection: Tensor, scale: float, is_causal: bool) -> Tensor:
+    """``favor_args`` of the keys. Causal, a NaN / inf key may lie in the future of rows that must
+    not feel it; its row's backward would turn their zero upstream gradient into 0 * NaN = NaN,
+    so such rows pass no gradient at all (like padding: their forward value is kept as it is)."""
+    ok = torch.isfinite(key).all(dim=-1, keepdim=True)  # (B, H, Lk, 1); padding is already 0 here
+    if not is_causal or known(ok.all(), on_meta=True):
+        return favor_args(key, projection, scale)
+    clean = favor_args(key.masked_fill(~ok, 0.0), projection, scale)  # (B, H, Lk, m)
+    return torch.where(ok, clean, favor_args(key.detach(), projection, scale))
 
 
 # Largest exponent a key feature may get relative to the causal stabiliser: e^60 ~ 1e26 leaves

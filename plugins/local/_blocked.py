@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import LRUCache, Masks, sdpa_safe_mask, tensor_nbytes
+from attnreg.core import LRUCache, Masks, hits_under, poison_rows, screen, sdpa_safe_mask, tensor_nbytes
 
 from ._views import views
 
@@ -130,6 +130,16 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, 
     """
     if masks.q_offset > window:  # keys before position q_offset - window are in no query's band
         k, v, masks = _drop_keys(k, v, masks, masks.q_offset - window)
+    # The band hides keys from some query (from here on q_offset <= window): NaN/inf there must
+    # not leak through the kernels' -inf bias and 0 * value, nor spread past the window.
+    hides = masks.q_len > 1 if masks.is_causal else masks.k_len - 1 > window
+    k, v, bad = screen(k, v, masks, hides)  # bad: (B, H, Lk) positions screened, or None
+    out = _local(q, k, v, masks, window, block, scale, dropout_p, cache)  # (B, H, Lq, Ev)
+    return poison_rows(out, hits_under(bad, masks, window))  # rows that see a NaN/inf input: NaN
+
+
+def _local(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int, block: int,
+           scale: float, dropout_p: float, cache: MaskCache | None) -> Tensor:
     length = q.shape[2]
     right = 0 if masks.is_causal else window
     # Blocks with their whole window inside the keys (q_offset <= window from here on).
@@ -251,6 +261,8 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
         dirty = torch.ones(b_, n, dtype=torch.bool, device=q.device)
         empty = empty if empty is not None else torch.zeros_like(dirty)
 
+    if q.device.type == "meta":  # no values: the per-pair pass below rewrites values, not shapes
+        dirty = None
     if dirty is not None and bool(dirty.all()):
         main = q.new_zeros(b_, h_, n * blk, ev)  # every pair is recomputed below
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -106,6 +107,7 @@ class LocalAttention(Attention):
         # The T queries are the last T of the m + T positions: lower-right causal, Lk - Lq = m.
         masks = check_inputs(self.variant, self.capabilities, query, k_all, v_all, None, km, True,
                              "lower_right")
+        masks = dataclasses.replace(masks, padding_zeroed=True)  # extend zeroed the padding
         out = self._attend(query, k_all, v_all, masks)  # (B, H, T, Ev)
         return out, state.advanced(k_all, v_all, km, key.shape[2])
 

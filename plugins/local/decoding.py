@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnreg.core import DecodeState, join_key_masks
+from attnreg.core import DecodeState, join_key_masks, zero_padded
 
 __all__ = ["LocalState"]
 
@@ -40,7 +40,11 @@ class LocalState(DecodeState):
 
     def extend(self, key: Tensor, value: Tensor, key_mask: Tensor | None
                ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The buffer followed by ``T`` new positions: keys (B, H, m+T, E), values, key_mask (B, m+T)."""
+        """The buffer followed by ``T`` new positions: keys (B, H, m+T, E), values, key_mask (B, m+T).
+
+        Padded new positions are stored as zeros (``zero_padded``): no NaN/inf stays where no
+        query looks."""
+        key, value = zero_padded(key, value, key_mask)  # (B, H, T, E|Ev)
         k_all = key if self.key is None else torch.cat([self.key, key], dim=2)  # (B, H, m+T, E)
         v_all = value if self.value is None else torch.cat([self.value, value], dim=2)  # (B, H, m+T, Ev)
         km = join_key_masks(self.key_mask, key_mask, self.buffered, key.shape[2])  # (B, m+T) or None

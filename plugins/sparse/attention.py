@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ from attnreg.core import (
     Masks,
     dot_product_logits,
     masked_softmax,
+    screen,
+    screen_kv,
 )
 
 from .config import BigBirdConfig, SparseConfig
@@ -36,7 +38,20 @@ from .plan import Plan, RowTable, make_plan, offset_plan, row_table
 
 __all__ = ["SparseAttention", "BigBirdAttention"]
 
+T = TypeVar("T")
 _CACHE_SIZE = 16  # layouts / plans / row tables kept per module (one per length, heads, ...)
+
+
+def _on_cpu(build: Callable[[], T]) -> Callable[[], T]:
+    """``build`` run with the CPU as the default device: layouts, plans and row tables are built
+    from CPU index arithmetic (their device tensors are moved explicitly), also when the caller
+    builds a model under ``with torch.device("meta")`` or ``"cuda"``."""
+
+    def run() -> T:
+        with torch.device("cpu"):
+            return build()
+
+    return run
 
 
 class SparseAttention(Attention):
@@ -65,7 +80,9 @@ class SparseAttention(Attention):
         self._custom: Tensor | None = None
         self._custom_digest: str | None = None  # names the layout in decoding states' fingerprints
         if config.layout == "custom":
-            self._custom = custom_layout_tensor(config.custom_blocks, config.custom_matrix)  # (H|1, nb, nb)
+            with torch.device("cpu"):  # layouts live on the CPU, even under `with torch.device("meta")`
+                self._custom = custom_layout_tensor(config.custom_blocks, config.custom_matrix)
+                # (H|1, nb, nb)
             self._custom_digest = layout_digest(self._custom)
         # Derived data, shared by the threads calling this module (the caches lock themselves).
         self._layouts: LRUCache[Tensor] = LRUCache(_CACHE_SIZE)  # (length, heads)
@@ -86,7 +103,8 @@ class SparseAttention(Attention):
         (the cached tensor is returned: do not modify it in place)."""
         if length < 1 or num_heads < 1:
             raise ValueError(f"layout needs length >= 1 and num_heads >= 1, got {length}, {num_heads}")
-        return self._layouts.get_or_build((length, num_heads), lambda: self._build_layout(length, num_heads))
+        build = _on_cpu(lambda: self._build_layout(length, num_heads))
+        return self._layouts.get_or_build((length, num_heads), build)
 
     def _build_layout(self, length: int, heads: int) -> Tensor:
         cfg = self.config
@@ -136,17 +154,18 @@ class SparseAttention(Attention):
         same in every head (bigbird with random blocks needs one of the two).
         """
         heads = self._head_count(num_heads)
-        return expand_layout(self.layout(L, heads), self.block_size, L)  # (H, L, L)
+        return _on_cpu(lambda: expand_layout(self.layout(L, heads), self.block_size, L))()  # (H, L, L)
 
     def _plan(self, length: int, heads: int, causal: bool, device: torch.device) -> Plan:
         return self._plans.get_or_build(
             (length, heads, causal, str(device)),
-            lambda: make_plan(self.layout(length, heads), self.block_size, length, causal, device),
+            _on_cpu(lambda: make_plan(self.layout(length, heads), self.block_size, length, causal, device)),
         )
 
     def _row_table(self, length: int, heads: int) -> RowTable:
         """The causal rows of ``layout(length, heads)``, for lower-right calls and decoding."""
-        return self._tables.get_or_build((length, heads), lambda: row_table(self.layout(length, heads)))
+        build = _on_cpu(lambda: row_table(self.layout(length, heads)))
+        return self._tables.get_or_build((length, heads), build)
 
     def _check_heads(self, heads: int) -> None:
         if self.config.num_heads is not None and heads != self.config.num_heads:
@@ -163,11 +182,19 @@ class SparseAttention(Attention):
         if masks.q_offset == 0:  # Lq == Lk: the cached plan of the whole layout
             plan = self._plan(lk, heads, masks.is_causal, query.device)
         else:  # lower-right causal: the last Lq positions, in the layout of length Lk
-            plan = offset_plan(self._row_table(lk, heads), self.block_size, masks.q_offset, lk,
-                               math.ceil(lk / self.block_size), query.device)
+            table = self._row_table(lk, heads)
+            plan = _on_cpu(lambda: offset_plan(table, self.block_size, masks.q_offset, lk,
+                                               math.ceil(lk / self.block_size), query.device))()
+        # A key hidden from some query by a causal diagonal block or the masks: NaN/inf there
+        # must not leak (0 * NaN in a block's P @ V). Blocks outside the layout are never read,
+        # but when autograd records, a row that sees a NaN would spread it in backward to every
+        # key it read, also for rows the loss leaves out: screened too. The padding of a
+        # partial last block is 0.
+        hides = plan.active_pairs < heads * plan.nb * plan.q_blocks and self.records_graph(query, key, value)
+        key, value, bad = screen(key, value, masks, hides)  # bad: (B, H, Lk) or None
         return run_plan(plan, query, key, value, masks.key_mask, masks.attn_mask, block=self.block_size,
                         scale=self.softmax_scale(e), dropout=self.active_dropout,
-                        scratch=self._scratch)  # (B, H, Lq, Ev)
+                        scratch=self._scratch, bad=bad)  # (B, H, Lq, Ev)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         heads, lk = query.shape[1], key.shape[2]
@@ -249,11 +276,17 @@ class SparseAttention(Attention):
         b = self.block_size
         # Without max_length the layout does not depend on the length: any covering one will do.
         layout_len = state.max_length if state.max_length is not None else state.capacity
-        plan = offset_plan(self._row_table(layout_len, state.heads), b, start, state.length,
-                           state.capacity // b, query.device)
-        out = run_plan(plan, query, state.key, state.value, state.key_mask, None, block=b,
+        table = self._row_table(layout_len, state.heads)
+        plan = _on_cpu(lambda: offset_plan(table, b, start, state.length, state.capacity // b,
+                                           query.device))()
+        key_all, value_all, bad = state.key, state.value, None
+        # The state holds zeros at padding and past ``length``: only a chunk of T > 1 new
+        # positions hides keys (its later ones, from ``start + 1`` on) from some of its queries.
+        if query.shape[2] > 1:
+            key_all, value_all, bad = screen_kv(key_all, value_all, start + 1)  # (B, H, capacity) or None
+        out = run_plan(plan, query, key_all, value_all, state.key_mask, None, block=b,
                        scale=self.softmax_scale(query.shape[-1]), dropout=self.active_dropout,
-                       scratch=self._scratch)  # (B, H, T, Ev)
+                       scratch=self._scratch, bad=bad)  # (B, H, T, Ev)
         return out, state
 
     # ------------------------------------------------------------------ benchmark helpers

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnreg.core import DecodeState, write_key_mask
+from attnreg.core import DecodeState, write_key_mask, zero_padded
 
 __all__ = ["BlockKVState"]
 
@@ -27,6 +27,7 @@ class BlockKVState(DecodeState):
 
     Positions ``>= length`` of the buffers are zeros (key_mask True): they are never read
     unmasked, since only a query's own (diagonal) block may hold them, behind its causal mask.
+    Padded positions are stored as zeros too.
     ``max_length`` fixes the layout decoding follows (the layout of that total length).
     """
 
@@ -48,6 +49,7 @@ class BlockKVState(DecodeState):
         the blocks it reads), so a write only adds a node to the graph.
         """
         start, t = self.length, key.shape[2]
+        key, value = zero_padded(key, value, key_mask)  # (B, H, T, E|Ev): no NaN/inf kept at padding
         state = self._reserve(start + t)
         k, v = state.key, state.value  # (B, H, capacity, E|Ev)
         assert k is not None and v is not None

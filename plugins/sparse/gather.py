@@ -113,7 +113,7 @@ def full_rows_attn_mask(m: Tensor, full: FullGroup, plan: Plan, b: int, length: 
     if lq == 1:
         return m  # (B|1, H|1, 1, Lp|1) broadcasts over the query rows
     qb = full.query_blocks  # (H, m)
-    if hm == 1 and not bool((qb == qb[:1]).all()):
+    if hm == 1 and not full.same_blocks:
         m = m.expand(bm, qb.shape[0], *m.shape[2:])  # heads read different rows
     hm = m.shape[1]
     rows = qb if hm != 1 else qb[:1]  # (H|1, m)

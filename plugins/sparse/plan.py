@@ -39,6 +39,7 @@ class FullGroup:
     rows: Tensor  # (H * m,) long: flattened rows h * nb + I, head-major
     query_blocks: Tensor  # (H, m) long: I
     key_valid: Tensor | None  # (Lp,) bool: False on the padding of a partial last block
+    same_blocks: bool = True  # every head's rows are the same query blocks
 
 
 @dataclass(frozen=True)
@@ -86,17 +87,20 @@ def make_plan(layout: Tensor, block: int, length: int, causal: bool, device: tor
         rows = (torch.arange(heads)[:, None] * nb + qblocks).reshape(-1)  # (H*m,)
         key_valid = (torch.arange(nb * block) < length) if tail < block else None  # (Lp,)
         valid = None if key_valid is None else key_valid.to(device)
-        full = FullGroup(rows.to(device), qblocks.to(device), valid)
+        full_rows = rows
+        full = FullGroup(rows.to(device), qblocks.to(device), valid, bool((qblocks == qblocks[:1]).all()))
         counts = counts.masked_fill(is_full, -1)  # handled by the full group
     flat_counts = counts.reshape(-1)
     flat_special = special.reshape(-1)
     groups: list[Group] = []
+    order: list[Tensor] = []  # each group's rows, on the CPU (a meta device holds no values)
     pairs = zip(flat_counts.tolist(), flat_special.tolist(), strict=True)
     keys = sorted({(int(c), bool(s)) for c, s in pairs})
     for c, s in keys:
         if c <= 0:
             continue  # no key block (output stays 0), or a full row
         rows = ((flat_counts == c) & (flat_special == s)).nonzero().squeeze(1)  # (n,)
+        order.append(rows)
         h, q = rows // nb, rows % nb
         sel = layout[h, q]  # (n, nb) bool
         # Sort key: the special block gets nb (last); the others keep their order J.
@@ -115,7 +119,8 @@ def make_plan(layout: Tensor, block: int, length: int, causal: bool, device: tor
             )
         )
     # Outputs are concatenated as [group rows..., full rows..., one zero block]: invert that order.
-    order = [g.rows.cpu() for g in groups] + ([full.rows.cpu()] if full is not None else [])
+    if full is not None:
+        order.append(full_rows)
     inverse = torch.full((heads * nb,), sum(int(o.numel()) for o in order), dtype=torch.long)
     if order:
         cat = torch.cat(order)

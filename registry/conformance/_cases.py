@@ -18,7 +18,9 @@ from . import (  # noqa: F401
     _checks_decoding_errors,
     _checks_grouped,
     _checks_masking,
+    _checks_nonfinite,
     _checks_numeric,
+    _checks_second_order,
 )
 from ._checks_contract import split_check_key
 from ._framework import (

@@ -8,6 +8,7 @@ import torch
 
 from attnreg.core import causal_mask
 
+from ._checks_nonfinite import GRAD_FILLS, NONFINITE, grads_of, poisons
 from ._framework import (
     LONG,
     B,
@@ -244,9 +245,11 @@ def fully_masked_rows(s: Subject) -> None:
 
 @check("causal_no_future_leak", "leakage", requires=("causal",))
 def causal_no_future_leak(s: Subject) -> None:
-    """Under ``is_causal``, changing query, key and value tokens after position t leaves the
-    outputs at positions <= t bit-for-bit unchanged (also with ``key_mask`` and Lq != Lk where
-    declared), and the gradient of output t with respect to later keys and values is exactly 0."""
+    """Under ``is_causal``, changing query, key and value tokens after position t (to large
+    random values, NaN, +inf or -inf) leaves the outputs at positions <= t bit-for-bit unchanged
+    (also with ``key_mask`` and Lq != Lk where declared); the gradients of a loss over the
+    outputs <= t equal the clean run's (finite) with NaN or +inf keys and values after t, and are
+    exactly 0 for the keys and values after t."""
     pairs = [(13, 13), (LONG, LONG)] + ([(9, 13), (13, 9)] if s.caps.cross_attention else [])
     for lq, lk in pairs:
         h = heads_for(max(lq, lk))
@@ -254,23 +257,42 @@ def causal_no_future_leak(s: Subject) -> None:
         q, k, v = s.inputs(h=h, lq=lq, lk=lk, seed=lq)
         extra = [{}] + ([{"key_mask": s.key_mask(B, lk, seed=lk)}] if s.caps.key_mask else [])
         for t in sorted({0, min(lq, lk) // 2 - 1, min(lq, lk) - 2}):
-            q2, k2, v2 = q.clone(), k.clone(), v.clone()
-            q2[:, :, t + 1:] = 100 * s.randn(B, h, lq - t - 1, q.shape[-1], seed=t + 50)
-            k2[:, :, t + 1:] = 100 * s.randn(B, h, lk - t - 1, k.shape[-1], seed=t + 51)
-            v2[:, :, t + 1:] = 1e3 * s.randn(B, h, lk - t - 1, v.shape[-1], seed=t + 52)
-            for kw in extra:
-                label = "is_causal" + (" + key_mask" if kw else "")
-                sz = sizes_of(q, k, v) + f", perturbed after position t={t}"
-                a = m(q, k, v, is_causal=True, **kw)
-                b = m(q2, k2, v2, is_causal=True, **kw)
-                assert_equal(b[:, :, : t + 1], a[:, :, : t + 1], sizes=sz,
-                             what=f"outputs at positions <= t after changing later tokens ({label})")
-        qg, kg, vg = s.inputs(h=h, lq=lq, lk=lk, seed=lq, grad=True)
+            for fill_label, fills in _future_fills(s, h, lq, lk, q.shape[-1], v.shape[-1], t):
+                q2, k2, v2 = q.clone(), k.clone(), v.clone()
+                q2[:, :, t + 1:], k2[:, :, t + 1:], v2[:, :, t + 1:] = fills
+                for kw in extra:
+                    label = "is_causal" + (" + key_mask" if kw else "")
+                    sz = sizes_of(q, k, v) + f", set to {fill_label} after position t={t}"
+                    a = m(q, k, v, is_causal=True, **kw)
+                    b = m(q2, k2, v2, is_causal=True, **kw)
+                    assert_equal(b[:, :, : t + 1], a[:, :, : t + 1], sizes=sz,
+                                 what=f"outputs at positions <= t after changing later tokens ({label})")
         t = min(lq, lk) // 2
-        m(qg, kg, vg, is_causal=True)[:, :, t].sum().backward()
-        for name, g in (("key", kg.grad), ("value", vg.grad)):
-            assert_zero(g, _after(g, t), what=f"gradient of output {t} w.r.t. {name}s after {t}",
-                        sizes=sizes_of(qg, kg, vg))
+        r = s.randn(B, h, t + 1, v.shape[-1], seed=4)
+
+        def loss(mod: torch.nn.Module, q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor, t: int = t,
+                 r: torch.Tensor = r) -> torch.Tensor:
+            return (mod(q_, k_, v_, is_causal=True)[:, :, : t + 1] * r).sum()
+
+        want = grads_of(m, (q, k, v), loss)
+        sz = sizes_of(q, k, v)
+        for name in ("key", "value"):
+            assert_zero(want[name], _after(want[name], t), sizes=sz,
+                        what=f"gradient of outputs <= {t} w.r.t. {name}s after {t}")
+        for fill_label, fill_k, fill_v in GRAD_FILLS:
+            k2, v2 = k.clone(), v.clone()
+            k2[:, :, t + 1:], v2[:, :, t + 1:] = fill_k, fill_v
+            for name, g in grads_of(m, (q, k2, v2), loss).items():
+                assert_close(g, want[name], dtype=s.dtype, sizes=sz + f", keys/values after {t} set to "
+                             f"{fill_label}", what=f"gradient of {name} (loss over the outputs <= {t})")
+
+
+def _future_fills(s: Subject, h: int, lq: int, lk: int, e: int, ev: int, t: int
+                  ) -> list[tuple[str, tuple[torch.Tensor | float, ...]]]:
+    """(label, (query, key, value) fills after position t): large random values, then NaN and inf."""
+    rand = (100 * s.randn(B, h, lq - t - 1, e, seed=t + 50), 100 * s.randn(B, h, lk - t - 1, e, seed=t + 51),
+            1e3 * s.randn(B, h, lk - t - 1, ev, seed=t + 52))
+    return [("large random values", rand)] + [(label, (fk, fk, fv)) for label, fk, fv in NONFINITE]
 
 
 def _after(g: torch.Tensor, t: int) -> torch.Tensor:
@@ -281,8 +303,9 @@ def _after(g: torch.Tensor, t: int) -> torch.Tensor:
 @check("padding_invariance", "leakage", requires=("key_mask",))
 def padding_invariance(s: Subject) -> None:
     """Keys and values at padded positions (``key_mask`` False) do not matter: poisoning them with
-    +1e9, -1e9 or large random garbage leaves every output unchanged (also under ``is_causal``
-    where declared), and padded keys and values get exactly 0 gradient."""
+    +1e9, -1e9, large random garbage, NaN, +inf or -inf leaves every output unchanged (also under
+    ``is_causal`` where declared); with NaN or +inf there the gradients of query, keys, values and
+    parameters equal the clean run's (finite), and padded keys and values get exactly 0 gradient."""
     for n in (13, LONG):
         h = heads_for(n)
         m = s.build(heads=h)
@@ -291,15 +314,24 @@ def padding_invariance(s: Subject) -> None:
         pad = ~km[:, None, :, None]  # (B, 1, Lk, 1)
         for causal in (False, True) if s.caps.causal else (False,):
             base = m(q, k, v, key_mask=km, is_causal=causal)
-            for label, poison in (("+1e9", 1e9), ("-1e9", -1e9), ("random * 1e4", None)):
-                fill_k = poison if poison is not None else 1e4 * s.randn(*k.shape, seed=n + 7)
-                fill_v = poison if poison is not None else 1e4 * s.randn(*v.shape, seed=n + 8)
+            for label, fill_k, fill_v in poisons(s, k, v, n):
                 k2, v2 = torch.where(pad, fill_k, k), torch.where(pad, fill_v, v)
                 sz = (sizes_of(q, k, v) + f", padded keys/values set to {label}"
                       + (", causal" if causal else ""))
                 assert_close(m(q, k2, v2, key_mask=km, is_causal=causal), base, dtype=s.dtype, sizes=sz,
                              what="outputs after poisoning padded keys and values")
-        qg, kg, vg = s.inputs(h=h, lq=n, seed=n, grad=True)
-        (m(qg, kg, vg, key_mask=km) * s.randn(B, h, n, vg.shape[-1], seed=3)).sum().backward()
-        for name, g in (("key", kg.grad), ("value", vg.grad)):
-            assert_zero(g, pad, what=f"gradient of padded {name}s", sizes=sizes_of(qg, kg, vg))
+        r = s.randn(B, h, n, v.shape[-1], seed=3)
+
+        def loss(mod: torch.nn.Module, q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor,
+                 km: torch.Tensor = km, r: torch.Tensor = r) -> torch.Tensor:
+            return (mod(q_, k_, v_, key_mask=km) * r).sum()
+
+        want = grads_of(m, (q, k, v), loss)
+        sz = sizes_of(q, k, v)
+        for name in ("key", "value"):
+            assert_zero(want[name], pad, what=f"gradient of padded {name}s", sizes=sz)
+        for label, fill_k, fill_v in GRAD_FILLS:
+            for name, g in grads_of(m, (q, torch.where(pad, fill_k, k), torch.where(pad, fill_v, v)),
+                                    loss).items():
+                assert_close(g, want[name], dtype=s.dtype, sizes=sz + f", padded keys/values set to {label}",
+                             what=f"gradient of {name} with poisoned padding vs clean padding")

@@ -16,8 +16,10 @@ from attnreg.core import (
     DecodeState,
     KVCacheState,
     Masks,
-    check_inputs,
     dot_product_logits,
+    hits_under,
+    poison_rows,
+    screen,
 )
 
 
@@ -71,9 +73,14 @@ class SigmoidAttention(Attention):
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         return self._weights_acc(query, key, masks).to(query.dtype)
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
-        w = self._weights_acc(query, key, masks)  # (B, H, Lq, Lk)
-        return (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks,
+                length: int | None = None) -> Tensor:
+        # A weight of 0 times a NaN value is NaN: keys/values a query cannot see are screened
+        # (non-finite entries -> 0), and the rows that do see a non-finite one are made NaN.
+        key, value, bad = screen(key, value, masks)  # bad (B, H, Lk) or None
+        w = self._weights_acc(query, key, masks, length)  # (B, H, Lq, Lk)
+        out = (w @ value.to(w.dtype)).to(query.dtype)  # (B, H, Lq, Ev)
+        return poison_rows(out, hits_under(bad, masks))
 
     def _state_fingerprint(self) -> dict[str, Any]:
         # The bias decides whether the state needed max_length (the default bias reads it).
@@ -86,17 +93,8 @@ class SigmoidAttention(Attention):
                              "max_length=L (or build with an explicit bias)")
         return super()._init_state(batch, heads, head_dim, value_dim, dtype, device, max_length)
 
-    def _decode(self, query: Tensor, key: Tensor, value: Tensor, state: DecodeState,
-                key_mask: Tensor | None) -> tuple[Tensor, DecodeState]:
-        if not isinstance(state, KVCacheState):
-            raise ValueError(f"decode: sigmoid needs the state of its own init_state, "
-                             f"got {type(state).__name__}")
-        # In place unless this call may record a graph that saves views of the cache for backward.
-        in_place = not self.records_graph(query, key, value, *state.tensors().values())
-        state = state.append(key, value, key_mask, in_place=in_place)
+    def _attend_cached(self, query: Tensor, state: KVCacheState, masks: Masks) -> Tensor:
+        # The default bias -log(L) uses the total length the state was made for, not the keys so far.
         assert state.key is not None and state.value is not None
-        # The T new queries are the last positions of the cached keys: lower-right causal.
-        masks = check_inputs(self.variant, self.capabilities, query, state.key, state.value, None,
-                             state.key_mask, True, "lower_right")
-        w = self._weights_acc(query, state.key, masks, length=state.max_length)  # (B, H, T, Lk)
-        return (w @ state.value.to(w.dtype)).to(query.dtype), state  # (B, H, T, Ev)
+        return self._attend(query, state.key, state.value, masks, length=state.max_length)  # (B, H, T, Ev)
+
