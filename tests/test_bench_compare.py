@@ -96,6 +96,22 @@ def test_unplanned_points_and_changed_configs_are_listed_not_compared() -> None:
     result = compare_runs(changed, _doc())
     assert not result.changes and all("config differs" in x for x in result.not_compared)
     assert not result.ok and result.as_json()["reason"] == "no gated point was compared"
+    assert any("window: 256 -> 128" in x for x in result.not_compared)
+
+
+def test_a_changed_config_in_the_same_preset_fails_until_the_baseline_is_refreshed() -> None:
+    """A preset point whose variant config changed (e.g. a new default) measures something else
+    than its baseline: the guard fails and says to refresh, instead of silently not comparing."""
+    base, now = _doc(), _doc()
+    for d in (base, now):
+        d["settings"]["preset"] = "ci"
+    base["variants"]["local(window=256)"]["config"]["eps"] = 1e-6
+    now["variants"]["local(window=256)"]["config"]["eps"] = None
+    result = compare_runs(now, base)
+    (reg,) = result.regressions  # the short point (L=512, not gated) is only listed
+    assert reg.length == 4096 and "config changed (eps: 1e-06 -> None)" in reg.problems[0]
+    assert "refresh the baseline" in reg.problems[0] and not result.ok
+    assert any("L=512: the variant's config differs" in x for x in result.not_compared)
 
 
 def test_a_preset_that_lost_a_gated_point_fails() -> None:

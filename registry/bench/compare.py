@@ -192,8 +192,14 @@ def compare_runs(doc: dict[str, Any], baseline: dict[str, Any],
             continue
         cfg_old = baseline.get("variants", {}).get(series, {}).get("config")
         cfg_new = doc.get("variants", {}).get(series, {}).get("config")
+        if cfg_old != cfg_new and same_preset and gated:  # e.g. a changed default: refresh the baseline
+            c = PointChange(series, mode, causal, length, True, speedup_before=before)
+            c.problems.append(f"the variant's config changed ({_config_diff(cfg_old, cfg_new)}): the "
+                              "baseline measured another configuration; refresh the baseline")
+            changes.append(c)
+            continue
         if cfg_old != cfg_new:
-            not_compared.append(f"{label}: the variant's config differs ({cfg_old} -> {cfg_new})")
+            not_compared.append(f"{label}: the variant's config differs ({_config_diff(cfg_old, cfg_new)})")
             continue
         c = PointChange(series, mode, causal, length, gated=gated, speedup_before=before,
                         memory_before=(old.get("memory") or {}).get("peak_bytes"))
@@ -209,6 +215,13 @@ def compare_runs(doc: dict[str, Any], baseline: dict[str, Any],
             _judge(c, guard)
         changes.append(c)
     return Comparison(guard, changes, not_compared)
+
+
+def _config_diff(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
+    """The fields that differ, as ``field: old -> new``."""
+    old, new = old or {}, new or {}
+    keys = sorted(set(old) | set(new), key=str)
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
 def _speedup(p: dict[str, Any]) -> tuple[str | None, float | None]:
