@@ -37,8 +37,9 @@ class Block:
 
 
 def doc_files() -> list[Path]:
-    """README.md and every page of the docs site (docs/_tools holds scripts, not pages)."""
-    pages = sorted(p for p in (ROOT / "docs").rglob("*.md") if "_tools" not in p.parts)
+    """README.md and every page of the docs site (docs/_tools holds scripts and docs/bench
+    results, not pages)."""
+    pages = sorted(p for p in (ROOT / "docs").rglob("*.md") if not {"_tools", "bench"} & set(p.parts))
     return [ROOT / "README.md", *pages]
 
 

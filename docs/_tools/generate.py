@@ -134,8 +134,7 @@ CAPS_PAGE = DOCS / "plugins.md"
 CAPS_BLOCK = re.compile(r"(<!-- capabilities -->\n)(.*?)(<!-- /capabilities -->)", re.S)
 _REFUSED = "using it raises `UnsupportedFeatureError` [`unsupported_features_raise`]"
 # field -> (meaning when True, checks that apply beyond those requiring the flag, when False).
-# Entries of flags that other work adds (double_backward, context_parallel) are used once the
-# field exists on Capabilities; a field without an entry fails tests/test_docs_generated.py.
+# A Capabilities field without an entry fails tests/test_docs_generated.py.
 CAPABILITY_DOCS: dict[str, tuple[str, str, str]] = {
     "causal": ("`is_causal=True`: query i attends to keys j <= i (upper-left aligned when Lq != Lk, "
                "like SDPA)", "", _REFUSED),
@@ -163,8 +162,10 @@ CAPABILITY_DOCS: dict[str, tuple[str, str, str]] = {
                         "variant, forward and decoding", "`double_backward` (gradgradcheck)",
                         "first-order gradients as usual; the base class makes differentiating one "
                         "again raise `UnsupportedFeatureError` (`double_backward` checks that)"),
-    "context_parallel": ("the sequence may be split across processes (`attnreg.distributed`)", "",
-                         "context-parallel use raises `UnsupportedFeatureError`"),
+    "context_parallel": ("`forward_sharded`: one sequence split across the processes of a group "
+                         "(`attnreg.distributed`), outputs and gradients equal to `forward` on the "
+                         "whole sequence", "",
+                         "`forward_sharded` raises `UnsupportedFeatureError` [`context_parallel_refused`]"),
     "dtypes": ("the input dtypes accepted (a subset of float64, float32, float16, bfloat16)",
                "`low_precision` (each declared dtype below float64), `shape_dtype_device` (each "
                "declared dtype)", "an undeclared dtype raises `UnsupportedFeatureError` "
