@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-from conformance_toys import ALL, Textbook, spec_for
+from conformance_toys import ALL, Textbook, registered_toys
 from torch import Tensor
 
-import attnreg
 from attnreg.conformance import CheckFailure, run_check
 from attnreg.core import Masks, UnsupportedFeatureError, VariantSpec, check_inputs
 from attnreg.core.parallel import SequenceLayout, ShardContext, all_gather_ints, fetch_ranges
@@ -134,14 +133,8 @@ BROKEN = {
 
 @pytest.fixture(scope="module")
 def registered() -> Iterator[dict[str, VariantSpec]]:
-    specs = {cls.variant: spec_for(cls) for cls in (GatherAll, NoContextParallel, *BROKEN)}
-    for spec in specs.values():
-        attnreg.register(spec)
-    try:
+    with registered_toys(GatherAll, NoContextParallel, *BROKEN) as specs:
         yield specs
-    finally:
-        for name in specs:
-            attnreg.unregister(name)
 
 
 @pytest.mark.parametrize("cls", list(BROKEN), ids=lambda c: c.variant)
