@@ -16,9 +16,11 @@ from attnreg.core import AttnRegError, ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-PIPE_WIDTH = 250
+PIPE_WIDTH = 10_000
 """Columns of output that is not a terminal (a pipe, a file, a CI log) when ``COLUMNS`` is unset:
-rich's default of 80 would wrap every table of ``list``, ``show`` and ``doctor`` there."""
+rich's default of 80 would wrap every table of ``list``, ``show`` and ``doctor`` there, and any
+fixed width is exceeded by some plugin's provider or config text; tables take their natural
+width (nothing here expands to the console's width)."""
 
 _METAVARS = {"str": "TEXT", "text": "TEXT", "int": "INT", "integer": "INT", "float": "FLOAT", "path": "PATH"}
 
