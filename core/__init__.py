@@ -16,9 +16,11 @@ from .heads import repeat_kv
 from .hooks import PROJECT_NAME, AttnregHookSpecs, hookimpl, hookspec
 from .host import known
 from .interface import Attention
-from .masks import CausalAlignment, Masks, causal_mask, check_inputs, sdpa_safe_mask
+from .masks import CausalAlignment, Masks, and_attn_mask, causal_mask, check_inputs, sdpa_safe_mask
 from .nonfinite import hits_under, poison_rows, screen, screen_kv, screening_needed, span_hits
 from .reference import dot_product_logits, masked_softmax, softmax_attention_reference
+from .sdpa import masked_sdpa
+from .seeds import mix_seed
 
 __all__ = [
     "PROJECT_NAME",
@@ -38,6 +40,7 @@ __all__ = [
     "UnknownVariantError",
     "UnsupportedFeatureError",
     "VariantSpec",
+    "and_attn_mask",
     "canonical_device",
     "causal_mask",
     "check_inputs",
@@ -47,7 +50,9 @@ __all__ = [
     "hookspec",
     "join_key_masks",
     "known",
+    "masked_sdpa",
     "masked_softmax",
+    "mix_seed",
     "poison_rows",
     "repeat_kv",
     "screen",

@@ -24,7 +24,7 @@ from .capabilities import Capabilities
 from .errors import UnsupportedFeatureError
 from .host import known
 
-__all__ = ["CausalAlignment", "Masks", "check_inputs", "causal_mask", "sdpa_safe_mask"]
+__all__ = ["CausalAlignment", "Masks", "and_attn_mask", "check_inputs", "causal_mask", "sdpa_safe_mask"]
 
 CausalAlignment = Literal["upper_left", "lower_right"]
 _ALIGNMENTS = ("upper_left", "lower_right")
@@ -121,6 +121,21 @@ def sdpa_safe_mask(
         return (allowed | dead if has_dead else allowed), (dead if has_dead else None)
     mask = bias.to(dtype).masked_fill(~allowed, float("-inf"))  # (..., Lq, Lk)
     return (mask.masked_fill(dead, 0.0) if has_dead else mask), (dead if has_dead else None)
+
+
+def and_attn_mask(allowed: Tensor | None, attn_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    """AND (a piece of) an ``attn_mask`` into a bool ``allowed`` pattern (None = all allowed).
+
+    A bool mask is ANDed in; a float mask counts as masked where it is ``-inf`` (so that rows
+    it leaves empty are still detected) and is also returned as the additive bias.
+
+    Returns:
+        (allowed, bias): bool broadcast of both inputs; the float mask, or None for a bool one.
+    """
+    if attn_mask.dtype == torch.bool:
+        return (attn_mask if allowed is None else allowed & attn_mask), None
+    finite = attn_mask != float("-inf")
+    return (finite if allowed is None else allowed & finite), attn_mask
 
 
 def _shape(t: Tensor) -> str:

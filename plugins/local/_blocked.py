@@ -31,7 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import LRUCache, Masks, hits_under, poison_rows, screen, sdpa_safe_mask, tensor_nbytes
+from attnreg.core import (
+    LRUCache,
+    Masks,
+    and_attn_mask,
+    hits_under,
+    masked_sdpa,
+    poison_rows,
+    screen,
+    tensor_nbytes,
+)
 
 from ._views import views
 
@@ -70,14 +79,6 @@ def block_band(block: int, window: int, is_causal: bool,
     return (c >= r) & (c <= r + (window if is_causal else 2 * window))  # (block, span)
 
 
-def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Tensor | None,
-                 dropout_p: float, scale: float) -> Tensor:
-    """SDPA under a bool ``allowed`` mask (and optional additive ``bias``), empty rows -> 0."""
-    mask, dead = sdpa_safe_mask(allowed, bias, q.dtype)  # empty rows opened; zeroed below
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return out.masked_fill(dead, 0.0) if dead is not None else out
-
-
 def _dense(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
            dropout_p: float, scale: float) -> Tensor:
     """Short inputs (one block, or a window covering the sequence): one SDPA call, Lq x Lk mask."""
@@ -92,7 +93,7 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
         return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p, scale=scale)
     band = band_mask(length, window, masks.is_causal, q.device)  # (L, L)
     allowed = masks.allowed(q.device) & band  # (B|1, H|1, L, L)
-    return _sdpa_masked(q, k, v, allowed, masks.float_mask, dropout_p, scale)
+    return masked_sdpa(q, k, v, allowed, masks.float_mask, dropout_p=dropout_p, scale=scale)
 
 
 def _dense_offset(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
@@ -106,7 +107,7 @@ def _dense_offset(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
     if masks.attn_mask is None and masks.key_mask is None:  # the diagonal j = i + d is in every row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p, scale=scale)
     allowed = masks.allowed(q.device) & band  # (B|1, H|1, Lq, Lk)
-    return _sdpa_masked(q, k, v, allowed, masks.float_mask, dropout_p, scale)
+    return masked_sdpa(q, k, v, allowed, masks.float_mask, dropout_p=dropout_p, scale=scale)
 
 
 def _drop_keys(k: Tensor, v: Tensor, masks: Masks, cut: int) -> tuple[Tensor, Tensor, Masks]:
@@ -293,15 +294,12 @@ def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
                 # key j of window column c: first query row of the block + d - w + c
                 cols = (lo + bk[:, None]) * blk + (d - w) + torch.arange(span, device=q.device)  # (P, span)
                 am = _gather_blocks(masks.attn_mask, bi, rows, cols)  # (P, H|1, blk, span)
-                if am.dtype == torch.bool:
-                    allowed = allowed & am
-                else:
-                    allowed, bias = allowed & (am != float("-inf")), am
-            inner.index_put_((bi, bk), _sdpa_masked(
+                allowed, bias = and_attn_mask(allowed, am)
+            inner.index_put_((bi, bk), masked_sdpa(
                 q_run.view(b_, h_, n, blk, e_)[bi, :, bk],  # (P, H, blk, E) gathered copies
                 k_run.view(b_, h_, n, span, e_)[bi, :, bk],  # (P, H, span, E)
                 v_run.view(b_, h_, n, span, ev)[bi, :, bk],
-                allowed, bias, dropout_p, scale,
+                allowed, bias, dropout_p=dropout_p, scale=scale,
             ))
         zi, zk = empty.nonzero(as_tuple=True)  # pairs with no real key: output 0
         if zi.numel():
@@ -328,11 +326,8 @@ def _edge(qs: Tensor, ks: Tensor, vs: Tensor, masks: Masks, rows: tuple[int, int
         m = masks.attn_mask  # (B|1, H|1, L|1, L|1)
         full = slice(None)  # size-1 (broadcast) dims are kept whole
         m = m[:, :, slice(i0, i1) if m.shape[2] > 1 else full, slice(j0, j1) if m.shape[3] > 1 else full]
-        if m.dtype == torch.bool:
-            allowed = allowed & m
-        else:
-            allowed, bias = allowed & (m != float("-inf")), m
-    return _sdpa_masked(qs, ks, vs, allowed, bias, dropout_p, scale)
+        allowed, bias = and_attn_mask(allowed, m)
+    return masked_sdpa(qs, ks, vs, allowed, bias, dropout_p=dropout_p, scale=scale)
 
 
 def _gather_blocks(mask: Tensor, bi: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

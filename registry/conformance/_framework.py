@@ -17,6 +17,7 @@ from torch import Tensor
 
 import attnreg
 from attnreg.core import Attention, Capabilities, VariantSpec
+from attnreg.core.dtypes import FLOAT_DTYPES, dtype_name, parse_dtype
 
 __all__ = [
     "B", "CHECKS", "CONFIG_GROUPS", "E", "GROUPS", "H", "LONG", "heads_for", "TOLERANCES", "Check",
@@ -43,10 +44,6 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (5e-3, 5e-3),
     torch.bfloat16: (2e-2, 2e-2),
 }
-_DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-                "bfloat16": torch.bfloat16}
-_ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32",
-            "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 # Table columns, in display order.
 GROUPS = ("manifest", "contract", "errors", "weights", "masking", "leakage", "independence",
@@ -63,19 +60,6 @@ def config_label(variant: str, overrides: Mapping[str, Any] | tuple[tuple[str, A
     items = overrides.items() if isinstance(overrides, Mapping) else overrides
     shown = ",".join(f"{k}={v}" for k, v in items)
     return f"{variant}[{shown}]" if shown else variant
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``"bf16"``/``"bfloat16"``/... -> the torch dtype (ValueError naming the choices)."""
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[key]
 
 
 class CheckFailure(AssertionError):
@@ -109,8 +93,7 @@ class Check:
         ref = reference_dtype(caps)
         if self.dtypes == "reference":
             return [ref]
-        order = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-        declared = [d for d in order if d in caps.dtypes]
+        declared = [d for d in FLOAT_DTYPES if d in caps.dtypes]
         return declared if self.dtypes == "each" else [d for d in declared if d != ref]
 
 
@@ -135,7 +118,7 @@ def check(name: str, group: str, *, requires: tuple[str, ...] = (), dtypes: str 
 
 def reference_dtype(caps: Capabilities) -> torch.dtype:
     """float64 when declared (exact checks), else the most precise declared dtype."""
-    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    for d in FLOAT_DTYPES:  # most precise first
         if d in caps.dtypes:
             return d
     raise AssertionError("unreachable: Capabilities.dtypes is never empty")
