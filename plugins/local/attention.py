@@ -22,7 +22,8 @@ from attnreg.core import (
     masked_softmax,
 )
 
-from ._blocked import MaskCache, band_mask, local_attention, rect_band
+from ._bands import band_mask, rect_band
+from ._blocked import MaskCache, local_attention
 from .decoding import LocalState
 
 __all__ = ["LocalAttention", "LocalConfig"]
