@@ -8,14 +8,15 @@ variant's-mask baseline dashed in the variant's colour, the variant's own baseli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from attnreg.core import ConfigError
+
+from .records import ResultsDoc
 
 __all__ = ["plot_results"]
 
 
-def _panels(doc: dict[str, Any]) -> list[tuple[str, bool]]:
+def _panels(doc: ResultsDoc) -> list[tuple[str, bool]]:
     seen: list[tuple[str, bool]] = []
     for p in doc["points"]:
         key = (p["mode"], bool(p["causal"]))
@@ -24,7 +25,7 @@ def _panels(doc: dict[str, Any]) -> list[tuple[str, bool]]:
     return sorted(seen)
 
 
-def _series_points(doc: dict[str, Any], mode: str, causal: bool,
+def _series_points(doc: ResultsDoc, mode: str, causal: bool,
                    metric: str) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     for p in doc["points"]:
@@ -38,7 +39,7 @@ def _series_points(doc: dict[str, Any], mode: str, causal: bool,
     return {k: sorted(v) for k, v in out.items()}
 
 
-def plot_results(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+def plot_results(doc: ResultsDoc, out_dir: Path) -> list[Path]:
     """Write ``time.png`` and ``memory.png`` under ``out_dir``; return their paths."""
     try:
         import matplotlib

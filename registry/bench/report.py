@@ -16,6 +16,7 @@ from rich.table import Table
 from attnreg.core import ConfigError
 
 from .cases import MASKED
+from .records import PointRecord, ResultsDoc
 
 __all__ = [
     "machine_info", "write_json", "load_results", "results_table", "summary_table", "print_report",
@@ -56,14 +57,14 @@ def machine_info(threads: int) -> dict[str, Any]:
     return info
 
 
-def write_json(doc: dict[str, Any], path: Path) -> None:
+def write_json(doc: ResultsDoc, path: Path) -> None:
     """Write atomically (a partial file never replaces a complete one)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     os.replace(tmp, path)
 
 
-def load_results(path: Path) -> dict[str, Any]:
+def load_results(path: Path) -> ResultsDoc:
     """Read a ``results.json``; ``ConfigError`` naming the file if it is not one."""
     try:
         doc = json.loads(Path(path).read_text())
@@ -82,7 +83,7 @@ def _mb(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
-def _peak(p: dict[str, Any]) -> int | None:
+def _peak(p: PointRecord) -> int | None:
     return (p.get("memory") or {}).get("peak_bytes")
 
 
@@ -90,7 +91,7 @@ def _x(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
-def results_table(doc: dict[str, Any]) -> Table:
+def results_table(doc: ResultsDoc) -> Table:
     """One row per point: time, rate, memory, roof ratio, speedups (or why it was skipped)."""
     table = Table(title="attnreg bench: points (ratios are within this run)", show_lines=False)
     for col in ("series", "mode", "L", "median ms", "IQR ms", "n", "Mtok/s", "peak MB", "GFLOP/s",
@@ -131,7 +132,7 @@ def _cross(c: dict[str, Any] | None) -> str:
     return c["kind"]
 
 
-def summary_table(doc: dict[str, Any]) -> Table:
+def summary_table(doc: ResultsDoc) -> Table:
     """Per variant: gate result; per series: scaling exponents and crossover lengths."""
     table = Table(title="scaling (least-squares log-log fit) and crossover vs dense SDPA")
     for col in ("series", "mode", "time ~ L^", "memory ~ L^", "faster than SDPA from",
@@ -153,7 +154,7 @@ def summary_table(doc: dict[str, Any]) -> Table:
     return table
 
 
-def print_report(doc: dict[str, Any], console: Console) -> None:
+def print_report(doc: ResultsDoc, console: Console) -> None:
     """Both tables and the run's header (machine, threads, roof)."""
     m, roof = doc["machine"], doc.get("roof", {}).get("gflops")
     console.print(

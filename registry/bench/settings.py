@@ -12,6 +12,8 @@ import yaml
 from attnreg.core import AttentionConfig, ConfigError, VariantSpec
 from attnreg.core.dtypes import DTYPE_NAMES
 
+from .records import SettingsRecord
+
 __all__ = [
     "DEFAULT_LENGTHS",
     "QUICK_LENGTHS",
@@ -219,9 +221,9 @@ class BenchSettings:
         flags = (False, True) if self.causal is None else (self.causal,)
         return tuple(c for c in flags if supports_causal or not c)
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> SettingsRecord:
         """Plain-JSON form for ``results.json``."""
-        d = dict(self.__dict__)
+        d: SettingsRecord = dict(self.__dict__)  # type: ignore[assignment]
         d["lengths"] = list(self.lengths)
         d["modes"] = list(self.modes)
         d["cpu_count"] = os.cpu_count()
