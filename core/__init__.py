@@ -2,7 +2,7 @@
 
 from .cache import LRUCache, tensor_nbytes
 from .capabilities import Capabilities, VariantSpec
-from .config import AttentionConfig
+from .config import SCALE_MAX, AttentionConfig
 from .decoding import DecodeState, KVCacheState, canonical_device, join_key_masks, write_key_mask, zero_padded
 from .errors import (
     AttnRegError,
@@ -26,6 +26,7 @@ __all__ = [
     "PROJECT_NAME",
     "Attention",
     "AttentionConfig",
+    "SCALE_MAX",
     "AttnRegError",
     "AttnregHookSpecs",
     "Capabilities",

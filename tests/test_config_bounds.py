@@ -4,6 +4,7 @@ bool/str/float coercion into numbers, one variant per build, readable errors onl
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import pydantic
 import pytest
@@ -79,6 +80,52 @@ def test_int_fields_refuse_bools_strings_floats_and_huge(variant: str, f: FieldK
 def test_scale_inf_is_refused_by_build(variant: str) -> None:
     with pytest.raises(ConfigError, match="'scale' = inf is invalid: Input should be a finite number"):
         attnreg.build({**minimal_config(variant), "scale": math.inf})
+
+
+SCALE_MAX = 65504.0  # float16's largest value
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_scale_is_bounded_and_its_largest_value_stays_finite(variant: str) -> None:
+    """A finite scale too large for the compute dtype was accepted: scale=1e300 gave all-NaN
+    outputs in float32 and bfloat16 for every variant, and scale=2**64 NaN gradients in float64
+    for sparse and bigbird at L = 1 (SDPA's backward recomputes the huge logits with another
+    rounding; found by tests/test_properties.py). The largest scale allowed gives finite outputs
+    in float64, float32 and bfloat16 and finite float64 gradients."""
+    for value in (math.nextafter(SCALE_MAX, math.inf), 2.0**64, 1e300):
+        _refused(variant, "scale", value)
+    spec = attnreg.get_variant(variant)
+    ran = 0
+    for overrides in ({}, *spec.check_configs):
+        try:  # linear's elu and relu maps refuse any scale (a rule across fields)
+            cfg = attnreg.validate_config({**minimal_config(variant), **overrides, "scale": SCALE_MAX})
+        except ConfigError as err:
+            assert "scale" in str(err), str(err)
+            continue
+        heads, dim = getattr(cfg, "num_heads", None) or 2, getattr(cfg, "head_dim", None) or 4
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            attn = attnreg.build(cfg).to(dtype)
+            for n in (1, 7):
+                g = torch.Generator().manual_seed(n)
+                q, k, v = (torch.randn(1, heads, n, dim, generator=g, dtype=dtype).requires_grad_()
+                           for _ in range(3))
+                out = attn(q, k, v, is_causal=n > 1)
+                assert bool(out.isfinite().all()), (overrides, dtype, n)
+                if dtype == torch.float64:
+                    grads = torch.autograd.grad(out.sum(), (q, k, v))
+                    assert all(bool(t.isfinite().all()) for t in grads), (overrides, n)
+        ran += 1
+    assert ran, f"no config of {variant} accepts scale={SCALE_MAX}"
+
+
+def test_scale_bound_holds_where_a_plugin_redeclares_the_field() -> None:
+    class MyConfig(attnreg.AttentionConfig):
+        variant: Literal["mine"] = "mine"
+        scale: float | None = pydantic.Field(None, gt=0.0, description="no upper bound here")
+
+    assert MyConfig(scale=SCALE_MAX).scale == SCALE_MAX
+    with pytest.raises(pydantic.ValidationError, match="less than or equal to 65504"):
+        MyConfig(scale=1e5)
 
 
 def _tiny_forward(cfg: attnreg.AttentionConfig) -> None:

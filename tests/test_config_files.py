@@ -148,7 +148,8 @@ def test_validation_errors_of_a_file_name_the_file_and_field(tmp_path: Path) -> 
     assert str(path) in str(info.value)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     suffix=st.sampled_from([".yaml", ".json", ".toml"]),
     body=st.one_of(

@@ -29,7 +29,8 @@ from attnreg import ConfigError, UnsupportedFeatureError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = attnreg.list_variants()
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def _ints(f: FieldKind) -> st.SearchStrategy[int]:

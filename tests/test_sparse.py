@@ -339,3 +339,31 @@ def test_inference_scratch_is_bounded_by_the_stream_size():
         attn(q, k, v)
     # all rows at once would gather ~ 4 heads * 62 rows * 8 blocks * 64 * 64 * 2 * 4 B = 65 MB
     assert 0 < attn._scratch.nbytes <= 12 << 20
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("length", [1, 5])
+def test_a_sequence_shorter_than_a_block_is_not_padded_to_it(monkeypatch, layout, length):
+    """With L <= block_size the layout is one block whatever its size: the call runs on L tokens.
+    It used to pad queries and keys to the whole block (block_size=4096, L=5: about 11 s per
+    forward + backward pair instead of milliseconds; found by tests/test_properties.py)."""
+    import attnreg.plugins.sparse.execute as execute
+
+    key_lengths = []
+    sdpa = execute.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        key_lengths.append(k.shape[-2])
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(execute.F, "scaled_dot_product_attention", spy)
+    attn = make(layout, 4096, length, **({"num_heads": 3} if layout == "bigbird" else {}))
+    q, k, v = inputs(2, 3, length)
+    km = torch.tensor([[True] * length, [True] + [False] * (length - 1)])
+    for is_causal in (False, True):
+        check_against_reference(attn, q, k, v, key_mask=km, is_causal=is_causal)
+    check_against_reference(attn, q, k, v, attn_mask=torch.randn(length, length, dtype=torch.float64))
+    if length > 1:
+        lower_right = attn(q[:, :, 1:], k, v, is_causal=True, causal_alignment="lower_right")
+        torch.testing.assert_close(lower_right, attn(q, k, v, is_causal=True)[:, :, 1:], atol=1e-12, rtol=0)
+    assert key_lengths and max(key_lengths) <= length, key_lengths

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from attnreg.core import (
+    SCALE_MAX,
     Attention,
     AttentionConfig,
     Capabilities,
@@ -57,7 +58,7 @@ class AdditiveConfig(AttentionConfig):
         "None picks the most rows whose workspace fits 2**26 elements (256 MB in fp32).",
     )
     scale: float | None = Field(
-        None, gt=0.0,
+        None, gt=0.0, le=SCALE_MAX,
         description="Multiplier of the scores; None means 1 (Bahdanau's scores are not scaled). Finite.",
     )
 

@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from attnreg.core import (
+    SCALE_MAX,
     Attention,
     AttentionConfig,
     Capabilities,
@@ -42,7 +43,7 @@ class _LinearFields(AttentionConfig):
     """Fields shared by ``linear`` and ``performer``."""
 
     scale: float | None = Field(
-        None, gt=0.0,
+        None, gt=0.0, le=SCALE_MAX,
         description="feature_map='favor' only: x' = x * sqrt(scale), so the features approximate "
         "softmax(scale * q.k); None = 1/sqrt(E). Must stay unset for elu / relu (no logit scale).",
     )

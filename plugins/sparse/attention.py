@@ -156,10 +156,18 @@ class SparseAttention(Attention):
         heads = self._head_count(num_heads)
         return _on_cpu(lambda: expand_layout(self.layout(L, heads), self.block_size, L))()  # (H, L, L)
 
+    def _block_for(self, length: int) -> int:
+        """The block size a call over ``length`` keys runs with: ``block_size``, or ``length`` when
+        one block holds the whole sequence. The layout is then one block either way; padding
+        queries and keys to a full block cost O(block_size^2) for a short sequence (a 5-token
+        call with block_size=4096 took seconds)."""
+        return min(self.block_size, length)
+
     def _plan(self, length: int, heads: int, causal: bool, device: torch.device) -> Plan:
+        block = self._block_for(length)
         return self._plans.get_or_build(
             (length, heads, causal, str(device)),
-            _on_cpu(lambda: make_plan(self.layout(length, heads), self.block_size, length, causal, device)),
+            _on_cpu(lambda: make_plan(self.layout(length, heads), block, length, causal, device)),
         )
 
     def _row_table(self, length: int, heads: int) -> RowTable:
@@ -179,12 +187,13 @@ class SparseAttention(Attention):
         heads, e = query.shape[1], query.shape[3]
         self._check_heads(heads)
         lk = key.shape[2]
+        block = self._block_for(lk)
         if masks.q_offset == 0:  # Lq == Lk: the cached plan of the whole layout
             plan = self._plan(lk, heads, masks.is_causal, query.device)
         else:  # lower-right causal: the last Lq positions, in the layout of length Lk
             table = self._row_table(lk, heads)
-            plan = _on_cpu(lambda: offset_plan(table, self.block_size, masks.q_offset, lk,
-                                               math.ceil(lk / self.block_size), query.device))()
+            plan = _on_cpu(lambda: offset_plan(table, block, masks.q_offset, lk, math.ceil(lk / block),
+                                               query.device))()
         # A key hidden from some query by a causal diagonal block or the masks: NaN/inf there
         # must not leak (0 * NaN in a block's P @ V). Blocks outside the layout are never read,
         # but when autograd records, a row that sees a NaN would spread it in backward to every
@@ -192,7 +201,7 @@ class SparseAttention(Attention):
         # partial last block is 0.
         hides = plan.active_pairs < heads * plan.nb * plan.q_blocks and self.records_graph(query, key, value)
         key, value, bad = screen(key, value, masks, hides)  # bad: (B, H, Lk) or None
-        return run_plan(plan, query, key, value, masks.key_mask, masks.attn_mask, block=self.block_size,
+        return run_plan(plan, query, key, value, masks.key_mask, masks.attn_mask, block=block,
                         scale=self.softmax_scale(e), dropout=self.active_dropout,
                         scratch=self._scratch, bad=bad)  # (B, H, Lq, Ev)
 
