@@ -20,11 +20,12 @@ import attnreg
 from attnreg.core import Attention, Capabilities, VariantSpec
 from attnreg.core.dtypes import FLOAT_DTYPES
 
-from ._asserts import sizes_of
+# assert_close and sizes_of stood here before _asserts.py; tests still import them from here.
+from ._asserts import assert_close, sizes_of
 
 __all__ = [
-    "B", "CHECKS", "CONFIG_GROUPS", "E", "EV", "GROUPS", "H", "LONG", "Check", "Subject", "check",
-    "config_label", "expected_allowed", "heads_for", "reference_dtype",
+    "B", "CHECKS", "CONFIG_GROUPS", "E", "EV", "GROUPS", "H", "LONG", "Check", "Subject", "assert_close",
+    "check", "config_label", "expected_allowed", "heads_for", "reference_dtype", "sizes_of",
 ]
 
 # Default input sizes: tiny, so that the whole suite runs in seconds per variant. LONG is prime
