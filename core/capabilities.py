@@ -33,6 +33,12 @@ class Capabilities:
     queries are the last Lq positions of the keys' sequence). Requires ``causal``.
     ``grouped_query``: key/value may have fewer heads than the query (H a multiple of Hkv;
     grouped-query / multi-query attention) without being copied per query head.
+    ``context_parallel``: ``Attention.forward_sharded`` runs the module on this process's shard
+    of a sequence split along its length over a ``torch.distributed`` process group (layout:
+    ``attnreg.core.parallel.SequenceLayout``), forward and backward, with the same result as one
+    process: self-attention (Lq == Lk), ``is_causal`` and ``key_mask`` where declared. Never under
+    a process group: ``attn_mask``, dropout, decoding. Variants without it raise
+    ``UnsupportedFeatureError`` from ``forward_sharded``.
     ``double_backward``: ``forward`` (and ``decode``) can be differentiated twice: gradients taken
     with ``create_graph=True`` are correct functions of the inputs again (gradient penalties,
     ``torch.autograd.gradgradcheck``). Declared False, ``Attention`` guards query, key and value
@@ -51,6 +57,7 @@ class Capabilities:
     learnable: bool = False
     decoding: bool = False
     grouped_query: bool = False
+    context_parallel: bool = False
     double_backward: bool = False
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     complexity: str = "O(L^2*E)"
@@ -59,7 +66,7 @@ class Capabilities:
     def __post_init__(self) -> None:
         for name in ("causal", "key_mask", "attn_mask", "float_mask", "cross_attention",
                      "dropout", "normalized", "permutation_invariant", "learnable", "decoding",
-                     "grouped_query", "double_backward"):
+                     "grouped_query", "context_parallel", "double_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Capabilities.{name} must be a bool, got {getattr(self, name)!r}")
         if self.float_mask and not self.attn_mask:

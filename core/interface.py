@@ -29,6 +29,7 @@ class Attention(nn.Module):
         w   = attn.attention_weights(query, key, ...)          # dense (B, H, Lq, Lk)
         state = attn.init_state(B, H, E)                       # where capabilities.decoding
         out, state = attn.decode(query, key, value, state)     # the next T positions
+        out = attn.forward_sharded(q, k, v, group=pg)          # where capabilities.context_parallel
 
     ``causal_alignment="lower_right"`` (with ``is_causal``) says the queries are the last Lq
     positions of the keys' sequence; variants see it as ``masks.q_offset``. The default decoding
@@ -81,6 +82,39 @@ class Attention(nn.Module):
             causal_alignment,
         )
         return self._weights(query, key, masks)
+
+    # -- context parallelism ----------------------------------------------------------------
+    def forward_sharded(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        group: Any = None,
+        attn_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        is_causal: bool = False,
+        causal_alignment: CausalAlignment = "upper_left",
+    ) -> Tensor:
+        """This process's shard of the output, for this process's shards of query, key, value.
+
+        The sequences are split over the processes of ``group`` (a ``torch.distributed`` process
+        group; None = the default one) as ``attnreg.core.parallel.SequenceLayout`` says, and so
+        is ``key_mask``; every process calls with its shards, the same flags and the same module.
+        The result (and its gradients) equal the shards of ``forward`` on the whole sequences.
+        Needs ``capabilities.context_parallel``; ``attn_mask`` and dropout are not supported.
+        """
+        from .parallel import run_sharded  # torch.distributed is imported only when used
+
+        return run_sharded(self, query, key, value, group, attn_mask, key_mask, is_causal,
+                           causal_alignment)
+
+    def _attend_sharded(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks,
+                        ctx: Any) -> Tensor:
+        """The distributed form of ``_attend``: ``masks`` holds the local ``key_mask`` and the
+        global causal offset, ``ctx`` an ``attnreg.core.parallel.ShardContext``."""
+        raise UnsupportedFeatureError(self.variant,
+                                      "context parallelism (forward_sharded under a process group)")
 
     # -- incremental decoding ---------------------------------------------------------------
     def init_state(

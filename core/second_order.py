@@ -35,16 +35,16 @@ class _Refuse(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, anchor: Tensor | None, variant: str) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, anchor: Tensor | None, variant: str, hint: str) -> Tensor:  # type: ignore[override]
         return x.view_as(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.variant = inputs[2]
+        ctx.variant, ctx.hint = inputs[2], inputs[3]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None]:
-        raise UnsupportedFeatureError(ctx.variant, _FEATURE, _HINT)
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, None, None, None]:
+        raise UnsupportedFeatureError(ctx.variant, _FEATURE, ctx.hint)
 
 
 class _Guard(torch.autograd.Function):
@@ -53,29 +53,30 @@ class _Guard(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, variant: str) -> Tensor:  # type: ignore[override]
+    def forward(x: Tensor, variant: str, hint: str) -> Tensor:  # type: ignore[override]
         return x.view_as(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.variant = inputs[1]
+        ctx.variant, ctx.hint = inputs[1], inputs[2]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         if not torch.is_grad_enabled():  # a plain backward
-            return grad, None
+            return grad, None, None
         # create_graph=True (or torch.func): a graph of this gradient is recorded.
         anchor = None
         if not grad.requires_grad:  # the variant's backward recorded none: still refuse loudly
             try:
                 anchor = grad.new_zeros(()).requires_grad_(True)
             except RuntimeError:  # inside a torch.func transform, which tracks the graph itself
-                return grad, None
-        return _Refuse.apply(grad, anchor, ctx.variant), None
+                return grad, None, None
+        return _Refuse.apply(grad, anchor, ctx.variant, ctx.hint), None, None
 
 
-def guard_second_order(variant: str, *tensors: Tensor) -> tuple[Tensor, ...]:
-    """``tensors`` unchanged (as views), guarded where they require grad under grad mode."""
+def guard_second_order(variant: str, *tensors: Tensor, hint: str = _HINT) -> tuple[Tensor, ...]:
+    """``tensors`` unchanged (as views), guarded where they require grad under grad mode;
+    ``hint`` ends the error raised on differentiating their gradients again."""
     if not torch.is_grad_enabled():
         return tensors
-    return tuple(_Guard.apply(t, variant) if t.requires_grad else t for t in tensors)
+    return tuple(_Guard.apply(t, variant, hint) if t.requires_grad else t for t in tensors)

@@ -20,6 +20,9 @@ from attnreg.core import (
     repeat_kv,
     screen,
 )
+from attnreg.core.parallel import ShardContext
+
+from .distributed import ring_attention
 
 
 class DotProductConfig(AttentionConfig):
@@ -35,7 +38,7 @@ class DotProductAttention(Attention):
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=True,
         dropout=True, normalized=True, permutation_invariant=True, learnable=False,
-        decoding=True, grouped_query=True, complexity="O(Lq*Lk*E)",
+        decoding=True, grouped_query=True, context_parallel=True, complexity="O(Lq*Lk*E)",
     )
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks) -> Tensor:
@@ -51,6 +54,12 @@ class DotProductAttention(Attention):
             out = masked_sdpa(query, key, value, masks.allowed(), masks.float_mask,
                               dropout_p=self.active_dropout, scale=scale)  # (B, H, Lq, Ev)
         return poison_rows(out, hits_under(bad, masks))  # rows that see a NaN/inf input: NaN
+
+    def _attend_sharded(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks,
+                        ctx: ShardContext) -> Tensor:
+        # Ring attention (distributed.py): key/value shards travel around the process group.
+        return ring_attention(query, key, value, masks, ctx, self.softmax_scale(query.shape[-1]),
+                              self._accum_dtype(query))
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         acc = self._accum_dtype(query)

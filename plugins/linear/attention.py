@@ -31,8 +31,10 @@ from attnreg.core import (
     Masks,
     tensor_nbytes,
 )
+from attnreg.core.parallel import ShardContext
 
 from .decoding import LinearState, init_linear_state, recurrent_step
+from .distributed import linear_sharded
 from .features import FeaturePair, favor_projection, feature_pair
 from .kernels import linear_attention, linear_weights
 
@@ -136,7 +138,7 @@ _DEFAULT_EPS = {"relu": 1e-6, "elu": 1e-20, "favor": 1e-20}
 _CAPS = dict(
     causal=True, key_mask=True, attn_mask=False, float_mask=False, cross_attention=True,
     dropout=False, normalized=True, permutation_invariant=True, learnable=False, decoding=True,
-    double_backward=True,
+    context_parallel=True, double_backward=True,
 )
 
 
@@ -190,6 +192,11 @@ class LinearAttention(Attention):
                                self._accum_dtype(query), self.config.segment_size,
                                masks.q_offset)  # (B, H, Lq, Ev)
         return out.to(query.dtype)
+
+    def _attend_sharded(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks,
+                        ctx: ShardContext) -> Tensor:
+        # Only the key sums [S | z] travel: all-reduce or chunk prefix (distributed.py).
+        return linear_sharded(self, query, key, value, masks, ctx)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         fp = self._features(query, key, masks.key_mask, masks.is_causal)

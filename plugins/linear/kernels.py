@@ -60,7 +60,8 @@ from .segments import (
     unchunk,
 )
 
-__all__ = ["FEATURE_FNS", "linear_attention", "linear_attention_step", "linear_weights", "segment_length"]
+__all__ = ["FEATURE_FNS", "key_state", "linear_attention", "linear_attention_step", "linear_weights",
+           "segment_length", "state_readout"]
 
 # Elements per segment tensor (1 MB in float32): measured fastest of 2^17..2^21 on the 2-core CPU.
 _SEGMENT_ELEMENTS = 1 << 20
@@ -116,6 +117,29 @@ def linear_attention_step(
         raise ValueError(f"a step needs as many queries as keys, got {query.shape[2]} and {key.shape[2]}")
     plan = _plan(query, key, value, fmap, True, chunk, acc, segment, 0, eps)
     return _Streamed.apply(query, key, value, key_allowed, state, plan)
+
+
+def key_state(key: Tensor, value: Tensor, fmap: str, key_allowed: Tensor | None, acc: torch.dtype,
+              segment: int | None = None) -> Tensor:
+    """``sum_j phi(k_j) [v_j, 1]^T`` over the real keys, (B, H, F, Ev + 1) in ``acc``: the state
+    of a run of keys (what a process holding them contributes under context parallelism).
+    Streamed like ``linear_attention``; differentiable w.r.t. key and value."""
+    b, h, _, f = key.shape
+    none = key.new_empty(b, h, 0, f)  # no query reads it here (so no floor either)
+    plan = _plan(none, key, value, fmap, False, 1, acc, segment, 0, 0.0)
+    return _Streamed.apply(none, key, value, key_allowed, None, plan)[1]
+
+
+def state_readout(query: Tensor, state: Tensor, fmap: str, eps: float, acc: torch.dtype,
+                  segment: int | None = None) -> Tensor:
+    """Queries (B, H, Lq, E|F) that see every key summarised by ``state`` (B, H, F, Ev + 1):
+    ``phi(q) S / max(phi(q) z, eps |phi(q)|_1 |z|_1)``, (B, H, Lq, Ev) in ``acc``;
+    differentiable w.r.t. query and state."""
+    b, h = query.shape[:2]
+    ev = state.shape[-1] - 1
+    k, v = query.new_empty(b, h, 0, query.shape[-1]), query.new_empty(b, h, 0, ev)  # no key of its own
+    plan = _plan(query, k, v, fmap, False, 1, acc, segment, 0, eps)
+    return _Streamed.apply(query, k, v, None, state, plan)[0]
 
 
 def _intra(scores: Tensor, v3: Tensor, careful: bool) -> Tensor:

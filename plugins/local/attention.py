@@ -21,10 +21,12 @@ from attnreg.core import (
     dot_product_logits,
     masked_softmax,
 )
+from attnreg.core.parallel import ShardContext
 
 from ._bands import band_mask, rect_band
 from ._blocked import MaskCache, local_attention
 from .decoding import LocalState
+from .distributed import local_sharded
 
 __all__ = ["LocalAttention", "LocalConfig"]
 
@@ -60,7 +62,7 @@ class LocalAttention(Attention):
     capabilities = Capabilities(
         causal=True, key_mask=True, attn_mask=True, float_mask=True, cross_attention=False,
         dropout=True, normalized=True, permutation_invariant=False, learnable=False,
-        decoding=True, complexity="O(L*w*E)",
+        decoding=True, context_parallel=True, complexity="O(L*w*E)",
     )
 
     def __init__(self, config: LocalConfig) -> None:
@@ -76,6 +78,10 @@ class LocalAttention(Attention):
             query, key, value, masks, self.window, self.block_size,
             self.softmax_scale(query.shape[-1]), self.active_dropout, self._mask_cache,
         )  # (B, H, Lq, Ev)
+
+    def _attend_sharded(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks,
+                        ctx: ShardContext) -> Tensor:
+        return local_sharded(self, query, key, value, masks, ctx)  # halo exchange (distributed.py)
 
     def _weights(self, query: Tensor, key: Tensor, masks: Masks) -> Tensor:
         acc = self._accum_dtype(query)

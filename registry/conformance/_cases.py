@@ -17,6 +17,7 @@ from . import (  # noqa: F401
     _checks_contract,
     _checks_decoding,
     _checks_decoding_errors,
+    _checks_distributed,
     _checks_grouped,
     _checks_masking,
     _checks_nonfinite,

@@ -41,12 +41,13 @@ def heads_for(n: int) -> int:
 
 # Table columns, in display order.
 GROUPS = ("manifest", "contract", "errors", "weights", "masking", "leakage", "independence",
-          "gradients", "precision", "decoding", "grouped_query", "determinism", "config")
+          "gradients", "precision", "decoding", "grouped_query", "context_parallel", "determinism",
+          "config")
 # Groups also run under each of a spec's ``check_configs`` (the numeric behaviour of the fast
 # paths); manifest/errors/config/determinism test the spec and the config schema, which the
 # overrides do not change, so they run once, under the default config.
 CONFIG_GROUPS = ("contract", "weights", "masking", "leakage", "independence", "gradients", "precision",
-                 "decoding", "grouped_query")
+                 "decoding", "grouped_query", "context_parallel")
 
 
 def config_label(variant: str, overrides: Mapping[str, Any] | tuple[tuple[str, Any], ...] = ()) -> str:
