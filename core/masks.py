@@ -24,7 +24,10 @@ from .capabilities import Capabilities
 from .errors import UnsupportedFeatureError
 from .host import known
 
-__all__ = ["CausalAlignment", "Masks", "and_attn_mask", "check_inputs", "causal_mask", "sdpa_safe_mask"]
+__all__ = [
+    "CausalAlignment", "Masks", "and_attn_mask", "causal_mask", "causal_offset", "check_inputs",
+    "sdpa_safe_mask",
+]
 
 CausalAlignment = Literal["upper_left", "lower_right"]
 _ALIGNMENTS = ("upper_left", "lower_right")
@@ -213,7 +216,7 @@ def check_inputs(
         raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
     if is_causal and not caps.causal:
         raise UnsupportedFeatureError(variant, "is_causal=True")
-    offset = _causal_offset(variant, caps, lq, lk, is_causal, causal_alignment)
+    offset = causal_offset(variant, caps, lq, lk, is_causal, causal_alignment)
     masks = Masks(b, h, lq, lk, is_causal=is_causal, q_offset=offset)
     if key_mask is not None:
         if not caps.key_mask:
@@ -235,7 +238,7 @@ def check_inputs(
     return masks
 
 
-def _causal_offset(
+def causal_offset(
     variant: str, caps: Capabilities, lq: int, lk: int, is_causal: bool, alignment: str
 ) -> int:
     """``Masks.q_offset`` of a call, after rejecting what the variant cannot do.

@@ -15,7 +15,7 @@ OUT = Path(__file__).resolve().parents[1] / "pictures" / "layers.png"
 REGISTRY = ("registry/", "attnreg", [
     "front door: build, get_variant, list_variants, configs (_configs.py, _config_files.py)",
     "plugin loading: entry points, isolation (_plugins.py, _plugin_env.py, _isolation.py)",
-    "MultiHeadAttention (multihead.py)",
+    "MultiHeadAttention (multihead.py)      context parallelism: shard, gather, launch (distributed.py)",
     "conformance/ (the suite)   bench/ (the benchmark)   cli/ (attnreg ...)",
     "integrations/transformers (attn_implementation=\"attnreg:...\")",
 ])
@@ -30,8 +30,8 @@ THIRD_PARTY = ("third-party plugins", "attnreg_sigmoid", [
 ])
 CORE = ("core/", "attnreg.core", [
     "Attention (interface.py), Capabilities / VariantSpec, AttentionConfig, errors, hookimpl",
-    "masks.py + sdpa.py (masks, masked_sdpa), decoding.py (decoding states), nonfinite.py (NaN/inf)",
-    "shared helpers: cache.py (LRUCache), dtypes.py, seeds.py, heads.py, reference.py (dense math)",
+    "masks.py + sdpa.py (masks, masked_sdpa), decoding.py (states), parallel/ (forward_sharded)",
+    "shared helpers: cache.py (LRUCache), dtypes.py, seeds.py, nonfinite.py, reference.py",
 ])
 
 
