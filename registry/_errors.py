@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -28,13 +29,36 @@ def short_repr(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def unknown_variant(name: object, known: list[str]) -> UnknownVariantError:
-    """The error for a variant name nobody registered, listing names and the closest match."""
+def unknown_variant(name: object, known: list[str], records: Iterable[Any] = ()) -> UnknownVariantError:
+    """The error for a variant name nobody registered, listing names and the closest match.
+
+    ``records`` are the plugin records (``PluginRecord``): a plugin that failed to load, or was
+    not loaded, whose entry point or distribution has this name is named with its error
+    instead of a guess at another variant; other failed plugins are listed after the names.
+    """
+    from ._isolation import normalize_name
+
+    missing = [r for r in records if r.status in ("failed", "filtered")]
+    if isinstance(name, str):
+        wanted = normalize_name(name)
+        mine = [r for r in missing
+                if wanted in (normalize_name(r.name), normalize_name(r.provider.rsplit(" ", 1)[0]))]
+        if mine:
+            r = mine[0]
+            what = "failed to load" if r.status == "failed" else "is installed but was not loaded"
+            return UnknownVariantError(
+                f"attention variant {short_repr(name)} is not available: plugin '{r.name}' from "
+                f"{r.provider} ({r.target}) {what}: {r.error}. Fix or reinstall that distribution "
+                "(`attnreg doctor` shows every plugin and its error)."
+            )
     guess = closest(short_repr(name), known) if isinstance(name, str) else None
     hint = f" Did you mean '{guess}'?" if guess else ""
+    failed = [r for r in missing if r.status == "failed"]
+    broken = ("" if not failed else " Plugins that failed to load (one may provide it): " + "; ".join(
+        f"'{r.name}' from {r.provider}: {r.error}" for r in failed) + ".")
     return UnknownVariantError(
         f"unknown attention variant {short_repr(name)}.{hint} Registered names and aliases: "
-        f"{', '.join(known) or '(none)'}. Run `attnreg doctor` if a plugin is missing."
+        f"{', '.join(known) or '(none)'}.{broken} Run `attnreg doctor` if a plugin is missing."
     )
 
 

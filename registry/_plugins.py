@@ -349,7 +349,7 @@ class Registry:
     def _resolve(self, name: str) -> str:
         canonical = self._state.names.get(name) if isinstance(name, str) else None
         if canonical is None:
-            raise unknown_variant(name, sorted(self._state.names))
+            raise unknown_variant(name, sorted(self._state.names), self._state.records)
         return canonical
 
     def _when_loaded(self, read: Callable[[State], T]) -> T:

@@ -1,4 +1,4 @@
-"""`attnreg bench --quick` end to end: JSON and PNGs written, --compare, `attnreg plot`."""
+"""`attnreg bench --quick` end to end: JSON and PNGs written, --compare, `attnreg bench-plot`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_quick_run_writes_json_and_plots_and_compares(tmp_path: Path) -> None:
     first = tmp_path / "a"
     args = ["bench", "dot_product", "local", "--quick", "--modes", "fwd", "--no-causal"]
-    res = runner.invoke(app, [*args, "--out", str(first)])
+    res = runner.invoke(app, [*args, "--out", str(first)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     doc = json.loads((first / "results.json").read_text())
     assert doc["schema"] == "attnreg-bench/1" and doc["status"] == "complete"
@@ -28,7 +28,12 @@ def test_quick_run_writes_json_and_plots_and_compares(tmp_path: Path) -> None:
     variant = next(p for p in doc["points"] if p["series"] == "local")
     assert variant["time"]["median_s"] > 0 and variant["memory"]["peak_bytes"] is not None
     assert all(variant["speedup"][ref] > 0 for ref in ("sdpa", "sdpa_masked", "sdpa_masked_bool"))
-    assert any(r["series"] == "local" and r["time_exponent"] for r in doc["summary"])
+    # Two lengths (32, 64): no scaling exponent is fitted, and the summary is one row per variant.
+    assert all(r["time_exponent"] is None and r["memory_exponent"] is None for r in doc["summary"])
+    assert "L^" not in res.output and "scaling" not in res.output
+    assert len(res.output.splitlines()) < 25, res.output
+    local_row = next(line for line in res.output.splitlines() if line.startswith("│ local "))
+    assert "gate passed" in local_row and "L=64:" in local_row
     for name in ("time.png", "memory.png"):
         assert (first / name).read_bytes()[:8] == PNG_MAGIC
 
@@ -45,9 +50,11 @@ def test_quick_run_writes_json_and_plots_and_compares(tmp_path: Path) -> None:
     assert {c["series"] for c in report["changes"]} == {"dot_product"}
     assert not (second / "time.png").exists()
 
-    res = runner.invoke(app, ["plot", str(first / "results.json"), "--out", str(tmp_path / "c")])
+    res = runner.invoke(app, ["bench-plot", str(first / "results.json"), "--out", str(tmp_path / "c"),
+                              "--tables"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "c" / "memory.png").read_bytes()[:8] == PNG_MAGIC
+    assert "sdpa_masked_bool[local]" in res.output  # --tables: every point
 
 
 def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
@@ -62,5 +69,5 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
     res = runner.invoke(app, ["bench", "--quick", "--max-slowdown", "0.5", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--max-slowdown" in res.output
     (tmp_path / "bad.json").write_text("{}")
-    res = runner.invoke(app, ["plot", str(tmp_path / "bad.json")])
+    res = runner.invoke(app, ["bench-plot", str(tmp_path / "bad.json")])
     assert res.exit_code == 2 and "not an attnreg bench results.json" in res.output

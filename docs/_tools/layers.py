@@ -1,6 +1,6 @@
 """Draw docs/pictures/layers.png, the picture of docs/architecture.md (matplotlib).
 
-    python docs/_tools/layers.py
+    python docs/_tools/layers.py      (or: python docs/_tools/generate.py layers)
 
 The picture is drawn from the lists below; edit them when a package moves, then run this again.
 """

@@ -29,17 +29,23 @@ def iqr(xs: Sequence[float]) -> float | None:
     return _quantile(s, 0.75) - _quantile(s, 0.25)
 
 
-def fit_exponent(points: Iterable[tuple[float, float]], min_x: float = 0.0) -> dict[str, float] | None:
+MIN_FIT_LENGTHS = 3
+"""Distinct lengths a scaling exponent needs: a line through two points always fits perfectly,
+so an exponent from two tiny lengths (``memory ~ L^5.04``) says nothing."""
+
+
+def fit_exponent(points: Iterable[tuple[float, float]], min_x: float = 0.0,
+                 min_points: int = MIN_FIT_LENGTHS) -> dict[str, float] | None:
     """Least-squares slope of log(y) against log(x): ``y ~ c * x**exponent``.
 
-    Fits the points with ``x >= min_x`` when there are at least two, otherwise all points.
-    Returns ``{"exponent", "r2", "x_min", "x_max", "n"}``, or None with fewer than two
-    distinct positive points.
+    Fits the points with ``x >= min_x`` when there are at least ``min_points`` distinct x,
+    otherwise all points. Returns ``{"exponent", "r2", "x_min", "x_max", "n"}``, or None with
+    fewer than ``min_points`` distinct positive points.
     """
     pts = sorted((float(x), float(y)) for x, y in points if x > 0 and y is not None and y > 0)
     upper = [p for p in pts if p[0] >= min_x]
-    use = upper if len({x for x, _ in upper}) >= 2 else pts
-    if len({x for x, _ in use}) < 2:
+    use = upper if len({x for x, _ in upper}) >= min_points else pts
+    if len({x for x, _ in use}) < max(2, min_points):
         return None
     lx = [math.log(x) for x, _ in use]
     ly = [math.log(y) for _, y in use]

@@ -19,7 +19,8 @@ from .cases import MASKED
 from .records import PointRecord, ResultsDoc
 
 __all__ = [
-    "machine_info", "write_json", "load_results", "results_table", "summary_table", "print_report",
+    "machine_info", "write_json", "load_results", "results_table", "summary_table", "brief_table",
+    "print_report",
 ]
 
 
@@ -154,13 +155,53 @@ def summary_table(doc: ResultsDoc) -> Table:
     return table
 
 
-def print_report(doc: ResultsDoc, console: Console) -> None:
-    """Both tables and the run's header (machine, threads, roof)."""
+def brief_table(doc: ResultsDoc) -> Table:
+    """One row per variant: its status and, per (mode, causal), its time and speedup over dense
+    SDPA at the longest length it was measured at. What a smoke test (``--quick``) needs."""
+    panels = sorted({(p["mode"], bool(p["causal"])) for p in doc["points"]})
+    table = Table(title="attnreg bench: variants at their longest measured length "
+                  "(time, speedup over dense SDPA in this run)")
+    table.add_column("variant", style="bold")
+    table.add_column("status")
+    for mode, causal in panels:
+        table.add_column(mode + (" causal" if causal else ""), justify="right")
+    for label, v in doc.get("variants", {}).items():
+        status = v.get("status", "ok")
+        if status in ("failed", "unsupported"):
+            reason = escape(str(v.get("reason")))[:80]
+            what = "gate failed" if status == "failed" else "not measured"
+            table.add_row(escape(label), f"[red]{what}[/]: {reason}", *["-"] * len(panels))
+            continue
+        cells = []
+        for mode, causal in panels:
+            pts = [p for p in doc["points"] if p["series"] == label and p["mode"] == mode
+                   and bool(p["causal"]) == causal]
+            ok = [p for p in pts if p.get("status") == "ok"]
+            if not ok:
+                cells.append("-" if not pts else f"[yellow]{pts[-1]['status']}[/]")
+                continue
+            p = max(ok, key=lambda q: q["length"])
+            sp = p.get("speedup", {})
+            ratio = sp.get("sdpa", sp.get("sdpa_paired"))
+            cells.append(f"L={p['length']}: {_ms(p['time']['median_s'])} ms, {_x(ratio)}")
+        table.add_row(escape(label), f"[green]gate {status}[/]", *cells)
+    return table
+
+
+def print_report(doc: ResultsDoc, console: Console, brief: bool = False) -> None:
+    """The run's header (machine, threads, roof), then both tables, or with ``brief`` only one
+    row per variant (:func:`brief_table`)."""
     m, roof = doc["machine"], doc.get("roof", {}).get("gflops")
     console.print(
         f"[bold]attnreg bench[/] {doc['status']} in {doc.get('elapsed_s', 0):.0f} s on {m['cpu_model']} "
         f"({m['cpu_count']} CPUs, {m['threads']} threads, torch {m['torch']}); dense GEMM roof "
         + (f"{roof:.0f} GFLOP/s" if roof else "unmeasured")
     )
+    if brief:
+        console.print(brief_table(doc))
+        n_ok = sum(p.get("status") == "ok" for p in doc["points"])
+        console.print(f"{n_ok} of {len(doc['points'])} points measured; every point is in results.json "
+                      "(`attnreg bench-plot RESULTS.json --tables` prints them all)")
+        return
     console.print(results_table(doc))
     console.print(summary_table(doc))

@@ -11,5 +11,7 @@ from ._app import app, main
 from . import _info  # noqa: E402,F401  isort: skip
 from . import check  # noqa: E402,F401  isort: skip
 from . import bench  # noqa: E402,F401  isort: skip
+from . import plot  # noqa: E402,F401  isort: skip
+from . import new_plugin  # noqa: E402,F401  isort: skip
 
 __all__ = ["app", "main"]

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ._app import EXIT_FAILURE, app, console, user_errors
@@ -36,13 +37,14 @@ def list_cmd() -> None:
         for spec in REGISTRY.specs():
             caps = spec.capabilities
             supports = " ".join(c for c in _KEY_CAPS if getattr(caps, c))
-            table.add_row(spec.name, ", ".join(spec.aliases), REGISTRY.provider(spec.name),
-                          caps.complexity, supports)
+            table.add_row(escape(spec.name), escape(", ".join(spec.aliases)),
+                          escape(REGISTRY.provider(spec.name)), escape(caps.complexity), supports)
         console.print(table)
         records = attnreg.plugin_records()
         failed = [r for r in records if r.status == "failed"]
         for r in failed:
-            console.print(f"[red]failed plugin[/] {r.name} ({r.provider}): {r.error}", highlight=False)
+            console.print(f"[red]failed plugin[/] {escape(f'{r.name} ({r.provider}): {r.error}')}",
+                          highlight=False)
         _print_warnings(records, REGISTRY.unmatched_allow_list())
         if failed or any(r.warnings for r in records):
             console.print("Run `attnreg doctor` for details.")
@@ -56,30 +58,33 @@ def show_cmd(name: str = typer.Argument(..., help="Variant name or alias.")) -> 
 
     with user_errors():
         spec = attnreg.get_variant(name)
-        console.print(f"[bold]{spec.name}[/]  {spec.summary}", highlight=False)
+        # Everything below comes from a plugin's spec and config: printed as written, never as
+        # rich markup (``[[query_block, key_block], ...]`` is not a style tag).
+        console.print(f"[bold]{escape(spec.name)}[/]  {escape(spec.summary)}", highlight=False)
         if spec.aliases:
-            console.print(f"aliases: {', '.join(spec.aliases)}")
-        console.print(f"provider: {REGISTRY.provider(spec.name)}")
-        console.print(f"reference: {spec.reference}", highlight=False)
+            console.print(f"aliases: {escape(', '.join(spec.aliases))}", highlight=False)
+        console.print(f"provider: {escape(REGISTRY.provider(spec.name))}", highlight=False)
+        console.print(f"reference: {escape(spec.reference)}", highlight=False)
         fields = Table(title="config fields")
         for col in ("field", "type", "default", "bounds", "description"):
             fields.add_column(col)
         for fname, info in spec.config.model_fields.items():
             bounds = " ".join(_bound_text(m) for m in info.metadata if _bound_text(m))
             default = "(required)" if info.is_required() else repr(info.default)
-            fields.add_row(fname, _type_text(info.annotation), default, bounds, info.description or "")
+            fields.add_row(*(escape(t) for t in (fname, _type_text(info.annotation), default, bounds,
+                                                 info.description or "")))
         console.print(fields)
         caps = Table(title="capabilities")
         caps.add_column("capability")
         caps.add_column("value")
         for cname, value in spec.capabilities.__dict__.items():
-            text = _yes(value) if isinstance(value, bool) else str(value)
+            text = _yes(value) if isinstance(value, bool) else escape(str(value))
             caps.add_row(cname, text)
         console.print(caps)
         if spec.expected_failures:
             console.print("expected conformance failures:")
             for check, reason in spec.expected_failures.items():
-                console.print(f"  {check}: {reason}", highlight=False)
+                console.print(f"  {escape(f'{check}: {reason}')}", highlight=False)
 
 
 def _type_text(annotation: object) -> str:
@@ -115,8 +120,11 @@ def schema_cmd(
 
 @app.command("doctor")
 def doctor_cmd() -> None:
-    """Environment report: torch, threads, entry points found / loaded / failed, env switches,
-    and what plugins did while loading (changes to torch's global state, unknown names)."""
+    """Environment report: torch, threads, plugins found / loaded / failed and why, env switches.
+
+    Also what plugins did while loading that they must not (changes to torch's global state),
+    and names in ATTNREG_PLUGINS that match no installed plugin.
+    """
     import torch
 
     import attnreg
@@ -141,7 +149,7 @@ def doctor_cmd() -> None:
     _print_records(records)
     _print_warnings(records, unmatched)
     if strict_error is not None:
-        console.print(f"[red]strict plugin loading failed:[/] {strict_error}", highlight=False)
+        console.print(f"[red]strict plugin loading failed:[/] {escape(str(strict_error))}", highlight=False)
         raise typer.Exit(EXIT_FAILURE)
     failed = sum(r.status == "failed" for r in records)
     console.print(f"{len(records)} entry points found, "
@@ -158,7 +166,7 @@ def _print_records(records: list) -> None:
     for r in records:
         detail = ", ".join(r.variants) if r.status == "loaded" else (r.error or "")
         status = f"[{colours.get(r.status, 'white')}]{r.status}[/]"
-        table.add_row(r.name, r.provider, r.target, status, detail)
+        table.add_row(escape(r.name), escape(r.provider), escape(r.target), status, escape(detail))
     console.print(table)
 
 
@@ -178,7 +186,8 @@ def _print_warnings(records: list, unmatched: tuple[str, ...]) -> None:
 
     for r in records:
         for note in r.warnings:
-            console.print(f"[yellow]warning:[/] plugin {r.name} ({r.provider}) {note}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(f'plugin {r.name} ({r.provider}) {note}')}",
+                          highlight=False)
     if unmatched:
         console.print(f"[yellow]warning:[/] {ENV_ALLOW} names no installed plugin: "
-                      f"{', '.join(unmatched)}", highlight=False)
+                      f"{escape(', '.join(unmatched))}", highlight=False)

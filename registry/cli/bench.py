@@ -1,4 +1,4 @@
-"""``attnreg bench`` (measure every registered variant) and ``attnreg plot`` (re-render a run)."""
+"""``attnreg bench`` (measure every registered variant) and ``attnreg bench-plot`` (re-render a run)."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def bench_cmd(
         bar, update = _progress_bar()
         with bar:
             doc = run_bench(settings, choices, out=out, progress=update)
-        print_report(doc, _wide())
+        print_report(doc, console, brief=quick)
         comparison = None
         if previous is not None:
             comparison = _compare(doc, previous, guard, out, compare, settings, choices)
@@ -167,18 +167,11 @@ def _compare(doc: ResultsDoc, previous: ResultsDoc, guard: Any, out: Path, sourc
     with bar:
         comparison = run_guard(doc, previous, guard, settings, choices, out, update,
                                lambda msg: err_console.print(f"[yellow]speed guard: {msg}[/]"))
-    _wide().print(comparison.table())
+    console.print(comparison.table())
     for line in comparison.not_compared:
         console.print(f"[yellow]not compared[/]: {line}")
     write_json({**comparison.as_json(), "baseline": str(source)}, out / "compare.json")
     return comparison
-
-
-def _wide() -> Any:
-    """The shared console, or a wide one when output is not a terminal (logs keep every column)."""
-    from rich.console import Console
-
-    return console if console.is_terminal else Console(width=220, highlight=False)
 
 
 def _plot(doc: ResultsDoc, out: Path) -> None:
@@ -188,8 +181,8 @@ def _plot(doc: ResultsDoc, out: Path) -> None:
         console.print(f"plot: {path}")
 
 
-@app.command("plot")
-def plot_cmd(
+@app.command("bench-plot")
+def bench_plot_cmd(
     results: Path = typer.Argument(..., help="A results.json written by `attnreg bench`."),
     out: Path = typer.Option(None, "--out", help="Folder for the PNGs (default: next to the JSON)."),
     tables: bool = typer.Option(False, "--tables", help="Also print the result tables."),
@@ -203,5 +196,5 @@ def plot_cmd(
         target = out if out is not None else results.parent
         target.mkdir(parents=True, exist_ok=True)
         if tables:
-            print_report(doc, _wide())
+            print_report(doc, console)
         _plot(doc, target)

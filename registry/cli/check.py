@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -93,25 +92,33 @@ def check_cmd(
             return
         import torch
 
+        import attnreg
         from attnreg.conformance import GROUPS
-        from attnreg.conformance.runner import run
+        from attnreg.conformance.runner import check_device, run
 
+        try:
+            check_device(device)  # before anything is loaded: `--device cuda` on a CPU-only torch
+        except ValueError as err:
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+            raise typer.Exit(EXIT_USAGE) from None
+        attnreg.list_variants()  # load the plugins first, so that the bar only counts checks
         progress = Progress(TextColumn("[bold]checking[/] {task.description}"), BarColumn(),
                             MofNCompleteColumn(), TimeElapsedColumn(), console=err_console, transient=True)
-        task = progress.add_task("collecting", total=None)
+        task = progress.add_task("(starting pytest)", total=None)
 
-        def on_result(r: Any) -> None:
-            progress.update(task, advance=1, description=escape(f"{r.subject}: {r.check}"))
+        def on_start(case: Any) -> None:  # the case running now, not the last one that ended
+            progress.update(task, description=escape(f"{case.subject}: {case.check} [{case.dtype}]"))
 
         try:
             with progress:
                 report = run(names or None, dtypes=dtype or None, keyword=keyword, xfails=xfail or (),
                              device=device, junit_path=junit_path, json_path=json_path,
-                             on_total=lambda n: progress.update(task, total=n), on_result=on_result)
+                             on_total=lambda n: progress.update(task, total=n),
+                             on_start=on_start, on_result=lambda r: progress.advance(task))
         except ValueError as err:
             if isinstance(err, AttnRegError):  # unknown variant: the shared policy prints it
                 raise
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
             raise typer.Exit(EXIT_USAGE) from None
         for msg in report.collection_errors:
             err_console.print(f"[bold red]collection error:[/] {msg}", highlight=False)
@@ -119,8 +126,7 @@ def check_cmd(
             err_console.print("[bold red]error:[/] no conformance check selected (check the names, -k and "
                               "--dtype)")
             raise typer.Exit(EXIT_USAGE)
-        # A pipe or CI log is not limited to 80 columns; a real terminal keeps its own width.
-        wide = console if console.is_terminal else Console(width=max(console.width, 150))
+        wide = console  # a terminal's own width; PIPE_WIDTH in a pipe or CI log
         wide.print(_table(report, GROUPS))
         for r in report.failed:
             wide.print(f"\n[bold red]{r.outcome.upper()}[/] {escape(f'{r.subject} / {r.check} [{r.dtype}]')}",

@@ -23,10 +23,10 @@ import torch
 import attnreg
 from attnreg.core.dtypes import parse_dtype
 
-from ._cases import Case, parse_xfail, select_specs
+from ._cases import Case, build_cases, parse_xfail, select_specs
 from ._framework import CHECKS, config_label
 
-__all__ = ["Report", "Result", "run"]
+__all__ = ["Report", "Result", "check_device", "run"]
 
 PLUGIN_MODULE = "attnreg.conformance.pytest_plugin"
 FAILING = ("failed", "error", "xpassed")
@@ -97,11 +97,12 @@ class Report:
 class _Recorder:
     """pytest plugin object: turns reports of the suite's items into ``Result``s."""
 
-    def __init__(self, on_total: Callable[[int], None] | None, on_result: Callable[[Result], None] | None):
+    def __init__(self, on_total: Callable[[int], None] | None, on_result: Callable[[Result], None] | None,
+                 on_start: Callable[[Case], None] | None = None):
         self.cases: dict[str, Case] = {}
         self.results: dict[str, Result] = {}
         self.errors: list[str] = []
-        self.on_total, self.on_result = on_total, on_result
+        self.on_total, self.on_result, self.on_start = on_total, on_result, on_start
 
     def pytest_itemcollected(self, item: pytest.Item) -> None:
         case = getattr(item, "case", None)
@@ -115,6 +116,11 @@ class _Recorder:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         if self.on_total:
             self.on_total(sum(1 for i in session.items if i.nodeid in self.cases))
+
+    def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
+        case = self.cases.get(nodeid)
+        if case is not None and self.on_start:
+            self.on_start(case)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         case = self.cases.get(report.nodeid)
@@ -159,16 +165,37 @@ def _plugin_autoloads() -> bool:
     return any(ep.value == PLUGIN_MODULE for ep in entry_points(group="pytest11"))
 
 
+def check_device(device: str) -> torch.device:
+    """``torch.device(device)`` if this torch can allocate a tensor there; otherwise a
+    ``ValueError`` naming the device (e.g. ``cuda`` on a CPU-only build of torch)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
+    try:
+        torch.empty(1, device=dev)
+    except (AssertionError, RuntimeError, ValueError) as exc:  # a torch without that backend
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"device {device!r} is not usable with this torch ({torch.__version__}): "
+                         f"{first}") from None
+    return dev
+
+
 def run(variants: Sequence[str] | None = None, *, dtypes: Sequence[str] | None = None,
         keyword: str | None = None, xfails: Sequence[str] = (), device: str = "cpu",
         junit_path: str | Path | None = None, json_path: str | Path | None = None,
         on_total: Callable[[int], None] | None = None,
-        on_result: Callable[[Result], None] | None = None) -> Report:
+        on_result: Callable[[Result], None] | None = None,
+        on_start: Callable[[Case], None] | None = None) -> Report:
     """Run the suite on ``variants`` (None = all registered) and return the ``Report``.
 
-    Bad selections (unknown variant, unknown dtype, an expected failure without a reason) raise
-    ``ValueError`` / ``attnreg.UnknownVariantError`` before anything runs.
+    Bad selections (unknown variant, unknown dtype, an expected failure without a reason, a
+    device this torch cannot use) raise ``ValueError`` / ``attnreg.UnknownVariantError`` before
+    anything runs. Progress: ``on_total(n)`` first with the number of planned cases (again after
+    collection when ``keyword`` deselects some), ``on_start(case)`` as each case starts,
+    ``on_result(result)`` as each ends.
     """
+    check_device(device)
     specs = select_specs(variants)
     names = [s.name for s in specs]
     subjects = [label for s in specs
@@ -176,7 +203,9 @@ def run(variants: Sequence[str] | None = None, *, dtypes: Sequence[str] | None =
     for d in dtypes or ():
         parse_dtype(d)
     parse_xfail(xfails)
-    recorder = _Recorder(on_total, on_result)
+    if on_total:  # known before pytest starts (cheap: no module is built), so a bar counts at once
+        on_total(len(build_cases(names, dtypes=dtypes, xfails=xfails, device=device)))
+    recorder = _Recorder(on_total, on_result, on_start)
     start = time.perf_counter()
     saved_addopts = os.environ.pop("PYTEST_ADDOPTS", None)
     try:
