@@ -39,10 +39,12 @@ def masked_sdpa(
 
     Args:
         query: (B, H, Lq, E).
-        key, value: (B, Hkv, Lk, E) and (B, Hkv, Lk, Ev), H a multiple of Hkv.
+        key: (B, Hkv, Lk, E), H a multiple of Hkv.
+        value: (B, Hkv, Lk, Ev).
         allowed: bool broadcastable to (B, H, Lq, Lk), True = may attend; None = no mask.
         bias: additive float mask broadcastable to the same shape (``-inf`` masks), or None.
-        dropout_p, scale: as in SDPA.
+        dropout_p: dropout probability, as in SDPA.
+        scale: logit scale, as in SDPA (None: 1 / sqrt(E)).
         is_causal: SDPA's own (upper-left) causal mask; only without ``allowed`` and ``bias``.
 
     Returns:

@@ -16,7 +16,7 @@ REGISTRY = ("registry/", "attnreg", [
     "front door: build, get_variant, list_variants, configs (_configs.py, _config_files.py)",
     "plugin loading: entry points, isolation (_plugins.py, _plugin_env.py, _isolation.py)",
     "MultiHeadAttention (multihead.py)      context parallelism: shard, gather, launch (distributed.py)",
-    "conformance/ (the suite)   bench/ (the benchmark)   cli/ (attnreg ...)",
+    "conformance/ (the suite)   bench/ (the benchmark)   cli/ (attnreg ...), pictures.py, scaffold.py",
     "integrations/transformers (attn_implementation=\"attnreg:...\")",
 ])
 PLUGINS = ("plugins/", "attnreg.plugins.*", [

@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from attnreg.core import ConfigError
-
+from .._plotting import pyplot
 from .records import ResultsDoc
 
 __all__ = ["plot_results", "results_figure"]
@@ -41,24 +40,13 @@ def _series_points(doc: ResultsDoc, mode: str, causal: bool,
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("plots need matplotlib: pip install 'attnreg[plot]'") from None
-    return plt
-
-
 _METRICS = {"time": ("seconds", "time_exponent"), "memory": ("peak MiB", "memory_exponent")}
 
 
 def results_figure(doc: ResultsDoc, metric: str) -> Any:
     """The matplotlib figure of ``metric`` ("time" or "memory"): one panel per (mode, causal),
     each with its legend to the right of the panel, outside the data."""
-    plt = _pyplot()
+    plt = pyplot()
     unit, fit_key = _METRICS[metric]
     kinds = {p["series"]: (p["kind"], p.get("variant")) for p in doc["points"]}
     fits = {(r["series"], r["mode"], r["causal"]): r for r in doc.get("summary", [])}
@@ -103,7 +91,7 @@ def results_figure(doc: ResultsDoc, metric: str) -> Any:
 
 def plot_results(doc: ResultsDoc, out_dir: Path) -> list[Path]:
     """Write ``time.png`` and ``memory.png`` under ``out_dir``; return their paths."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = []
     for metric in _METRICS:
         fig = results_figure(doc, metric)
