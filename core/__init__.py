@@ -25,9 +25,11 @@ from .errors import (
 from .heads import repeat_kv
 from .host import known
 from .interface import Attention
-from .masks import CausalAlignment, Masks, causal_mask, check_inputs, sdpa_safe_mask
+from .masks import CausalAlignment, Masks, and_attn_mask, causal_mask, check_inputs, sdpa_safe_mask
 from .nonfinite import hits_under, poison_rows, screen, screen_kv
 from .reference import dot_product_logits, masked_softmax, softmax_attention_reference
+from .sdpa import masked_sdpa
+from .seeds import mix_seed
 
 __all__ = [
     "Attention",
@@ -48,6 +50,7 @@ __all__ = [
     "UnsupportedFeatureError",
     "VariantSpec",
     "accum_dtype",
+    "and_attn_mask",
     "causal_mask",
     "check_inputs",
     "dot_product_logits",
@@ -55,7 +58,9 @@ __all__ = [
     "hookimpl",
     "join_key_masks",
     "known",
+    "masked_sdpa",
     "masked_softmax",
+    "mix_seed",
     "poison_rows",
     "repeat_kv",
     "screen",

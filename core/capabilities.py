@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import AttentionConfig, declared_variant
+from .dtypes import FLOAT_DTYPES
 
 if TYPE_CHECKING:
     from .interface import Attention
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 __all__ = ["Capabilities", "VariantSpec"]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Capabilities:
     grouped_query: bool = False
     context_parallel: bool = False
     double_backward: bool = False
-    dtypes: tuple[torch.dtype, ...] = _FLOAT_DTYPES
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     complexity: str = "O(L^2*E)"
     approximates: str | None = None
 
@@ -72,10 +72,10 @@ class Capabilities:
             raise ValueError("Capabilities: float_mask=True requires attn_mask=True")
         if self.decoding and not self.causal:
             raise ValueError("Capabilities: decoding=True requires causal=True (decoding is causal)")
-        bad = [d for d in self.dtypes if d not in _FLOAT_DTYPES]
+        bad = [d for d in self.dtypes if d not in FLOAT_DTYPES]
         if not self.dtypes or bad:
             raise ValueError(
-                f"Capabilities.dtypes must be a non-empty subset of {_FLOAT_DTYPES}, got {self.dtypes}"
+                f"Capabilities.dtypes must be a non-empty subset of {FLOAT_DTYPES}, got {self.dtypes}"
             )
 
     def flags(self) -> dict[str, bool]:

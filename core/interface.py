@@ -95,17 +95,9 @@ class Attention(BenchmarkHooks, nn.Module):
         """Dropout probability in force now (0 in eval mode)."""
         return self.dropout_p if self.training else 0.0
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        *,
-        attn_mask: Tensor | None = None,
-        key_mask: Tensor | None = None,
-        is_causal: bool = False,
-        causal_alignment: CausalAlignment = "upper_left",
-    ) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Tensor | None = None,
+                key_mask: Tensor | None = None, is_causal: bool = False,
+                causal_alignment: CausalAlignment = "upper_left") -> Tensor:
         """Output (B, H, Lq, Ev) for query (B, H, Lq, E), key (B, H, Lk, E), value (B, H, Lk, Ev)."""
         if value is None:
             raise ValueError("value must be a torch.Tensor (B, H, Lk, Ev), got None")
@@ -117,16 +109,9 @@ class Attention(BenchmarkHooks, nn.Module):
             query, key, value = guard_second_order(self.variant, query, key, value)
         return self._attend(query, key, value, masks)
 
-    def attention_weights(
-        self,
-        query: Tensor,
-        key: Tensor,
-        *,
-        attn_mask: Tensor | None = None,
-        key_mask: Tensor | None = None,
-        is_causal: bool = False,
-        causal_alignment: CausalAlignment = "upper_left",
-    ) -> Tensor:
+    def attention_weights(self, query: Tensor, key: Tensor, *, attn_mask: Tensor | None = None,
+                          key_mask: Tensor | None = None, is_causal: bool = False,
+                          causal_alignment: CausalAlignment = "upper_left") -> Tensor:
         """Dense weights (B, H, Lq, Lk) with ``forward == attention_weights @ value`` (no dropout)."""
         masks = check_inputs(
             self.variant, self.capabilities, query, key, None, attn_mask, key_mask, is_causal,

@@ -24,7 +24,10 @@ from .capabilities import Capabilities
 from .errors import UnsupportedFeatureError
 from .host import known
 
-__all__ = ["CausalAlignment", "Masks", "check_inputs", "causal_mask", "sdpa_safe_mask"]
+__all__ = [
+    "CausalAlignment", "Masks", "and_attn_mask", "causal_mask", "causal_offset", "check_inputs",
+    "sdpa_safe_mask",
+]
 
 CausalAlignment = Literal["upper_left", "lower_right"]
 CausalAlignment.__doc__ = """Where the queries sit in the keys' sequence under ``is_causal``:
@@ -126,6 +129,21 @@ def sdpa_safe_mask(
     return (mask.masked_fill(dead, 0.0) if has_dead else mask), (dead if has_dead else None)
 
 
+def and_attn_mask(allowed: Tensor | None, attn_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    """AND (a piece of) an ``attn_mask`` into a bool ``allowed`` pattern (None = all allowed).
+
+    A bool mask is ANDed in; a float mask counts as masked where it is ``-inf`` (so that rows
+    it leaves empty are still detected) and is also returned as the additive bias.
+
+    Returns:
+        (allowed, bias): bool broadcast of both inputs; the float mask, or None for a bool one.
+    """
+    if attn_mask.dtype == torch.bool:
+        return (attn_mask if allowed is None else allowed & attn_mask), None
+    finite = attn_mask != float("-inf")
+    return (finite if allowed is None else allowed & finite), attn_mask
+
+
 def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
@@ -201,7 +219,7 @@ def check_inputs(
         raise ValueError(f"causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
     if is_causal and not caps.causal:
         raise UnsupportedFeatureError(variant, "is_causal=True")
-    offset = _causal_offset(variant, caps, lq, lk, is_causal, causal_alignment)
+    offset = causal_offset(variant, caps, lq, lk, is_causal, causal_alignment)
     masks = Masks(b, h, lq, lk, is_causal=is_causal, q_offset=offset)
     if key_mask is not None:
         if not caps.key_mask:
@@ -223,7 +241,7 @@ def check_inputs(
     return masks
 
 
-def _causal_offset(
+def causal_offset(
     variant: str, caps: Capabilities, lq: int, lk: int, is_causal: bool, alignment: str
 ) -> int:
     """``Masks.q_offset`` of a call, after rejecting what the variant cannot do.

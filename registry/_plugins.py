@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
@@ -43,6 +43,9 @@ from ._plugin_env import (
 
 __all__ = ["BUILTIN_DIST", "ENTRY_POINT_GROUP", "ENV_ALLOW", "ENV_DISABLE", "ENV_STRICT", "REGISTRY",
            "PluginRecord", "Registry", "env_switches"]
+
+T = TypeVar("T")
+
 
 def _warn(message: str) -> None:
     """A ``PluginWarning`` attributed to the first caller outside attnreg (loading is lazy: that
@@ -344,47 +347,41 @@ class Registry:
             raise unknown_variant(name, sorted(self._state.names), self._state.records)
         return canonical
 
-    def resolve(self, name: str) -> str:
-        """Canonical name of a variant name or alias; ``UnknownVariantError`` otherwise."""
+    def _when_loaded(self, read: Callable[[State], T]) -> T:
+        """``read(state)`` once every plugin is loaded, under the lock."""
         self.ensure_loaded()
         with self._lock:
-            return self._resolve(name)
+            return read(self._state)
+
+    def resolve(self, name: str) -> str:
+        """Canonical name of a variant name or alias; ``UnknownVariantError`` otherwise."""
+        return self._when_loaded(lambda _: self._resolve(name))
 
     def get(self, name: str) -> VariantSpec:
         """The spec of a variant name or alias."""
-        self.ensure_loaded()
-        with self._lock:
-            return self._state.specs[self._resolve(name)]
+        return self._when_loaded(lambda st: st.specs[self._resolve(name)])
 
     def specs(self) -> list[VariantSpec]:
         """All registered specs, sorted by name."""
-        self.ensure_loaded()
-        with self._lock:
-            return [self._state.specs[k] for k in sorted(self._state.specs)]
+        return self._when_loaded(lambda st: [st.specs[k] for k in sorted(st.specs)])
 
     def provider(self, name: str) -> str:
         """Distribution (and version) that provided a variant."""
-        self.ensure_loaded()
-        with self._lock:
-            return self._state.providers[self._resolve(name)]
+        return self._when_loaded(lambda st: st.providers[self._resolve(name)])
 
     def records(self) -> list[PluginRecord]:
         """One record per plugin seen: loaded, failed, filtered or unregistered."""
-        self.ensure_loaded()
-        with self._lock:
-            return list(self._state.records)
-
-    def records_so_far(self) -> tuple[list[PluginRecord], tuple[str, ...]]:
-        """The plugin records and unmatched ``ATTNREG_PLUGINS`` names as they stand, without
-        loading or raising (for a report after strict loading failed)."""
-        with self._lock:
-            return list(self._state.records), self._unmatched
+        return self._when_loaded(lambda st: list(st.records))
 
     def unmatched_allow_list(self) -> tuple[str, ...]:
         """Names in ``ATTNREG_PLUGINS`` that matched no entry point or distribution at loading."""
-        self.ensure_loaded()
+        return self._when_loaded(lambda _: self._unmatched)
+
+    def loading_report(self) -> tuple[list[PluginRecord], tuple[str, ...]]:
+        """``records()`` and ``unmatched_allow_list()`` as they stand, without loading: what a
+        failed (strict) loading got to, for ``attnreg doctor``."""
         with self._lock:
-            return self._unmatched
+            return list(self._state.records), self._unmatched
 
 
 REGISTRY = Registry()

@@ -17,6 +17,8 @@ import torch
 
 from attnreg.core import Attention, AttentionConfig, ConfigError, UnsupportedFeatureError
 
+from ._plotting import pyplot
+
 __all__ = ["PatternPicture", "parse_fields", "pattern_picture", "plot_pictures"]
 
 SUPPORT_DRAWS = 3  # random inputs whose weights' support is united when there is no pattern_mask
@@ -119,17 +121,6 @@ def pattern_picture(name: str, fields: Mapping[str, Any] | None = None, *, lengt
     return PatternPicture(spec.name, config, length, causal, allowed, draws[0], source)
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("plots need matplotlib: pip install 'attnreg[plot]'") from None
-    return plt
-
-
 def plot_pictures(pictures: Sequence[PatternPicture], out: Path | str, *, dpi: int = 100) -> Path:
     """Write a PNG: one column per picture, the allowed pattern above the weights (log colour
     scale; exact zeros white). The title names the variant and its non-default config."""
@@ -137,7 +128,7 @@ def plot_pictures(pictures: Sequence[PatternPicture], out: Path | str, *, dpi: i
 
     if not pictures:
         raise ValueError("plot_pictures needs at least one picture")
-    plt = _pyplot()
+    plt = pyplot()
     first = pictures[0]
     n = len(pictures)
     fig, axes = plt.subplots(2, n, figsize=(max(3.3 * n + 0.8, 5.2), 7.2), squeeze=False,

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..dtypes import FLOAT_DTYPES
 from ..errors import UnsupportedFeatureError
-from ..masks import CausalAlignment, Masks, _causal_offset, check_inputs
+from ..masks import CausalAlignment, Masks, causal_offset, check_inputs
 from ..second_order import guard_second_order
 from .comm import all_gather, all_gather_ints, group_rank_size, resolve_group
 from .layout import SequenceLayout
@@ -38,7 +39,6 @@ class ShardContext:
     k_layout: SequenceLayout  # how the keys' / values' sequence is split (same as q_layout if Lq == Lk)
 
 
-_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Fields every rank must agree on, after (error, Lq_local, Lk_local).
 _FIELDS = ("has key_mask", "is_causal", "lower_right alignment", "dtype", "batch", "query heads",
            "key/value heads", "head dim", "value dim", "grad mode", "query requires grad",
@@ -70,7 +70,7 @@ def run_sharded(module: Attention, query: Tensor, key: Tensor, value: Tensor, gr
     lq, lk = sum(r[1] for r in rows), sum(r[2] for r in rows)
     q_layout = _layout("query", lq, world, [r[1] for r in rows])
     k_layout = q_layout if lk == lq else _layout("key", lk, world, [r[2] for r in rows])
-    offset = _causal_offset(variant, caps, lq, lk, is_causal, causal_alignment)
+    offset = causal_offset(variant, caps, lq, lk, is_causal, causal_alignment)
     masks = dataclasses.replace(masks, q_offset=offset)  # local lengths, the global causal offset
     ctx = ShardContext(group, rank, world, q_layout, k_layout)
     # The distributed forms' backward passes communicate and are not differentiable again.
@@ -121,7 +121,7 @@ def _descriptor(error: BaseException | None, query: Any, key: Any, value: Any, k
                 is_causal: Any, alignment: Any) -> list[int]:
     if error is not None or not all(isinstance(t, Tensor) and t.dim() == 4 for t in (query, key, value)):
         return [1 if error is not None else 2] + [-1] * (2 + len(_FIELDS))
-    dt = _DTYPES.index(query.dtype) if query.dtype in _DTYPES else -1
+    dt = FLOAT_DTYPES.index(query.dtype) if query.dtype in FLOAT_DTYPES else -1
     return [0, query.shape[2], key.shape[2], int(key_mask is not None), int(bool(is_causal)),
             int(alignment == "lower_right"), dt, query.shape[0], query.shape[1], key.shape[1],
             query.shape[3], value.shape[3], int(torch.is_grad_enabled()), int(query.requires_grad),

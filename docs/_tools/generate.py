@@ -5,6 +5,7 @@
     python docs/_tools/generate.py cli        # docs/reference/cli.md from the commands' --help
     python docs/_tools/generate.py numbers    # the measured tables of docs/variants/*.md
     python docs/_tools/generate.py pictures   # docs/pictures/*.png with `attnreg plot --grid`
+    python docs/_tools/generate.py layers     # docs/pictures/layers.png (docs/_tools/layers.py)
     python docs/_tools/generate.py all
 
 tests/test_docs_generated.py checks that the committed config reference and tables are exactly
@@ -331,7 +332,12 @@ def main(argv: list[str]) -> int:
     if what in ("pictures", "all"):
         for path in draw_pictures():
             print(f"wrote {path}")
-    if what not in ("configs", "cli", "capabilities", "numbers", "pictures", "all"):
+    if what in ("layers", "all"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from layers import draw
+
+        print(f"wrote {draw()}")
+    if what not in ("configs", "cli", "capabilities", "numbers", "pictures", "layers", "all"):
         print(__doc__)
         return 2
     return 0

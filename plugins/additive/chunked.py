@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from attnreg.core import Masks, masked_softmax
+from attnreg.core import Masks, masked_softmax, mix_seed
 
 __all__ = ["chunk_allowed", "chunk_scores", "chunked_attention", "chunked_scores"]
 
@@ -213,18 +213,10 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
 
 
-def _chunk_seed(seed: int, idx: int) -> int:
-    """Seed of chunk ``idx``: splitmix64 of (seed, idx), so chunks' streams are unrelated."""
-    z = (seed + (idx + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
-
-
 def _keep_mask(p: Tensor, dropout_p: float, gen: torch.Generator, seed: int, idx: int) -> Tensor:
     """Bool keep-mask shaped like ``p`` for chunk ``idx``: a pure function of (seed, idx, shape,
     device), so forward and backward draw the same one. ``gen`` is re-seeded, not shared state."""
-    gen.manual_seed(_chunk_seed(seed, idx))
+    gen.manual_seed(mix_seed(seed, idx))  # chunks' streams are unrelated
     return torch.empty_like(p, dtype=torch.bool).bernoulli_(1.0 - dropout_p, generator=gen)
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attnreg.core import (
@@ -16,11 +14,11 @@ from attnreg.core import (
     accum_dtype,
     dot_product_logits,
     hits_under,
+    masked_sdpa,
     masked_softmax,
     poison_rows,
     repeat_kv,
     screen,
-    sdpa_safe_mask,
 )
 from attnreg.core.parallel import ShardContext
 
@@ -51,12 +49,10 @@ class DotProductAttention(Attention):
         key, value, bad = screen(key, value, masks)
         if masks.attn_mask is None and masks.key_mask is None and (not causal or masks.q_offset == 0):
             # No row can be empty (upper-left causal keeps key 0): SDPA's own causal kernel.
-            out = _sdpa(query, key, value, None, self.active_dropout, causal, scale)
-        else:
-            mask, dead = _sdpa_mask(masks, query.dtype)
-            out = _sdpa(query, key, value, mask, self.active_dropout, False, scale)  # (B, H, Lq, Ev)
-            # Rows with nothing to attend were given a harmless mask; zero them (and their grads).
-            out = out.masked_fill(dead, 0.0) if dead is not None else out
+            out = masked_sdpa(query, key, value, dropout_p=self.active_dropout, scale=scale, is_causal=causal)
+        else:  # rows with nothing to attend come back as 0 (and so do their gradients)
+            out = masked_sdpa(query, key, value, masks.allowed(), masks.float_mask,
+                              dropout_p=self.active_dropout, scale=scale)  # (B, H, Lq, Ev)
         return poison_rows(out, hits_under(bad, masks))  # rows that see a NaN/inf input: NaN
 
     def _attend_sharded(self, query: Tensor, key: Tensor, value: Tensor, masks: Masks,
@@ -72,27 +68,3 @@ class DotProductAttention(Attention):
         if masks.float_mask is not None:
             logits = logits + masks.float_mask.to(acc)
         return masked_softmax(logits, masks.allowed(query.device)).to(query.dtype)
-
-
-# enable_gqa (torch >= 2.5) lets SDPA read grouped key/value heads without a per-head copy.
-_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def _sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dropout: float,
-          causal: bool, scale: float) -> Tensor:
-    """SDPA on (B, H, Lq, E) queries and (B, Hkv, Lk, E|Ev) keys/values, H a multiple of Hkv."""
-    kw = {}
-    if key.shape[1] != query.shape[1]:
-        if _HAS_GQA:
-            kw["enable_gqa"] = True
-        else:  # older torch: the copy GQA exists to avoid, but the same result
-            key, value = repeat_kv(key, query.shape[1]), repeat_kv(value, query.shape[1])
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                          is_causal=causal, scale=scale, **kw)  # (B, H, Lq, Ev)
-
-
-def _sdpa_mask(masks: Masks, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """One SDPA mask for all masks, and the (B|1, H|1, Lq, 1) rows that have nothing to attend."""
-    mask, dead = sdpa_safe_mask(masks.allowed(), masks.float_mask, dtype)
-    assert mask is not None  # called only when some mask is in force
-    return mask, dead

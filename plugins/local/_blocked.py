@@ -14,8 +14,9 @@ dropped up front, and the block geometry is otherwise the same.
   ``attn_mask`` is given) are gathered into one more call with their own 4-D
   ``(P, 1|H, block, span)`` mask and written over the interior output.
 
-Band masks are memoised (``MaskCache``): small ones in one process-wide LRU capped at 16 MB, the
-big edge masks of wide windows in a cache owned by the calling module (freed with it).
+Band masks (built in ``_bands``) are memoised (``MaskCache``): small ones in one process-wide
+LRU capped at 16 MB, the big edge masks of wide windows in a cache owned by the calling module
+(freed with it).
 
 No L x L tensor is ever built (except by ``_dense``, for sequences too short to block). Rows with
 nothing to attend are never given to SDPA as empty rows (its result there differs across versions
@@ -31,51 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import LRUCache, Masks, hits_under, poison_rows, screen, sdpa_safe_mask, tensor_nbytes
+from attnreg.core import (
+    LRUCache,
+    Masks,
+    and_attn_mask,
+    hits_under,
+    masked_sdpa,
+    poison_rows,
+    screen,
+    tensor_nbytes,
+)
 
-from ._views import views
+from ._bands import band_mask, block_band, make_rect_band, rect_band
+from ._views import Blocks, Rows, Windows, views
 
 __all__ = ["MaskCache", "band_mask", "block_band", "clear_mask_cache", "local_attention", "rect_band"]
-
-
-def band_mask(length: int, window: int, is_causal: bool = False,
-              device: torch.device | str | None = None) -> Tensor:
-    """Dense ``(L, L)`` bool band: True where ``|i - j| <= window`` (and ``j <= i`` when causal).
-
-    Built in place in one bool tensor: an int64 ``i - j`` matrix would take 8x its memory (16 GiB
-    at L = 32768, for the benchmark's dense baseline).
-    """
-    band = torch.ones(length, length, dtype=torch.bool, device=device)  # (L, L)
-    return band.triu_(-window).tril_(0 if is_causal else window)
-
-
-def rect_band(q_len: int, k_len: int, offset: int, window: int, is_causal: bool,
-              device: torch.device | str | None = None) -> Tensor:
-    """Band ``(Lq, Lk)`` bool of queries at key positions ``i + offset``: True where
-    ``|i + offset - j| <= window`` (and ``j <= i + offset`` when causal). ``offset=0``, Lq = Lk is
-    ``band_mask``; ``offset = Lk - Lq`` is the lower-right (decoding) alignment."""
-    return _make_rect_band(q_len, k_len, offset, window, is_causal, torch.bool, device)
-
-
-def block_band(block: int, window: int, is_causal: bool,
-               device: torch.device | str | None = None) -> Tensor:
-    """The band in block coordinates, ``(block, span)``, shared by every block.
-
-    Row r is query ``b*block + r``; column c is key ``b*block - window + c``; so ``|i - j| <= w``
-    becomes ``r <= c <= r + 2w`` and causal ``j <= i`` becomes ``c <= r + w``.
-    """
-    span = block + window * (1 if is_causal else 2)
-    r = torch.arange(block, device=device)[:, None]  # (block, 1)
-    c = torch.arange(span, device=device)[None, :]  # (1, span)
-    return (c >= r) & (c <= r + (window if is_causal else 2 * window))  # (block, span)
-
-
-def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, bias: Tensor | None,
-                 dropout_p: float, scale: float) -> Tensor:
-    """SDPA under a bool ``allowed`` mask (and optional additive ``bias``), empty rows -> 0."""
-    mask, dead = sdpa_safe_mask(allowed, bias, q.dtype)  # empty rows opened; zeroed below
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return out.masked_fill(dead, 0.0) if dead is not None else out
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
@@ -92,7 +63,7 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
         return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p, scale=scale)
     band = band_mask(length, window, masks.is_causal, q.device)  # (L, L)
     allowed = masks.allowed(q.device) & band  # (B|1, H|1, L, L)
-    return _sdpa_masked(q, k, v, allowed, masks.float_mask, dropout_p, scale)
+    return masked_sdpa(q, k, v, allowed, masks.float_mask, dropout_p=dropout_p, scale=scale)
 
 
 def _dense_offset(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
@@ -106,7 +77,7 @@ def _dense_offset(q: Tensor, k: Tensor, v: Tensor, masks: Masks, window: int,
     if masks.attn_mask is None and masks.key_mask is None:  # the diagonal j = i + d is in every row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p, scale=scale)
     allowed = masks.allowed(q.device) & band  # (B|1, H|1, Lq, Lk)
-    return _sdpa_masked(q, k, v, allowed, masks.float_mask, dropout_p, scale)
+    return masked_sdpa(q, k, v, allowed, masks.float_mask, dropout_p=dropout_p, scale=scale)
 
 
 def _drop_keys(k: Tensor, v: Tensor, masks: Masks, cut: int) -> tuple[Tensor, Tensor, Masks]:
@@ -214,102 +185,161 @@ def _rect_band(rows: int, cols: int, offset: int, window: int, is_causal: bool, 
     """
     key = ("rect", rows, cols, offset, window, is_causal, dtype, str(device))
     return _cached(rows * cols, key,
-                   lambda: _make_rect_band(rows, cols, offset, window, is_causal, dtype, device), owned)
+                   lambda: make_rect_band(rows, cols, offset, window, is_causal, dtype, device), owned)
 
 
-def _make_rect_band(rows: int, cols: int, offset: int, window: int, is_causal: bool,
-                    dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
-    i = torch.arange(rows, device=device)[:, None] + offset  # (rows, 1)
-    j = torch.arange(cols, device=device)[None, :]  # (1, cols)
-    allowed = (i - j).abs() <= window  # (rows, cols)
-    if is_causal:
-        allowed = allowed & (j <= i)
-    if dtype == torch.bool:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Where the blocks of one blocked call lie. Query i is key position ``i + d``
+    (``0 <= d <= w``, ``Lk = Lq + d``); blocks ``[lo, hi)`` are interior: their whole window of
+    ``span`` keys, starting at key ``s0`` for block ``lo``, lies inside ``[0, Lk)``."""
+
+    blk: int
+    w: int
+    d: int
+    right: int  # keys a block may see beyond its own rows: w, or 0 when causal
+    q_len: int
+    k_len: int
+
+    @classmethod
+    def of(cls, q: Tensor, k: Tensor, masks: Masks, w: int, blk: int) -> _Geometry:
+        """The geometry of queries ``q`` (B, H, Lq, E) against keys ``k`` (B, H, Lk, E)."""
+        return cls(blk, w, masks.q_offset, 0 if masks.is_causal else w, q.shape[2], k.shape[2])
+
+    @property
+    def span(self) -> int:
+        """Keys in one block's window."""
+        return self.blk + self.w + self.right
+
+    @property
+    def lo(self) -> int:
+        """First block whose window starts at a key >= 0."""
+        return -(-(self.w - self.d) // self.blk)
+
+    @property
+    def hi(self) -> int:
+        """One past the last block whose window ends inside the keys."""
+        return (self.q_len - self.right) // self.blk
+
+    @property
+    def n(self) -> int:
+        """Interior blocks."""
+        return self.hi - self.lo
+
+    @property
+    def s0(self) -> int:
+        """First key of block ``lo``'s window."""
+        return self.lo * self.blk + self.d - self.w
+
+    def edges(self) -> tuple[tuple[Rows, Rows], tuple[Rows, Rows]]:
+        """(query rows, their key rows) of the left edge ``[0, lo*blk)`` and of the right edge
+        ``[hi*blk, Lq)``."""
+        lo, hi, d = self.lo * self.blk, self.hi * self.blk, self.d
+        left = Rows(0, lo), Rows(0, min(self.k_len, lo + d + self.right))
+        right = Rows(hi, self.q_len), Rows(hi + d - self.w, self.k_len)
+        return left, right
 
 
 def _blocked(q: Tensor, k: Tensor, v: Tensor, masks: Masks, w: int, blk: int,
              scale: float, dropout_p: float, cache: MaskCache | None) -> Tensor:
-    b_, h_, length, e_ = q.shape
-    k_len, d = k.shape[2], masks.q_offset  # query i is key position i + d (0 <= d <= w), Lk = Lq + d
-    ev = v.shape[-1]
-    right = 0 if masks.is_causal else w  # keys a block may see beyond its own rows
-    span = blk + w + right
-    lo = -(-(w - d) // blk)  # first block whose window starts at a key >= 0
-    hi = (length - right) // blk  # blocks [lo, hi) are "interior": whole window inside [0, Lk)
-    n = hi - lo
-    s0 = lo * blk + d - w  # first key of block lo's window
+    """``_local`` on the blocked path: the interior blocks in one SDPA call under a shared band,
+    the two edges densely, then the (batch, block) pairs the shared band cannot serve again."""
+    geo = _Geometry.of(q, k, masks, w, blk)
+    (left_q, left_k), (right_q, right_k) = geo.edges()
     # Pure views (no copies): interior query blocks, their overlapping key/value windows, and the
     # rows of the two edges; one gradient buffer per input in backward (see _views).
-    left = (0, lo * blk), (0, min(k_len, lo * blk + d + right))  # edge queries [0, lo*blk), their keys
-    right_edge = (hi * blk, length), (hi * blk + d - w, k_len)  # edge queries [hi*blk, Lq), their keys
-    edge_q = ("rows", *left[0]), ("rows", *right_edge[0])
-    edge_k = ("rows", *left[1]), ("rows", *right_edge[1])
-    q_run, q_left, q_right = views(q, ("blocks", lo * blk, n, blk), *edge_q)  # (B*H, n, blk, E), edges
-    k_run, k_left, k_right = views(k, ("windows", s0, n, span, blk), *edge_k)  # (B*H, n, span, E), edges
-    v_run, v_left, v_right = views(v, ("windows", s0, n, span, blk), *edge_k)
-
-    # Interior (batch, block) pairs that a shared band cannot serve: padded keys in the window, or an
-    # attn_mask (it differs per block). They get their own 4-D mask in a second call.
-    dirty = empty = None  # (B, n) bool
-    kmw = None
-    if masks.key_mask is not None:
-        kmw = masks.key_mask.narrow(1, s0, (n - 1) * blk + span).unfold(1, span, blk)  # (B, n, span)
-        dirty, empty = ~kmw.all(-1), ~kmw.any(-1)
-    if masks.attn_mask is not None:
-        dirty = torch.ones(b_, n, dtype=torch.bool, device=q.device)
-        empty = empty if empty is not None else torch.zeros_like(dirty)
-
-    if q.device.type == "meta":  # no values: the per-pair pass below rewrites values, not shapes
-        dirty = None
-    if dirty is not None and bool(dirty.all()):
-        main = q.new_zeros(b_, h_, n * blk, ev)  # every pair is recomputed below
-    else:
-        main = F.scaled_dot_product_attention(
-            q_run, k_run, v_run,  # (B*H, n, blk|span, E): blocks folded into SDPA's head dim
-            attn_mask=_band_bias(blk, w, masks.is_causal, q.dtype, q.device, cache),
-            dropout_p=dropout_p, scale=scale,
-        ).reshape(b_, h_, n * blk, ev)  # (B, H, n*blk, Ev)
-
+    windows = Windows(geo.s0, geo.n, geo.span, blk)
+    q_run, q_left, q_right = views(q, Blocks(geo.lo * blk, geo.n, blk), left_q, right_q)  # (B*H, n, blk, E)
+    k_run, k_left, k_right = views(k, windows, left_k, right_k)  # (B*H, n, span, E), edges
+    v_run, v_left, v_right = views(v, windows, left_k, right_k)
+    pairs = _irregular_pairs(masks, geo, q.shape[0], q.device)
+    main = _interior(q_run, k_run, v_run, masks, geo, pairs, scale, dropout_p, cache)  # (B, H, n*blk, Ev)
     pieces = [main]
-    if lo > 0:
-        pieces.insert(0, _edge(q_left, k_left, v_left, masks, *left, w, scale, dropout_p, cache))
-    if hi * blk < length:
-        pieces.append(_edge(q_right, k_right, v_right, masks, *right_edge, w, scale,
-                            dropout_p, cache))
+    if geo.lo > 0:
+        pieces.insert(0, _edge(q_left, k_left, v_left, masks, left_q, left_k, w, scale, dropout_p, cache))
+    if geo.hi * blk < geo.q_len:
+        pieces.append(_edge(q_right, k_right, v_right, masks, right_q, right_k, w, scale, dropout_p, cache))
     out = torch.cat(pieces, dim=2)  # (B, H, L, Ev); a fresh tensor, safe to write into below
-
-    if dirty is not None:
-        inner = out.narrow(2, lo * blk, n * blk).view(b_, h_, n, blk, ev).transpose(1, 2)  # (B,n,H,blk,Ev)
-        bi, bk = (dirty & ~empty).nonzero(as_tuple=True)  # (P,), (P,)
-        if bi.numel():
-            allowed = block_band(blk, w, masks.is_causal, q.device)[None, None]  # (1, 1, blk, span)
-            if kmw is not None:
-                allowed = allowed & kmw[bi, bk][:, None, None, :]  # (P, 1, blk, span)
-            bias = None
-            if masks.attn_mask is not None:
-                rows = (lo + bk[:, None]) * blk + torch.arange(blk, device=q.device)  # (P, blk): query i
-                # key j of window column c: first query row of the block + d - w + c
-                cols = (lo + bk[:, None]) * blk + (d - w) + torch.arange(span, device=q.device)  # (P, span)
-                am = _gather_blocks(masks.attn_mask, bi, rows, cols)  # (P, H|1, blk, span)
-                if am.dtype == torch.bool:
-                    allowed = allowed & am
-                else:
-                    allowed, bias = allowed & (am != float("-inf")), am
-            inner.index_put_((bi, bk), _sdpa_masked(
-                q_run.view(b_, h_, n, blk, e_)[bi, :, bk],  # (P, H, blk, E) gathered copies
-                k_run.view(b_, h_, n, span, e_)[bi, :, bk],  # (P, H, span, E)
-                v_run.view(b_, h_, n, span, ev)[bi, :, bk],
-                allowed, bias, dropout_p, scale,
-            ))
-        zi, zk = empty.nonzero(as_tuple=True)  # pairs with no real key: output 0
-        if zi.numel():
-            inner.index_put_((zi, zk), out.new_zeros(()))
+    if pairs is not None:
+        _redo_pairs(out, q_run, k_run, v_run, masks, geo, pairs, scale, dropout_p)
     return out
 
 
-def _edge(qs: Tensor, ks: Tensor, vs: Tensor, masks: Masks, rows: tuple[int, int], cols: tuple[int, int],
+@dataclasses.dataclass(frozen=True)
+class _Pairs:
+    """Interior (batch, block) pairs that the shared band cannot serve (``dirty``: padded keys in
+    the window, or an attn_mask, which differs per block), those with no real key at all
+    (``empty``), both (B, n) bool, and the key_mask of every window (B, n, span) or None."""
+
+    dirty: Tensor
+    empty: Tensor
+    key_windows: Tensor | None
+
+
+def _irregular_pairs(masks: Masks, geo: _Geometry, batch: int, device: torch.device) -> _Pairs | None:
+    """The pairs to redo with their own mask (see ``_Pairs``); None when the band serves all (or
+    on meta, which has no values: the redo rewrites values, not shapes)."""
+    if device.type == "meta" or (masks.key_mask is None and masks.attn_mask is None):
+        return None
+    dirty = empty = kmw = None
+    if masks.key_mask is not None:
+        covered = (geo.n - 1) * geo.blk + geo.span
+        kmw = masks.key_mask.narrow(1, geo.s0, covered).unfold(1, geo.span, geo.blk)  # (B, n, span)
+        dirty, empty = ~kmw.all(-1), ~kmw.any(-1)
+    if masks.attn_mask is not None:
+        dirty = torch.ones(batch, geo.n, dtype=torch.bool, device=device)
+        empty = empty if empty is not None else torch.zeros_like(dirty)
+    assert dirty is not None and empty is not None
+    return _Pairs(dirty, empty, kmw)
+
+
+def _interior(q_run: Tensor, k_run: Tensor, v_run: Tensor, masks: Masks, geo: _Geometry,
+              pairs: _Pairs | None, scale: float, dropout_p: float, cache: MaskCache | None) -> Tensor:
+    """Every interior block in ONE SDPA call under the shared band: blocks folded into SDPA's head
+    dim, (B*H, n, blk|span, E) -> (B, H, n*blk, Ev); zeros when every pair is redone anyway."""
+    b, h = masks.batch, masks.heads
+    ev = v_run.shape[-1]
+    if pairs is not None and bool(pairs.dirty.all()):
+        return q_run.new_zeros(b, h, geo.n * geo.blk, ev)  # every pair is recomputed in _redo_pairs
+    return F.scaled_dot_product_attention(
+        q_run, k_run, v_run,
+        attn_mask=_band_bias(geo.blk, geo.w, masks.is_causal, q_run.dtype, q_run.device, cache),
+        dropout_p=dropout_p, scale=scale,
+    ).reshape(b, h, geo.n * geo.blk, ev)  # (B, H, n*blk, Ev)
+
+
+def _redo_pairs(out: Tensor, q_run: Tensor, k_run: Tensor, v_run: Tensor, masks: Masks, geo: _Geometry,
+                pairs: _Pairs, scale: float, dropout_p: float) -> None:
+    """Overwrite, in ``out`` (B, H, L, Ev), the irregular pairs with one SDPA call under their own
+    4-D ``(P, 1|H, blk, span)`` mask, and the pairs with no real key with 0."""
+    b, h, blk, span, n = masks.batch, masks.heads, geo.blk, geo.span, geo.n
+    e, ev = q_run.shape[-1], v_run.shape[-1]
+    inner = out.narrow(2, geo.lo * blk, n * blk).view(b, h, n, blk, ev).transpose(1, 2)  # (B,n,H,blk,Ev)
+    bi, bk = (pairs.dirty & ~pairs.empty).nonzero(as_tuple=True)  # (P,), (P,)
+    if bi.numel():
+        allowed = block_band(blk, geo.w, masks.is_causal, out.device)[None, None]  # (1, 1, blk, span)
+        if pairs.key_windows is not None:
+            allowed = allowed & pairs.key_windows[bi, bk][:, None, None, :]  # (P, 1, blk, span)
+        bias = None
+        if masks.attn_mask is not None:
+            first = (geo.lo + bk[:, None]) * blk  # (P, 1): first query row of each block
+            rows = first + torch.arange(blk, device=out.device)  # (P, blk): query i
+            # key j of window column c: first query row of the block + d - w + c
+            cols = first + (geo.d - geo.w) + torch.arange(span, device=out.device)  # (P, span)
+            am = _gather_blocks(masks.attn_mask, bi, rows, cols)  # (P, H|1, blk, span)
+            allowed, bias = and_attn_mask(allowed, am)
+        inner.index_put_((bi, bk), masked_sdpa(
+            q_run.view(b, h, n, blk, e)[bi, :, bk],  # (P, H, blk, E) gathered copies
+            k_run.view(b, h, n, span, e)[bi, :, bk],  # (P, H, span, E)
+            v_run.view(b, h, n, span, ev)[bi, :, bk],
+            allowed, bias, dropout_p=dropout_p, scale=scale,
+        ))
+    zi, zk = pairs.empty.nonzero(as_tuple=True)  # pairs with no real key: output 0
+    if zi.numel():
+        inner.index_put_((zi, zk), out.new_zeros(()))
+
+
+def _edge(qs: Tensor, ks: Tensor, vs: Tensor, masks: Masks, rows: Rows, cols: Rows,
           w: int, scale: float, dropout_p: float, cache: MaskCache | None) -> Tensor:
     """Query rows ``rows`` (``qs``) against key rows ``cols`` (``ks``, ``vs``), small, at a sequence end,
     with a dense rectangular band."""
@@ -328,11 +358,8 @@ def _edge(qs: Tensor, ks: Tensor, vs: Tensor, masks: Masks, rows: tuple[int, int
         m = masks.attn_mask  # (B|1, H|1, L|1, L|1)
         full = slice(None)  # size-1 (broadcast) dims are kept whole
         m = m[:, :, slice(i0, i1) if m.shape[2] > 1 else full, slice(j0, j1) if m.shape[3] > 1 else full]
-        if m.dtype == torch.bool:
-            allowed = allowed & m
-        else:
-            allowed, bias = allowed & (m != float("-inf")), m
-    return _sdpa_masked(qs, ks, vs, allowed, bias, dropout_p, scale)
+        allowed, bias = and_attn_mask(allowed, m)
+    return masked_sdpa(qs, ks, vs, allowed, bias, dropout_p=dropout_p, scale=scale)
 
 
 def _gather_blocks(mask: Tensor, bi: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

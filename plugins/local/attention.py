@@ -26,7 +26,8 @@ from attnreg.core import (
 )
 from attnreg.core.parallel import ShardContext
 
-from ._blocked import MaskCache, band_mask, local_attention, rect_band
+from ._bands import band_mask, rect_band
+from ._blocked import MaskCache, local_attention
 from .decoding import LocalState
 from .distributed import local_sharded
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import poison_rows
+from attnreg.core import and_attn_mask, masked_sdpa, poison_rows, sdpa_safe_mask
 
-from .gather import Gatherer, Scratch, finish_mask, full_rows_attn_mask, gather_attn_mask, gather_rows
+from .gather import Gatherer, Scratch, full_rows_attn_mask, gather_attn_mask, gather_rows
 from .plan import Group, Plan
 
 __all__ = ["run_plan"]
@@ -76,8 +76,8 @@ def run_plan(
             for g, (_, ki), qp, kp, vp in zip(plan.groups, index, q_parts, k_parts, v_parts, strict=True):
                 mask, dead, allowed = _group_mask(g, *args)
                 seen = _seen(allowed, bad3, ki, g.kv_rows.shape[0], bsz, w)  # (n, B, w) or None
-                outs.append(_attend_rows(qp, kp, vp, g.kv_rows.shape[1], bsz, mask, dead, scale,
-                                         dropout, seen))  # (n, B, w, Ev)
+                og = _attend_rows(qp, kp, vp, g.kv_rows.shape[1], bsz, mask, scale, dropout, seen)
+                outs.append(_zero_dead(og, dead))  # (n, B, w, Ev)
     if plan.full is not None:
         outs.append(_attend_full(plan, query, key, value, attn_mask, key_mask, b, scale, dropout, lq, bad))
     if plan.has_empty:
@@ -96,7 +96,8 @@ def _group_streamed(
 
     Gathering every row first needs the group's keys and values all at once (536 MB of scratch
     for bigbird at B=1, H=8, L=16K); chunks of ~8 MB need 8 MB, at the same speed within
-    noise (measured 263-300 ms either way, forward at L=16K).
+    noise (measured 263-300 ms either way, forward at L=16K). The SDPA mask and the rows with
+    nothing to attend are found once per group (a host sync), not per chunk.
     """
     n, c = g.kv_rows.shape
     bsz = q_off.shape[0]
@@ -107,19 +108,19 @@ def _group_streamed(
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         qi, ki = _gather_index(g, q_off, k_off, r0, r1)
-        m, d, a = (t[r0:r1] if t is not None and t.shape[0] > 1 else t for t in (mask, dead, allowed))
+        m, a = (t[r0:r1] if t is not None and t.shape[0] > 1 else t for t in (mask, allowed))
         seen = _seen(a, bad3, ki, r1 - r0, bsz, q3.shape[1])  # (r, B, w) or None
         # SDPA's output is a fresh tensor, so the next chunk may reuse the scratch.
         parts.append(_attend_rows(gatherer.gather("q", q3, qi), gatherer.gather("k", k3, ki),
-                                  gatherer.gather("v", v3, ki), c, bsz, m, d, scale, dropout, seen))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]  # (n, B, w, Ev)
+                                  gatherer.gather("v", v3, ki), c, bsz, m, scale, dropout, seen))
+    return _zero_dead(torch.cat(parts) if len(parts) > 1 else parts[0], dead)  # (n, B, w, Ev)
 
 
 def _attend_rows(q: Tensor, k: Tensor, v: Tensor, c: int, bsz: int, mask: Tensor | None,
-                 dead: Tensor | None, scale: float, dropout: float, seen: Tensor | None = None) -> Tensor:
-    """SDPA over gathered rows: q (r*B, w, E), k / v (r*B*c, b, E|Ev) -> (r, B, w, Ev); rows
-    with nothing to attend (``dead``) give 0, rows that see a screened position (``seen``,
-    (r, B, w) bool) NaN."""
+                 scale: float, dropout: float, seen: Tensor | None = None) -> Tensor:
+    """SDPA over gathered rows: q (r*B, w, E), k / v (r*B*c, b, E|Ev) -> (r, B, w, Ev) under an
+    ``sdpa_safe_mask`` ``mask`` (its empty rows are zeroed by the caller, ``_zero_dead``); rows
+    that see a screened position (``seen``, (r, B, w) bool) give NaN."""
     r, w = q.shape[0] // bsz, q.shape[1]
     kb = c * k.shape[1]
     og = F.scaled_dot_product_attention(
@@ -127,7 +128,12 @@ def _attend_rows(q: Tensor, k: Tensor, v: Tensor, c: int, bsz: int, mask: Tensor
         v.view(r, bsz, kb, v.shape[-1]),  # (r, B, w|c*b, E|Ev)
         attn_mask=mask, dropout_p=dropout, scale=scale,
     )  # (r, B, w, Ev)
-    og = poison_rows(og, seen)  # (r, B, w, Ev): rows that see a screened position: NaN
+    return poison_rows(og, seen)  # (r, B, w, Ev): rows that see a screened position: NaN
+
+
+def _zero_dead(og: Tensor, dead: Tensor | None) -> Tensor:
+    """Rows of a group's output (n, B, w, Ev) that have nothing to attend (``dead``, from
+    ``sdpa_safe_mask``), set to 0: ``masked_sdpa``'s last step, after the group's chunks."""
     return og.masked_fill(dead, 0.0) if dead is not None else og
 
 
@@ -154,16 +160,11 @@ def _attend_full(
     bias = None
     if attn_mask is not None:
         am = full_rows_attn_mask(attn_mask, full, plan, b, length)  # (B|1, H|1, m*b|1, Lp|1)
-        allowed, bias = _with_attn_mask(allowed, am)
-    mask, dead = finish_mask(allowed, bias, query.dtype)
-    og = F.scaled_dot_product_attention(
-        qf, key, value, attn_mask=mask, dropout_p=dropout, scale=scale
-    )  # (B, H, m*b, Ev)
+        allowed, bias = and_attn_mask(allowed, am)
+    og = masked_sdpa(qf, key, value, allowed, bias, dropout_p=dropout, scale=scale)  # (B, H, m*b, Ev)
     if bad is not None:  # rows that see a screened position: NaN
         seen = bad[:, :, None, :] if allowed is None else allowed & bad[:, :, None, :]  # (B, H, m*b|1, Lp)
         og = poison_rows(og, seen.any(-1).expand(*og.shape[:3]))
-    if dead is not None:
-        og = og.masked_fill(dead, 0.0)
     ev = og.shape[-1]
     return og.reshape(bsz, heads * m, b, ev).transpose(0, 1)  # (H*m, B, b, Ev)
 
@@ -186,8 +187,10 @@ def _group_mask(
     bias = None
     if attn_mask is not None:
         am = gather_attn_mask(attn_mask, g, plan, b)  # (n, B|1, w|1, c*b)
-        allowed, bias = _with_attn_mask(allowed, am)
-    return (*finish_mask(allowed, bias, dtype), allowed)
+        allowed, bias = and_attn_mask(allowed, am)
+    if allowed is None:
+        return None, None, None
+    return (*sdpa_safe_mask(allowed, bias, dtype), allowed)
 
 
 def _seen(allowed: Tensor | None, bad3: Tensor | None, ki: Tensor, rows: int, bsz: int, width: int
@@ -206,12 +209,3 @@ def _gather_index(g: Group, q_off: Tensor, k_off: Tensor, r0: int, r1: int) -> t
     qi = (g.rows[r0:r1, None] + q_off).reshape(-1)
     ki = (g.kv_rows[r0:r1, None, :] + k_off[:, None]).reshape(-1)
     return qi, ki
-
-
-def _with_attn_mask(allowed: Tensor | None, am: Tensor) -> tuple[Tensor, Tensor | None]:
-    """AND a gathered ``attn_mask`` into ``allowed``; a float mask also becomes the SDPA bias
-    (its ``-inf`` entries count as masked, so empty rows are still detected)."""
-    if am.dtype == torch.bool:
-        return (am if allowed is None else allowed & am), None
-    finite = am != float("-inf")
-    return (finite if allowed is None else allowed & finite), am

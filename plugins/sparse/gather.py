@@ -18,24 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnreg.core import sdpa_safe_mask
-
 from .plan import FullGroup, Group, Plan
 
 __all__ = [
-    "Gatherer", "Scratch", "finish_mask", "full_rows_attn_mask", "gather_attn_mask", "gather_rows",
+    "Gatherer", "Scratch", "full_rows_attn_mask", "gather_attn_mask", "gather_rows",
     "release_scratch",
 ]
-
-
-def finish_mask(
-    allowed: Tensor | None, bias: Tensor | None, dtype: torch.dtype
-) -> tuple[Tensor | None, Tensor | None]:
-    """SDPA mask from the allowed pattern (and a float bias), and the rows with nothing allowed
-    (core's ``sdpa_safe_mask``: empty rows opened here, zeroed by the caller)."""
-    if allowed is None:
-        return None, None
-    return sdpa_safe_mask(allowed, bias, dtype)
 
 
 class Scratch:

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from attnreg.core import mix_seed
+
 __all__ = [
     "bigbird_layout",
     "strided_layout",
@@ -22,18 +24,9 @@ __all__ = [
     "head_seed",
 ]
 
-# Odd 64-bit mixing constants (splitmix/murmur finalisers): a stable, process-independent mix of
-# (seed, head, length) -- Python's hash() is salted per process, so it must not be used here.
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
-
-
 def head_seed(seed: int, head: int, length: int) -> int:
     """Deterministic generator seed of one head's random blocks (same in every process)."""
-    x = (seed * _MIX[0] + (head + 1) * _MIX[1] + (length + 1) * _MIX[2]) % (1 << 64)
-    x ^= x >> 31
-    x = (x * _MIX[1]) % (1 << 64)
-    x ^= x >> 29
-    return x % (1 << 63)  # torch.Generator.manual_seed takes a non-negative int64
+    return mix_seed(seed, head, length)
 
 
 def _band(nb: int, lo: int, hi: int) -> Tensor:

@@ -30,6 +30,13 @@ class Group:
     query_blocks: Tensor  # (n,) long: I - first query block (the block's index among the queries)
     struct_mask: Tensor | None  # (q_width, c * block) bool, shared by the rows; None = no mask
 
+    @classmethod
+    def on(cls, device: torch.device | str, rows: Tensor, kv_rows: Tensor, key_blocks: Tensor, heads: Tensor,
+           query_blocks: Tensor, struct_mask: Tensor | None) -> Group:
+        """A group built on the CPU (plans are), moved to ``device``."""
+        return cls(rows.to(device), kv_rows.to(device), key_blocks.to(device), heads.to(device),
+                   query_blocks.to(device), None if struct_mask is None else struct_mask.to(device))
+
 
 @dataclass(frozen=True)
 class FullGroup:
@@ -108,16 +115,8 @@ def make_plan(layout: Tensor, block: int, length: int, causal: bool, device: tor
         if s:
             rank = torch.where(idx[None, :] == special_col.reshape(-1)[rows][:, None], nb, rank)
         key_blocks = rank.argsort(dim=-1)[:, :c]  # (n, c) active J, special last
-        groups.append(
-            Group(
-                rows=rows.to(device),
-                kv_rows=(h[:, None] * nb + key_blocks).to(device),
-                key_blocks=key_blocks.to(device),
-                heads=h.to(device),
-                query_blocks=q.to(device),
-                struct_mask=_struct_mask(c, block, tail, causal).to(device) if s else None,
-            )
-        )
+        groups.append(Group.on(device, rows, h[:, None] * nb + key_blocks, key_blocks, h, q,
+                               _struct_mask(c, block, tail, causal) if s else None))
     # Outputs are concatenated as [group rows..., full rows..., one zero block]: invert that order.
     if full is not None:
         order.append(full_rows)
@@ -200,16 +199,8 @@ def offset_plan(
         order.append(rows)
         h, qi = rows // nq, rows % nq
         kb = table.key_blocks[h, qi + first, :c]  # (n, c), diagonal last
-        groups.append(
-            Group(
-                rows=rows.to(device),
-                kv_rows=(h[:, None] * key_blocks + kb).to(device),
-                key_blocks=kb.to(device),
-                heads=h.to(device),
-                query_blocks=qi.to(device),
-                struct_mask=_diagonal_mask(c, block, width, shift).to(device) if special else None,
-            )
-        )
+        groups.append(Group.on(device, rows, h[:, None] * key_blocks + kb, kb, h, qi,
+                               _diagonal_mask(c, block, width, shift) if special else None))
     inverse = torch.full((heads * nq,), sum(int(o.numel()) for o in order), dtype=torch.long)
     if order:
         cat = torch.cat(order)

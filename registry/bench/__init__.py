@@ -11,7 +11,6 @@ cases under ``benchmarks/``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from .analysis import crossover, extrapolate, fit_exponent
 from .cases import Job, prepare
@@ -22,6 +21,7 @@ from .guard import run_guard
 from .harness import SCHEMA, run_bench
 from .presets import CI_BASELINE, CI_PRESET, ci_choices, ci_settings
 from .probe import MEMORY_METHOD, Prober, ProbeResult
+from .records import PointRecord, ResultsDoc, SettingsRecord
 from .report import load_results, print_report
 from .settings import BenchSettings, VariantChoice, parse_lengths, parse_variant
 
@@ -29,6 +29,8 @@ __all__ = [
     "CI_BASELINE",
     "CI_PRESET",
     "MEMORY_METHOD",
+    "PointRecord",
+    "ResultsDoc",
     "SCHEMA",
     "BenchSettings",
     "Comparison",
@@ -37,6 +39,7 @@ __all__ = [
     "Job",
     "ProbeResult",
     "Prober",
+    "SettingsRecord",
     "VariantChoice",
     "best_of",
     "ci_choices",
@@ -58,7 +61,7 @@ __all__ = [
 ]
 
 
-def plot_results(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+def plot_results(doc: ResultsDoc, out_dir: Path) -> list[Path]:
     """Write time.png and memory.png (imports matplotlib only when called)."""
     from .plots import plot_results as _plot
 

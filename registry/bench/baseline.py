@@ -12,36 +12,37 @@ from __future__ import annotations
 import argparse
 import copy
 from pathlib import Path
-from typing import Any
 
 from attnreg.core import ConfigError
 
-from .compare import _SAME, _speedup
+from .compare import COMPARABLE_SETTINGS, sdpa_speedup
 from .derive import point_key
+from .records import ResultsDoc
 from .report import load_results, write_json
 
 __all__ = ["median_baseline", "main"]
 
 
-def median_baseline(docs: list[dict[str, Any]]) -> dict[str, Any]:
+def median_baseline(docs: list[ResultsDoc]) -> ResultsDoc:
     """A results document whose variant points are, point by point, the median run's point."""
     if not docs:
         raise ConfigError("median_baseline: no runs given")
     first = docs[0]
     for d in docs[1:]:
-        diff = [k for k in (*_SAME, "preset") if d["settings"].get(k) != first["settings"].get(k)]
+        diff = [k for k in (*COMPARABLE_SETTINGS, "preset")
+                if d["settings"].get(k) != first["settings"].get(k)]
         if diff:
             raise ConfigError(f"runs differ in {', '.join(diff)}: only runs of the same settings combine")
     out = copy.deepcopy(first)
     points = []
     for p in first["points"]:
         same = [q for d in docs for q in d["points"]
-                if q.get("status") == "ok" and point_key(q) == point_key(p) and _speedup(q)[1]]
+                if q.get("status") == "ok" and point_key(q) == point_key(p) and sdpa_speedup(q)[1]]
         if p.get("kind") != "variant" or not same:  # measured in no run: kept as the first has it
             points.append(p)
             continue
-        same.sort(key=lambda q: _speedup(q)[1])
-        points.append({**same[len(same) // 2], "baseline_of_runs": [_speedup(q)[1] for q in same]})
+        same.sort(key=lambda q: sdpa_speedup(q)[1])
+        points.append({**same[len(same) // 2], "baseline_of_runs": [sdpa_speedup(q)[1] for q in same]})
     out["points"] = points
     out["baseline_runs"] = len(docs)
     return out

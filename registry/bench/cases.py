@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnreg.core import Attention, AttentionConfig
+from attnreg.core.dtypes import DTYPE_NAMES
 
 from .decode import DECODE_REPEATS, prepare_decode_call
-from .settings import DTYPES
 
 __all__ = ["MASKED", "Job", "Prepared", "prepare", "sdpa_flops", "variant_flops", "pattern_of",
            "build_module"]
@@ -66,7 +66,7 @@ def build_module(job: Job) -> Attention:
     """The variant module of ``job`` in eval mode, in the job's dtype."""
     assert job.factory is not None and job.config is not None, "a variant job needs factory and config"
     module = job.factory(job.config)
-    return module.to(DTYPES[job.dtype]).eval()
+    return module.to(DTYPE_NAMES[job.dtype]).eval()
 
 
 def pattern_of(module: Attention, length: int, heads: int, causal: bool) -> Tensor | None:
@@ -103,7 +103,7 @@ def make_inputs(job: Job, requires_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Seeded query, key, value (B, H, L, E) in the job's dtype."""
     gen = torch.Generator().manual_seed(job.seed)
     shape = (job.batch, job.heads, job.length, job.head_dim)
-    q, k, v = (torch.randn(shape, generator=gen).to(DTYPES[job.dtype]) for _ in range(3))  # (B, H, L, E)
+    q, k, v = (torch.randn(shape, generator=gen).to(DTYPE_NAMES[job.dtype]) for _ in range(3))  # (B, H, L, E)
     return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))  # type: ignore[return-value]
 
 
@@ -123,7 +123,7 @@ def _attention_fn(job: Job) -> tuple[Callable[[Tensor, Tensor, Tensor], Tensor],
         if job.kind == "sdpa_masked":
             # SDPA's own fast form of a mask: additive 0 / -inf, precomputed. A bool mask is
             # converted to exactly this inside every call (more time, and memory for both copies).
-            mask = torch.full(allowed.shape, float("-inf"), dtype=DTYPES[job.dtype])
+            mask = torch.full(allowed.shape, float("-inf"), dtype=DTYPE_NAMES[job.dtype])
             mask.masked_fill_(allowed, 0.0)
             del allowed  # (1, 1|H, L, L) float
         scale = module.softmax_scale(job.head_dim)
@@ -145,8 +145,8 @@ def prepare(job: Job) -> Prepared:
     torch.manual_seed(job.seed)
     if job.kind == "gemm":
         gen = torch.Generator().manual_seed(job.seed)
-        a = torch.randn(job.length, job.length, generator=gen).to(DTYPES[job.dtype])  # (n, n)
-        b = torch.randn(job.length, job.length, generator=gen).to(DTYPES[job.dtype])  # (n, n)
+        a = torch.randn(job.length, job.length, generator=gen).to(DTYPE_NAMES[job.dtype])  # (n, n)
+        b = torch.randn(job.length, job.length, generator=gen).to(DTYPE_NAMES[job.dtype])  # (n, n)
 
         def gemm() -> None:
             torch.mm(a, b)  # (n, n)
@@ -157,7 +157,7 @@ def prepare(job: Job) -> Prepared:
             raise ValueError(f"decode mode measures variants and sdpa only, not {job.kind!r}")
         module = build_module(job) if job.kind == "variant" else None
         call, keep, info = prepare_decode_call(job.kind, module, job.batch, job.heads, job.head_dim,
-                                               job.length, DTYPES[job.dtype], job.seed)
+                                               job.length, DTYPE_NAMES[job.dtype], job.seed)
         return Prepared(call=call, keep=keep, info=info, max_repeats=DECODE_REPEATS)
     fn, keep = _attention_fn(job)
     backward = job.mode == "fwdbwd"

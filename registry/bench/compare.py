@@ -34,11 +34,13 @@ from rich.table import Table
 from attnreg.core import ConfigError
 
 from .derive import point_key
+from .records import PointRecord, ResultsDoc
 
-__all__ = ["Comparison", "GuardSettings", "PointChange", "best_of", "compare_runs"]
+__all__ = ["COMPARABLE_SETTINGS", "Comparison", "GuardSettings", "PointChange", "best_of", "compare_runs",
+           "sdpa_speedup"]
 
 # Settings that change what a ratio means: runs that differ in them are not comparable.
-_SAME = ("batch", "heads", "head_dim", "dtype", "threads")
+COMPARABLE_SETTINGS = ("batch", "heads", "head_dim", "dtype", "threads")
 
 
 @dataclass(frozen=True)
@@ -154,9 +156,9 @@ def _mb(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
-def _check_comparable(doc: dict[str, Any], baseline: dict[str, Any]) -> None:
+def _check_comparable(doc: ResultsDoc, baseline: ResultsDoc) -> None:
     now, before = doc.get("settings", {}), baseline.get("settings", {})
-    diff = [f"{k}: baseline {before.get(k)!r}, this run {now.get(k)!r}" for k in _SAME
+    diff = [f"{k}: baseline {before.get(k)!r}, this run {now.get(k)!r}" for k in COMPARABLE_SETTINGS
             if before.get(k) != now.get(k)]
     if diff:
         raise ConfigError("the baseline was measured with other settings, its ratios are not "
@@ -164,7 +166,7 @@ def _check_comparable(doc: dict[str, Any], baseline: dict[str, Any]) -> None:
                           "or refresh the baseline")
 
 
-def compare_runs(doc: dict[str, Any], baseline: dict[str, Any],
+def compare_runs(doc: ResultsDoc, baseline: ResultsDoc,
                  guard: GuardSettings | None = None) -> Comparison:
     """Compare the variant points of ``doc`` with those of ``baseline`` (see the module doc)."""
     guard = guard or GuardSettings()
@@ -181,7 +183,7 @@ def compare_runs(doc: dict[str, Any], baseline: dict[str, Any],
         label = f"{series} {mode}{' causal' if causal else ''} L={length}"
         new = now.get(key)
         gated = length >= guard.min_length
-        kind, before = _speedup(old)
+        kind, before = sdpa_speedup(old)
         if new is None and same_preset and gated:  # the preset lost a point: refresh the baseline
             c = PointChange(series, mode, causal, length, True, speedup_before=before)
             c.problems.append(f"the {preset!r} preset no longer measures this point: refresh the baseline")
@@ -206,7 +208,7 @@ def compare_runs(doc: dict[str, Any], baseline: dict[str, Any],
         if new.get("status") != "ok":
             c.problems.append(f"not measured in this run ({new.get('status')}: {new.get('reason')})")
         else:
-            kind_now, c.speedup_now = _speedup(new)
+            kind_now, c.speedup_now = sdpa_speedup(new)
             c.memory_now = (new.get("memory") or {}).get("peak_bytes")
             if kind_now is not None and kind is not None and kind_now != kind:
                 c.speedup_now = None
@@ -224,7 +226,7 @@ def _config_diff(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
-def _speedup(p: dict[str, Any]) -> tuple[str | None, float | None]:
+def sdpa_speedup(p: PointRecord) -> tuple[str | None, float | None]:
     """(kind, value) of a point's speedup over dense SDPA: paired timing where measured."""
     sp = p.get("speedup", {})
     for kind in ("sdpa_paired", "sdpa"):
@@ -249,17 +251,17 @@ def _judge(c: PointChange, guard: GuardSettings) -> None:
                           f"({_mb(c.memory_before)} -> {_mb(c.memory_now)} MB)")
 
 
-def best_of(doc: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
+def best_of(doc: ResultsDoc, again: ResultsDoc) -> ResultsDoc:
     """``doc`` with each variant point replaced by ``again``'s measurement of it where that one has
     the higher speedup over SDPA (each speedup is from its own run's SDPA point)."""
-    better = {}
+    better: dict[tuple[str, str, bool, int], PointRecord] = {}
     for p in again.get("points", []):
-        if p.get("kind") == "variant" and p.get("status") == "ok" and _speedup(p)[1]:
+        if p.get("kind") == "variant" and p.get("status") == "ok" and sdpa_speedup(p)[1]:
             better[point_key(p)] = p
     points = []
     for p in doc.get("points", []):
         alt = better.get(point_key(p)) if p.get("kind") == "variant" else None
-        mine = _speedup(p)[1] if p.get("status") == "ok" else None
-        use = alt is not None and (mine is None or (_speedup(alt)[1] or 0) > mine)
+        mine = sdpa_speedup(p)[1] if p.get("status") == "ok" else None
+        use = alt is not None and (mine is None or (sdpa_speedup(alt)[1] or 0) > mine)
         points.append({**alt, "confirmation": True} if use else p)
     return {**doc, "points": points}

@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from attnreg.core import Attention, KVCacheState
 
-__all__ = ["DECODE_REPEATS", "PREFILL_CHUNK", "decode_gate_error", "fill_state", "prepare_decode_call"]
+__all__ = ["DECODE_REPEATS", "PREFILL_CHUNK", "fill_state", "prepare_decode_call"]
 
 PREFILL_CHUNK = 4096  # positions per prefill call (bounds its working memory)
 DECODE_REPEATS = 2000  # most timed steps per point (a step takes ~0.1-10 ms)
@@ -75,24 +74,3 @@ def prepare_decode_call(kind: str, module: Attention | None, batch: int, heads: 
             module.decode(q1, k1, v1, state)  # the returned state (L + 1 positions) is dropped
 
     return step, (module, state), info
-
-
-def decode_gate_error(module: Attention, ref: Attention, batch: int, heads: int, head_dim: int,
-                      length: int, dtype: torch.dtype, seed: int) -> float:
-    """Relative error of decoding in ``dtype`` (a prefill of about a third, single steps, then one
-    chunk) against the causal full forward of ``ref`` (a float64 copy of the module)."""
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, length, head_dim, generator=gen, dtype=torch.float64)
-               for _ in range(3))  # (B, H, L, E)
-    with torch.no_grad():
-        want = ref(q, k, v, is_causal=True)  # (B, H, L, E) float64
-        state = module.init_state(batch, heads, head_dim, dtype=dtype, max_length=length)
-        cuts = sorted({0, length // 3, length // 3 + 1, length // 3 + 2, length // 2, length})
-        outs: list[Tensor] = []
-        for lo, hi in zip(cuts, cuts[1:], strict=False):
-            out, state = module.decode(*(t[:, :, lo:hi].to(dtype) for t in (q, k, v)), state)
-            outs.append(out)
-        got = torch.cat(outs, dim=2).double()  # (B, H, L, E)
-    if not torch.isfinite(got).all():
-        return float("inf")
-    return (got - want).abs().max().item() / (want.abs().max().item() or 1.0)

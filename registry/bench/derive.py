@@ -6,26 +6,25 @@ always carries consistent summaries.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .analysis import crossover, fit_exponent, median
 from .cases import MASKED
+from .records import PointRecord, ResultsDoc, SummaryRow
 
 __all__ = ["derive", "point_key"]
 
 
-def point_key(p: dict[str, Any]) -> tuple[str, str, bool, int]:
+def point_key(p: PointRecord) -> tuple[str, str, bool, int]:
     """(series, mode, causal, length): what identifies a point across runs."""
     return (p["series"], p["mode"], bool(p["causal"]), int(p["length"]))
 
 
-def _t(p: dict[str, Any] | None) -> float | None:
+def _t(p: PointRecord | None) -> float | None:
     if p is None or p.get("status") != "ok":
         return None
     return p["time"]["median_s"]
 
 
-def derive(doc: dict[str, Any]) -> dict[str, Any]:
+def derive(doc: ResultsDoc) -> ResultsDoc:
     """Fill ``tokens_per_s``, ``gflops``, ``roof_ratio`` and ``speedup`` on the points and the
     per-series ``summary`` (exponents of time and memory vs L, crossover lengths)."""
     settings = doc["settings"]
@@ -62,21 +61,21 @@ def derive(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _memory(p: dict[str, Any]) -> float | None:
+def _memory(p: PointRecord) -> float | None:
     """The memory a point is judged by: a decoding state's size, else the call's peak."""
     mem = p.get("memory") or {}
     return mem.get("state_bytes") if p["mode"] == "decode" else mem.get("peak_bytes")
 
 
-def _summary(doc: dict[str, Any], fit_min: int) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+def _summary(doc: ResultsDoc, fit_min: int) -> list[SummaryRow]:
+    groups: dict[tuple[str, str, bool], list[PointRecord]] = {}
     for p in doc["points"]:
         groups.setdefault((p["series"], p["mode"], bool(p["causal"])), []).append(p)
     rows = []
     for (series, mode, causal), pts in groups.items():
         ok = [p for p in pts if p.get("status") == "ok"]
         first = pts[0]
-        row: dict[str, Any] = {
+        row: SummaryRow = {
             "series": series, "kind": first["kind"], "variant": first.get("variant"), "mode": mode,
             "causal": causal, "measured": [p["length"] for p in ok],
             "skipped": {str(p["length"]): p.get("reason") for p in pts if p.get("status") != "ok"},

@@ -1,18 +1,22 @@
 """Correctness gate: a variant is timed only after its output matched the oracle at a small size.
 
-The oracle is the variant's own dense ``attention_weights @ V`` evaluated in float64 on a float64
-copy of the module (``attention_weights`` is the interface's universal oracle, DESIGN section 2).
-Two comparisons, for every causal flag that will be benchmarked:
+The oracle is the conformance suite's: the variant's own dense ``attention_weights @ V``
+(``attention_weights`` is the interface's universal oracle), evaluated in float64 on a float64
+copy of the module, compared with the suite's ``assert_close`` and ``TOLERANCES``. Two
+comparisons, for every causal flag that will be benchmarked, at the same inputs rounded to the
+benchmark dtype (and the same parameters):
 
-- the float64 forward against the float64 oracle (tight: catches wrong fast paths), and
-- the forward in the benchmark dtype against the float64 oracle (per-dtype tolerance),
+- the float64 forward against the float64 oracle (tight: catches wrong fast paths; the suite's
+  ``forward_matches_weights``), and
+- the forward in the benchmark dtype against the float64 oracle (the suite's ``low_precision``),
 
 plus, when forward+backward is benchmarked, finite gradients of a backward pass.
 
 Fast paths often start only above some length (a window, a chunk, several blocks), so with
 ``long_length`` the same forward comparisons run again at that length (the harness passes the
 longest benchmarked length, capped at 2048) with B=1 and ``long_heads`` heads (a learnable
-variant is rebuilt for that head count) to keep the float64 oracle cheap.
+variant is rebuilt for that head count) to keep the float64 oracle cheap. The report keeps, per
+comparison, the relative error ``max|out - oracle| / max|oracle|``.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from .settings import DTYPES, VariantChoice
+from attnreg.conformance import CheckFailure, assert_close, sizes_of, weights_oracle
+from attnreg.core import Attention
+from attnreg.core.dtypes import DTYPE_NAMES
 
-__all__ = ["GateResult", "run_gate", "TOLERANCES"]
+from .settings import VariantChoice
 
-# Max |out - oracle| / max |oracle| allowed per dtype.
-TOLERANCES = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
+__all__ = ["GateResult", "run_gate"]
 
 
 @dataclass
@@ -44,11 +50,26 @@ class GateResult:
         return {"ok": self.ok, "reason": self.reason, "errors": self.errors}
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+class _Mismatch(Exception):
+    """A comparison of the gate failed; the message is the gate's reason."""
+
+
+def _rel_err(out: Tensor, ref: Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     scale = ref.abs().max().item() or 1.0
     return (out.double() - ref).abs().max().item() / scale
+
+
+def _compare(errors: dict[str, float], key: str, out: Tensor, want: Tensor, dtype: torch.dtype,
+             why: str, sizes: str) -> None:
+    """Record the relative error of ``out`` under ``key``; raise ``_Mismatch`` (``why``, then the
+    conformance suite's finding) unless it is within the suite's tolerance of ``dtype``."""
+    errors[key] = _rel_err(out, want)
+    try:
+        assert_close(out, want, what=f"output (relative error {errors[key]:.3g})", sizes=sizes, dtype=dtype)
+    except CheckFailure as failure:
+        raise _Mismatch(f"{why}: {failure}") from None
 
 
 def run_gate(choice: VariantChoice, batch: int, heads: int, head_dim: int, length: int,
@@ -76,68 +97,87 @@ def run_gate(choice: VariantChoice, batch: int, heads: int, head_dim: int, lengt
     return result
 
 
+def _inputs(batch: int, heads: int, head_dim: int, length: int, dtype: torch.dtype, seed: int
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """Query, key and value (B, H, L, E), random in float64, rounded to ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, length, head_dim)
+    return tuple(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)  # type: ignore[return-value]
+                 for _ in range(3))
+
+
 def _gate_decode(choice: VariantChoice, batch: int, heads: int, head_dim: int, length: int,
                  dtype: str, seed: int, result: GateResult) -> GateResult:
-    from .decode import decode_gate_error
-
+    dt = DTYPE_NAMES[dtype]
     try:
-        module = choice.spec.factory(choice.config).eval()
-        ref = copy.deepcopy(module).to(torch.float64)
+        module = choice.spec.factory(choice.config).eval().to(dt)
+        ref = copy.deepcopy(module).to(torch.float64)  # the same parameters, in float64
         checks = [("float64", ref, torch.float64)] if torch.float64 in choice.spec.capabilities.dtypes else []
-        checks.append((dtype, module.to(DTYPES[dtype]), DTYPES[dtype]))
-        for name, m, dt in checks:
-            err = decode_gate_error(m, ref, batch, heads, head_dim, length, dt, seed)
-            result.errors[f"decode/{name}"] = err
-            if not err <= TOLERANCES[name]:
-                return GateResult(False, f"{name} decoding differs from the causal full forward: "
-                                  f"relative error {err:.3g} > {TOLERANCES[name]:g}", result.errors)
+        checks.append((dtype, module, dt))
+        q, k, v = _inputs(batch, heads, head_dim, length, dt, seed)  # (B, H, L, E)
+        with torch.no_grad():
+            want = ref(q.double(), k.double(), v.double(), is_causal=True)  # (B, H, L, E)
+            for name, m, mdt in checks:
+                got = _decode_in_steps(m, q.to(mdt), k.to(mdt), v.to(mdt))  # (B, H, L, E)
+                _compare(result.errors, f"decode/{name}", got, want, mdt,
+                         f"{name} decoding differs from the causal full forward", sizes_of(q, k, v))
+    except _Mismatch as mismatch:
+        return GateResult(False, str(mismatch), result.errors)
     except Exception as exc:  # noqa: BLE001 - a broken variant is reported, not raised
         return GateResult(False, f"decoding: {type(exc).__name__}: {exc}", result.errors)
     return result
+
+
+def _decode_in_steps(module: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Decoding of the whole sequence (B, H, L, E): a prefill of about a third, single steps,
+    then one chunk."""
+    batch, heads, length, head_dim = q.shape
+    state = module.init_state(batch, heads, head_dim, dtype=q.dtype, max_length=length)
+    cuts = sorted({0, length // 3, length // 3 + 1, length // 3 + 2, length // 2, length})
+    outs: list[Tensor] = []
+    for lo, hi in zip(cuts, cuts[1:], strict=False):
+        out, state = module.decode(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], state)
+        outs.append(out)
+    return torch.cat(outs, dim=2)  # (B, H, L, E)
 
 
 def _gate_at(choice: VariantChoice, config: Any, batch: int, heads: int, head_dim: int, length: int,
              dtype: str, causal_flags: tuple[bool, ...], backward: bool, seed: int, prefix: str
              ) -> GateResult:
     caps = choice.spec.capabilities
+    dt = DTYPE_NAMES[dtype]
     errors: dict[str, float] = {}
     try:
-        module = choice.spec.factory(config).eval()
-        gen = torch.Generator().manual_seed(seed)
-        shape = (batch, heads, length, head_dim)
-        q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))  # (B, H, L, E)
+        module = choice.spec.factory(config).eval().to(dt)
         # The oracle runs in float64 where the variant accepts it, else in the best dtype it has.
-        oracle = next(d for d in (torch.float64, torch.float32, DTYPES[dtype]) if d in caps.dtypes)
-        ref_module = copy.deepcopy(module).to(oracle)
-        m64 = ref_module if oracle == torch.float64 else None
-        mdt = module.to(DTYPES[dtype])
+        oracle = next(d for d in (torch.float64, torch.float32, dt) if d in caps.dtypes)
+        ref = copy.deepcopy(module).to(oracle)  # the same parameters, in the oracle's dtype
+        q, k, v = _inputs(batch, heads, head_dim, length, dt, seed)  # (B, H, L, E)
+        qo, ko, vo = (t.to(oracle) for t in (q, k, v))
         for causal in causal_flags:
             tag = "causal" if causal else "full"
             with torch.no_grad():
-                w = ref_module.attention_weights(q.to(oracle), k.to(oracle), is_causal=causal)  # (B, H, L, L)
-                ref = w.double() @ v  # (B, H, L, E)
-                if m64 is not None:
-                    err = _rel_err(m64(q, k, v, is_causal=causal), ref)
-                    errors[f"{prefix}float64/{tag}"] = err
-                    if not err <= TOLERANCES["float64"]:
-                        why = (f"float64 forward differs from attention_weights @ V ({tag}): "
-                               f"relative error {err:.3g} > {TOLERANCES['float64']:g}")
-                        return GateResult(False, why, errors)
-                qd, kd, vd = (t.to(DTYPES[dtype]) for t in (q, k, v))
-                err = _rel_err(mdt(qd, kd, vd, is_causal=causal), ref)
-            errors[f"{prefix}{dtype}/{tag}"] = err
-            tol = TOLERANCES[dtype]
-            if not err <= tol:
-                return GateResult(False, f"{dtype} forward differs from the float64 oracle ({tag}): "
-                                  f"relative error {err:.3g} > {tol:g}", errors)
+                want = weights_oracle(ref, qo, ko, vo, is_causal=causal)  # (B, H, L, E) float64
+                if oracle == torch.float64:
+                    _compare(errors, f"{prefix}float64/{tag}", ref(qo, ko, vo, is_causal=causal), want,
+                             torch.float64, f"float64 forward differs from attention_weights @ V ({tag})",
+                             sizes_of(qo, ko, vo))
+                _compare(errors, f"{prefix}{dtype}/{tag}", module(q, k, v, is_causal=causal), want, dt,
+                         f"{dtype} forward differs from the float64 oracle ({tag})", sizes_of(q, k, v))
             if backward:
-                qd, kd, vd = (t.to(DTYPES[dtype]).requires_grad_(True) for t in (q, k, v))
-                mdt(qd, kd, vd, is_causal=causal).sum().backward()
-                grads = [t.grad for t in (qd, kd, vd)] + [p.grad for p in mdt.parameters()]
-                if not all(g is None or torch.isfinite(g).all() for g in grads):
-                    return GateResult(False, f"non-finite gradients in the backward pass ({tag})", errors)
-                mdt.zero_grad(set_to_none=True)
+                _finite_backward(module, q, k, v, causal, tag)
+    except _Mismatch as mismatch:
+        return GateResult(False, str(mismatch), errors)
     except Exception as exc:  # noqa: BLE001 - a broken variant is reported, not raised
         return GateResult(False, f"{type(exc).__name__}: {exc}", errors)
     return GateResult(True, None, errors)
 
+
+def _finite_backward(module: Attention, q: Tensor, k: Tensor, v: Tensor, causal: bool, tag: str) -> None:
+    """Raise ``_Mismatch`` unless a backward pass gives finite gradients (inputs and parameters)."""
+    qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+    module(qd, kd, vd, is_causal=causal).sum().backward()
+    grads = [t.grad for t in (qd, kd, vd)] + [p.grad for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    if not all(g is None or torch.isfinite(g).all() for g in grads):
+        raise _Mismatch(f"non-finite gradients in the backward pass ({tag})")

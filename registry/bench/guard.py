@@ -6,16 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from .compare import Comparison, GuardSettings, best_of, compare_runs
 from .harness import Progress, run_bench
+from .records import ResultsDoc
 from .settings import BenchSettings, VariantChoice
 
 __all__ = ["run_guard"]
 
 
-def run_guard(doc: dict[str, Any], baseline: dict[str, Any], guard: GuardSettings, settings: BenchSettings,
+def run_guard(doc: ResultsDoc, baseline: ResultsDoc, guard: GuardSettings, settings: BenchSettings,
               choices: list[VariantChoice], out: Path | None = None, progress: Progress | None = None,
               notify: Callable[[str], None] | None = None) -> Comparison:
     """``compare_runs(doc, baseline)``; where it finds regressions, the failing points are measured

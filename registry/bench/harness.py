@@ -19,6 +19,7 @@ from .derive import derive
 from .feasibility import Feasibility
 from .gate import run_gate
 from .probe import MEMORY_METHOD, Prober, ProbeResult, timed_repeats
+from .records import PointRecord, ResultsDoc, VariantRecord
 from .report import machine_info, write_json
 from .settings import BenchSettings, VariantChoice
 
@@ -42,7 +43,7 @@ class _Run:
         self.feasible = Feasibility(settings, self.prober)
         self.ok: set[tuple[str, str, bool, int]] = set()  # (series, mode, causal, L) measured
         self.modules: dict[str, Any] = {}
-        self.doc: dict[str, Any] = {
+        self.doc: ResultsDoc = {
             "schema": SCHEMA,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "status": "running",
@@ -67,10 +68,10 @@ class _Run:
                    baseline=baseline, seed=s.seed)
 
     # -- one point --------------------------------------------------------------------------
-    def measure(self, series: str, job: Job, flops: float | None, meta: dict[str, Any]) -> dict[str, Any]:
+    def measure(self, series: str, job: Job, flops: float | None, meta: dict[str, Any]) -> PointRecord:
         """Guard, measure and record one point (``meta`` names its series, kind and variant)."""
         s = self.s
-        point: dict[str, Any] = {**meta, "series": series, "mode": job.mode, "causal": job.causal,
+        point: PointRecord = {**meta, "series": series, "mode": job.mode, "causal": job.causal,
                                  "length": job.length, "status": "ok", "reason": None}
         key = (series, job.mode, job.causal)
         needs = point.pop("needs", None)
@@ -108,7 +109,7 @@ class _Run:
         return point
 
     @staticmethod
-    def skip(point: dict[str, Any], reason: str) -> dict[str, Any]:
+    def skip(point: PointRecord, reason: str) -> PointRecord:
         point.update(status="skipped", reason=reason)
         return point
 
@@ -144,7 +145,7 @@ class _Run:
         s, passed = self.s, []
         for choice in self.choices:
             caps = choice.spec.capabilities
-            entry: dict[str, Any] = {"name": choice.spec.name, "max_length": choice.max_length,
+            entry: VariantRecord = {"name": choice.spec.name, "max_length": choice.max_length,
                                      "config": choice.config.model_dump(mode="json"),
                                      "capabilities": caps.flags(), "complexity": caps.complexity}
             self.doc["variants"][choice.label] = entry
@@ -217,7 +218,7 @@ class _Run:
                     plan.extend(baselines)
         return plan
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> ResultsDoc:
         t0 = time.monotonic()
         try:
             self.progress("measuring the GEMM roof", 0, 0)
@@ -230,7 +231,7 @@ class _Run:
                               i, len(plan))
                 limit = self.s.time_limit_s
                 if limit is not None and time.monotonic() - t0 > limit:
-                    point = {**meta, "series": series, "mode": job.mode, "causal": job.causal,
+                    point: PointRecord = {**meta, "series": series, "mode": job.mode, "causal": job.causal,
                              "length": job.length}
                     point.pop("needs", None)
                     self.doc["time_limit_reached"] = True
@@ -253,7 +254,7 @@ class _Run:
 
 
 def run_bench(settings: BenchSettings, choices: list[VariantChoice], out: Path | None = None,
-              progress: Progress | None = None, prober: Prober | None = None) -> dict[str, Any]:
+              progress: Progress | None = None, prober: Prober | None = None) -> ResultsDoc:
     """Run the benchmark and return the results document (also written to ``out/results.json``).
 
     Ctrl-C stops the run and returns (and writes) the partial results with ``status="interrupted"``.

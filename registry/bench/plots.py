@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from attnreg.core import ConfigError
+from .._plotting import pyplot
+from .records import ResultsDoc
 
 __all__ = ["plot_results", "results_figure"]
 
 
-def _panels(doc: dict[str, Any]) -> list[tuple[str, bool]]:
+def _panels(doc: ResultsDoc) -> list[tuple[str, bool]]:
     seen: list[tuple[str, bool]] = []
     for p in doc["points"]:
         key = (p["mode"], bool(p["causal"]))
@@ -25,7 +26,7 @@ def _panels(doc: dict[str, Any]) -> list[tuple[str, bool]]:
     return sorted(seen)
 
 
-def _series_points(doc: dict[str, Any], mode: str, causal: bool,
+def _series_points(doc: ResultsDoc, mode: str, causal: bool,
                    metric: str) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     for p in doc["points"]:
@@ -39,24 +40,13 @@ def _series_points(doc: dict[str, Any], mode: str, causal: bool,
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("plots need matplotlib: pip install 'attnreg[plot]'") from None
-    return plt
-
-
 _METRICS = {"time": ("seconds", "time_exponent"), "memory": ("peak MiB", "memory_exponent")}
 
 
-def results_figure(doc: dict[str, Any], metric: str) -> Any:
+def results_figure(doc: ResultsDoc, metric: str) -> Any:
     """The matplotlib figure of ``metric`` ("time" or "memory"): one panel per (mode, causal),
     each with its legend to the right of the panel, outside the data."""
-    plt = _pyplot()
+    plt = pyplot()
     unit, fit_key = _METRICS[metric]
     kinds = {p["series"]: (p["kind"], p.get("variant")) for p in doc["points"]}
     fits = {(r["series"], r["mode"], r["causal"]): r for r in doc.get("summary", [])}
@@ -99,9 +89,9 @@ def results_figure(doc: dict[str, Any], metric: str) -> Any:
     return fig
 
 
-def plot_results(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+def plot_results(doc: ResultsDoc, out_dir: Path) -> list[Path]:
     """Write ``time.png`` and ``memory.png`` under ``out_dir``; return their paths."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = []
     for metric in _METRICS:
         fig = results_figure(doc, metric)

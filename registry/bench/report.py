@@ -16,6 +16,7 @@ from rich.table import Table
 from attnreg.core import ConfigError
 
 from .cases import MASKED
+from .records import PointRecord, ResultsDoc
 
 __all__ = [
     "machine_info", "write_json", "load_results", "results_table", "summary_table", "brief_table",
@@ -57,14 +58,14 @@ def machine_info(threads: int) -> dict[str, Any]:
     return info
 
 
-def write_json(doc: dict[str, Any], path: Path) -> None:
+def write_json(doc: ResultsDoc, path: Path) -> None:
     """Write atomically (a partial file never replaces a complete one)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     os.replace(tmp, path)
 
 
-def load_results(path: Path) -> dict[str, Any]:
+def load_results(path: Path) -> ResultsDoc:
     """Read a ``results.json``; ``ConfigError`` naming the file if it is not one."""
     try:
         doc = json.loads(Path(path).read_text())
@@ -83,7 +84,7 @@ def _mb(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
-def _peak(p: dict[str, Any]) -> int | None:
+def _peak(p: PointRecord) -> int | None:
     return (p.get("memory") or {}).get("peak_bytes")
 
 
@@ -91,7 +92,7 @@ def _x(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
-def results_table(doc: dict[str, Any]) -> Table:
+def results_table(doc: ResultsDoc) -> Table:
     """One row per point: time, rate, memory, roof ratio, speedups (or why it was skipped)."""
     table = Table(title="attnreg bench: points (ratios are within this run)", show_lines=False)
     for col in ("series", "mode", "L", "median ms", "IQR ms", "n", "Mtok/s", "peak MB", "GFLOP/s",
@@ -132,7 +133,7 @@ def _cross(c: dict[str, Any] | None) -> str:
     return c["kind"]
 
 
-def summary_table(doc: dict[str, Any]) -> Table:
+def summary_table(doc: ResultsDoc) -> Table:
     """Per variant: gate result; per series: scaling exponents and crossover lengths."""
     table = Table(title="scaling (least-squares log-log fit) and crossover vs dense SDPA")
     for col in ("series", "mode", "time ~ L^", "memory ~ L^", "faster than SDPA from",
@@ -154,7 +155,7 @@ def summary_table(doc: dict[str, Any]) -> Table:
     return table
 
 
-def brief_table(doc: dict[str, Any]) -> Table:
+def brief_table(doc: ResultsDoc) -> Table:
     """One row per variant: its status and, per (mode, causal), its time and speedup over dense
     SDPA at the longest length it was measured at. What a smoke test (``--quick``) needs."""
     panels = sorted({(p["mode"], bool(p["causal"])) for p in doc["points"]})
@@ -187,7 +188,7 @@ def brief_table(doc: dict[str, Any]) -> Table:
     return table
 
 
-def print_report(doc: dict[str, Any], console: Console, brief: bool = False) -> None:
+def print_report(doc: ResultsDoc, console: Console, brief: bool = False) -> None:
     """The run's header (machine, threads, roof), then both tables, or with ``brief`` only one
     row per variant (:func:`brief_table`)."""
     m, roof = doc["machine"], doc.get("roof", {}).get("gflops")

@@ -10,9 +10,11 @@ import torch
 import yaml
 
 from attnreg.core import AttentionConfig, ConfigError, VariantSpec
+from attnreg.core.dtypes import DTYPE_NAMES
+
+from .records import SettingsRecord
 
 __all__ = [
-    "DTYPES",
     "DEFAULT_LENGTHS",
     "QUICK_LENGTHS",
     "BenchSettings",
@@ -22,12 +24,6 @@ __all__ = [
     "parse_variant",
 ]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (32, 64)
 MODES = ("fwd", "fwdbwd", "decode")
@@ -182,8 +178,8 @@ class BenchSettings:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 got = getattr(self, name)
                 raise ConfigError(f"bench setting {name} must be an integer >= 1, got {got!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ConfigError(f"--modes {','.join(self.modes)!r}: expected a subset of {','.join(MODES)}")
@@ -215,7 +211,7 @@ class BenchSettings:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The ``torch.dtype`` of ``dtype``."""
-        return DTYPES[self.dtype]
+        return DTYPE_NAMES[self.dtype]
 
     def causal_flags(self, supports_causal: bool, mode: str | None = None) -> tuple[bool, ...]:
         """The causal flags to measure for a variant that does / does not support causal (in
@@ -225,9 +221,9 @@ class BenchSettings:
         flags = (False, True) if self.causal is None else (self.causal,)
         return tuple(c for c in flags if supports_causal or not c)
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> SettingsRecord:
         """Plain-JSON form for ``results.json``."""
-        d = dict(self.__dict__)
+        d: SettingsRecord = dict(self.__dict__)  # type: ignore[assignment]
         d["lengths"] = list(self.lengths)
         d["modes"] = list(self.modes)
         d["cpu_count"] = os.cpu_count()

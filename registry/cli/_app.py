@@ -64,7 +64,17 @@ def _plain_params(params: list[Any]) -> None:
             p.metavar = "" if p.is_flag else _value_metavar(p)
 
 
-class _Command(TyperCommand):
+class _PlainHelpOption:
+    """``--help`` shown without a value type after it."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_PlainHelpOption, TyperCommand):
     """Help in plain words: ``NAME`` / ``[NAME...]`` in the usage line (typer writes ``{name}``),
     value types as ``PATH``, ``INT``, ``TEXT``, nothing after a flag (typer writes ``<bool>``),
     and help texts printed as written (``[VARIANT:]CHECK`` is not rich markup)."""
@@ -75,12 +85,6 @@ class _Command(TyperCommand):
             self.help = escape(self.help)
         _plain_params(self.params)
 
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
-
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for p in self.get_params(ctx):
@@ -89,18 +93,12 @@ class _Command(TyperCommand):
         return pieces
 
 
-class _Group(TyperGroup):
+class _Group(_PlainHelpOption, TyperGroup):
     """The root command: the same plain help as :class:`_Command`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _plain_params(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
 
 
 class _Typer(typer.Typer):

@@ -137,7 +137,7 @@ def doctor_cmd() -> None:
         unmatched = _plugins.REGISTRY.unmatched_allow_list()
         strict_error = None
     except attnreg.PluginLoadError as exc:  # strict mode: report it, fail
-        records, unmatched = _plugins.REGISTRY.records_so_far()
+        records, unmatched = _plugins.REGISTRY.loading_report()
         strict_error = exc
     threads = torch.get_num_threads()
     before = f" ({threads_before} before plugins loaded)" if threads != threads_before else ""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ._app import EXIT_FAILURE, app, console, err_console, user_errors
+
+if TYPE_CHECKING:  # the bench (and torch) load only when a command runs
+    from attnreg.bench import ResultsDoc
 
 EXIT_INTERRUPTED = 130
 
@@ -153,7 +156,7 @@ def _ci_preset(names: list[str] | None, quick: bool, opts: dict[str, Any]) -> tu
     return settings, ci_choices(settings)
 
 
-def _compare(doc: dict[str, Any], previous: dict[str, Any], guard: Any, out: Path, source: Path,
+def _compare(doc: ResultsDoc, previous: ResultsDoc, guard: Any, out: Path, source: Path,
              settings: Any, choices: list[Any]) -> Any:
     """Compare with the baseline (re-measuring failing points once to confirm them), print the
     table, write compare.json; return the comparison."""
@@ -171,7 +174,7 @@ def _compare(doc: dict[str, Any], previous: dict[str, Any], guard: Any, out: Pat
     return comparison
 
 
-def _plot(doc: dict[str, Any], out: Path) -> None:
+def _plot(doc: ResultsDoc, out: Path) -> None:
     from attnreg.bench import plot_results
 
     for path in plot_results(doc, out):

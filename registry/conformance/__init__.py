@@ -23,13 +23,16 @@ from importlib import import_module
 from typing import Any
 
 __all__ = [
-    "CHECKS", "GROUPS", "TOLERANCES", "Case", "CheckFailure", "NotApplicable", "build_cases",
-    "parse_xfail", "pytest_params", "run", "run_case", "run_check",
+    "CHECKS", "GROUPS", "TOLERANCES", "Case", "CheckFailure", "NotApplicable", "assert_close",
+    "assert_matches_weights", "build_cases", "parse_xfail", "pytest_params", "run", "run_case",
+    "run_check", "sizes_of", "weights_oracle",
 ]
 
 _LAZY = {
-    "CHECKS": "._framework", "GROUPS": "._framework", "TOLERANCES": "._framework",
-    "CheckFailure": "._framework", "NotApplicable": "._framework",
+    "CHECKS": "._framework", "GROUPS": "._framework", "TOLERANCES": "._asserts",
+    "assert_close": "._asserts", "assert_matches_weights": "._asserts", "sizes_of": "._asserts",
+    "weights_oracle": "._asserts",
+    "CheckFailure": "._outcomes", "NotApplicable": "._outcomes",
     "Case": "._cases", "build_cases": "._cases", "parse_xfail": "._cases", "pytest_params": "._cases",
     "run_case": "._cases", "run_check": "._cases", "run": ".runner",
 }

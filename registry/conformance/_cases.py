@@ -10,6 +10,7 @@ import torch
 
 import attnreg
 from attnreg.core import VariantSpec
+from attnreg.core.dtypes import dtype_name, parse_dtype
 
 # Importing the check modules registers their checks.
 from . import (  # noqa: F401
@@ -25,16 +26,8 @@ from . import (  # noqa: F401
     _checks_second_order,
 )
 from ._checks_contract import split_check_key
-from ._framework import (
-    CHECKS,
-    CONFIG_GROUPS,
-    CheckFailure,
-    NotApplicable,
-    Subject,
-    config_label,
-    dtype_name,
-    parse_dtype,
-)
+from ._framework import CHECKS, CONFIG_GROUPS, Subject, config_label
+from ._outcomes import CheckFailure, NotApplicable
 
 __all__ = ["Case", "build_cases", "parse_xfail", "pytest_params", "run_case", "run_check", "select_specs"]
 

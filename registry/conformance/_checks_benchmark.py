@@ -10,21 +10,9 @@ from typing import Any
 
 import torch
 
-from ._framework import (
-    EV,
-    LONG,
-    B,
-    CheckFailure,
-    E,
-    H,
-    NotApplicable,
-    Subject,
-    assert_close,
-    check,
-    expect_raises,
-    heads_for,
-    sizes_of,
-)
+from ._asserts import assert_close, expect_raises, sizes_of
+from ._framework import EV, LONG, B, E, H, Subject, check, heads_for
+from ._outcomes import CheckFailure, NotApplicable
 
 _LENGTHS = (1, 7, 13, LONG)
 

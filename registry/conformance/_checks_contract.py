@@ -10,31 +10,19 @@ import torch
 
 import attnreg
 from attnreg.core import ConfigError, UnknownVariantError, UnsupportedFeatureError
+from attnreg.core.dtypes import FLOAT_DTYPES, dtype_name, parse_dtype
 
-from ._checks_decoding_errors import decode_api_refused, feature_calls_decoding
-from ._framework import (
-    CHECKS,
-    EV,
-    LONG,
-    B,
-    CheckFailure,
-    E,
-    H,
-    NotApplicable,
-    Subject,
+from ._asserts import (
     assert_close,
     assert_equal,
     assert_finite,
-    check,
-    config_label,
-    dtype_name,
+    assert_matches_weights,
     expect_raises,
-    heads_for,
-    parse_dtype,
     sizes_of,
 )
-
-_ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+from ._checks_decoding_errors import decode_api_refused, feature_calls_decoding
+from ._framework import CHECKS, EV, LONG, B, E, H, Subject, check, config_label, heads_for
+from ._outcomes import CheckFailure, NotApplicable
 
 
 def split_check_key(key: str) -> tuple[str, str | None]:
@@ -169,7 +157,7 @@ def unsupported_features_raise(s: Subject) -> None:
         tried += 1
         expect_raises((UnsupportedFeatureError, ConfigError), lambda: s.build(dropout=0.1),
                       what="build(dropout=0.1) with dropout=False declared")
-    for d in _ALL_DTYPES:
+    for d in FLOAT_DTYPES:
         if d in s.caps.dtypes:
             continue
         tried += 1
@@ -307,17 +295,13 @@ def lengths(s: Subject) -> None:
         b, h = (B, H) if n <= 16 else (1, 1)
         m = s.build(heads=h)
         q, k, v = s.inputs(b, h, n, seed=n)
-        sz = sizes_of(q, k, v)
         kws: list[dict[str, Any]] = [{}]
         if s.caps.causal:
             kws.append({"is_causal": True})
         if s.caps.key_mask:
             kws.append({"key_mask": s.key_mask(b, n, seed=n)})
         for kw in kws:
-            out = m(q, k, v, **kw)
-            w = m.attention_weights(q, k, **kw)
-            assert_close(out, w.double() @ v.double(), what=f"forward vs attention_weights @ value with "
-                         f"{sorted(kw) or 'no mask'}", sizes=sz, dtype=s.dtype)
+            assert_matches_weights(m, q, k, v, label=f"{sorted(kw) or 'no mask'}", **kw)
 
 
 @check("cross_attention", "contract", requires=("cross_attention",))

@@ -16,22 +16,9 @@ from torch import Tensor
 
 from attnreg.core import Attention, DecodeState
 
-from ._framework import (
-    EV,
-    LONG,
-    TOLERANCES,
-    B,
-    CheckFailure,
-    E,
-    Subject,
-    assert_close,
-    assert_finite,
-    assert_zero,
-    check,
-    expect_raises,
-    heads_for,
-    sizes_of,
-)
+from ._asserts import TOLERANCES, assert_close, assert_finite, assert_zero, expect_raises, sizes_of
+from ._framework import EV, LONG, B, E, Subject, check, heads_for
+from ._outcomes import CheckFailure
 
 __all__ = ["SHORT", "decode_tol", "left_padding", "run_decode", "schedules"]
 

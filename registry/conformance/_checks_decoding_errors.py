@@ -10,7 +10,8 @@ from torch import Tensor
 
 from attnreg.core import Attention, DecodeState, KVCacheState, UnsupportedFeatureError
 
-from ._framework import EV, B, E, H, Subject, check, expect_raises, sizes_of
+from ._asserts import expect_raises, sizes_of
+from ._framework import EV, B, E, H, Subject, check
 
 __all__ = ["decode_api_refused", "feature_calls_decoding"]
 

@@ -17,20 +17,9 @@ from torch import Tensor
 from attnreg.core import UnsupportedFeatureError
 from attnreg.core.parallel import SequenceLayout, shard_tensor, unshard_tensors
 
-from ._framework import (
-    EV,
-    LONG,
-    TOLERANCES,
-    B,
-    CheckFailure,
-    E,
-    NotApplicable,
-    Subject,
-    assert_close,
-    check,
-    heads_for,
-    sizes_of,
-)
+from ._asserts import TOLERANCES, assert_close, sizes_of
+from ._framework import EV, LONG, B, E, Subject, check, heads_for
+from ._outcomes import CheckFailure, NotApplicable
 
 WORLD = 2
 _TIMEOUT_S = 30.0

@@ -10,8 +10,10 @@ from torch import Tensor
 
 from attnreg.core import repeat_kv
 
+from ._asserts import assert_close, sizes_of
 from ._checks_decoding import SHORT, decode_tol, left_padding, run_decode, schedules
-from ._framework import EV, LONG, B, CheckFailure, E, Subject, assert_close, check, sizes_of
+from ._framework import EV, LONG, B, E, Subject, check
+from ._outcomes import CheckFailure
 
 # (length, query heads, key/value heads): grouped (H/2) on short inputs, multi-query (one
 # key/value head) on the long one (fewer heads keep it cheap).
@@ -40,18 +42,9 @@ def grouped_query_matches_repeat(s: Subject) -> None:
             assert_close(m.attention_weights(q, k, **kw), m.attention_weights(q, repeat_kv(k, h), **kw),
                          what=f"attention_weights with {hkv} key heads vs repeated to {h} ({label})",
                          sizes=sz, dtype=s.dtype)
-        _same_gradients(s, m, q, k, v, _all_masks(s, n), sz)
+        _same_gradients(s, m, q, k, v, s.padding_and_causal(B, n, seed=n), sz)
         if s.caps.decoding:
             _grouped_decode(s, m, q, k, v, sz)
-
-
-def _all_masks(s: Subject, n: int) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
-    if s.caps.key_mask:
-        kw["key_mask"] = s.key_mask(B, n, seed=n)
-    if s.caps.causal:
-        kw["is_causal"] = True
-    return kw
 
 
 def _same_gradients(s: Subject, m: torch.nn.Module, q: Tensor, k: Tensor, v: Tensor,

@@ -8,23 +8,10 @@ import torch
 
 from attnreg.core import causal_mask
 
+from ._asserts import assert_close, assert_equal, assert_finite, assert_matches_weights, assert_zero, sizes_of
 from ._checks_nonfinite import GRAD_FILLS, NONFINITE, grads_of, poisons
-from ._framework import (
-    LONG,
-    B,
-    CheckFailure,
-    H,
-    NotApplicable,
-    Subject,
-    assert_close,
-    assert_equal,
-    assert_finite,
-    assert_zero,
-    check,
-    expected_allowed,
-    heads_for,
-    sizes_of,
-)
+from ._framework import LONG, B, H, Subject, check, expected_allowed, heads_for
+from ._outcomes import CheckFailure, NotApplicable
 
 
 @check("forward_matches_weights", "weights")
@@ -37,9 +24,7 @@ def forward_matches_weights(s: Subject) -> None:
         m = s.build(heads=h)
         q, k, v = s.inputs(h=h, lq=n, seed=n)
         for label, kw in s.mask_variants(n, n, h=h, seed=n):
-            w = m.attention_weights(q, k, **kw)
-            assert_close(m(q, k, v, **kw), w.double() @ v.double(), dtype=s.dtype,
-                         what=f"forward vs attention_weights @ value with {label}", sizes=sizes_of(q, k, v))
+            assert_matches_weights(m, q, k, v, label=label, **kw)
 
 
 @check("rows_sum_to_one", "weights", requires=("normalized",))

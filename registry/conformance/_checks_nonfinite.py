@@ -18,18 +18,9 @@ from torch import Tensor
 
 from attnreg.core import Attention
 
-from ._framework import (
-    EV,
-    LONG,
-    B,
-    CheckFailure,
-    E,
-    Subject,
-    assert_close,
-    check,
-    heads_for,
-    sizes_of,
-)
+from ._asserts import assert_close, sizes_of
+from ._framework import EV, LONG, B, E, Subject, check, heads_for
+from ._outcomes import CheckFailure
 
 __all__ = ["GRAD_FILLS", "NONFINITE", "grads_of", "poisons"]
 

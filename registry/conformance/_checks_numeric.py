@@ -11,33 +11,11 @@ from torch.func import functional_call
 
 import attnreg
 from attnreg.core import ConfigError, UnsupportedFeatureError
+from attnreg.core.dtypes import dtype_name
 
-from ._framework import (
-    LONG,
-    B,
-    CheckFailure,
-    E,
-    H,
-    NotApplicable,
-    Subject,
-    assert_close,
-    assert_equal,
-    assert_finite,
-    check,
-    dtype_name,
-    expect_raises,
-    heads_for,
-    sizes_of,
-)
-
-
-def _masks(s: Subject, b: int, n: int, *, seed: int) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
-    if s.caps.key_mask:
-        kw["key_mask"] = s.key_mask(b, n, seed=seed)
-    if s.caps.causal:
-        kw["is_causal"] = True
-    return kw
+from ._asserts import assert_close, assert_equal, assert_finite, expect_raises, sizes_of
+from ._framework import LONG, B, E, H, Subject, check, heads_for
+from ._outcomes import CheckFailure, NotApplicable
 
 
 @check("batch_independence", "independence")
@@ -49,7 +27,7 @@ def batch_independence(s: Subject) -> None:
     for n in (7, LONG):
         m = s.build(heads=heads_for(n))
         q, k, v = s.inputs(b, heads_for(n), n, seed=n)
-        for kw in ({}, _masks(s, b, n, seed=n)):
+        for kw in ({}, s.padding_and_causal(b, n, seed=n)):
             label = sorted(kw) or "no mask"
             full = m(q, k, v, **kw)
             q2, k2, v2 = (t.clone() for t in (q, k, v))
@@ -73,7 +51,7 @@ def head_independence(s: Subject) -> None:
     m = s.build(heads=h)
     for n in (7, LONG):
         q, k, v = s.inputs(B, h, n, seed=n)
-        for kw in ({}, _masks(s, B, n, seed=n)):
+        for kw in ({}, s.padding_and_causal(B, n, seed=n)):
             full = m(q, k, v, **kw)
             q2, k2, v2 = (t.clone() for t in (q, k, v))
             for t2 in (q2, k2, v2):
@@ -123,7 +101,7 @@ def gradcheck(s: Subject) -> None:
         raise NotApplicable("float64 is not a declared dtype")
     m = s.build(heads=1, head_dim=3)
     q, k, v = s.inputs(1, 1, 4, e=3, ev=2, seed=11, grad=True)
-    for kw in ({}, _masks(s, 1, 4, seed=4)):
+    for kw in ({}, s.padding_and_causal(1, 4, seed=4)):
         if "key_mask" in kw:
             kw["key_mask"] = torch.tensor([[True, False, True, True]], device=s.device)
         sz = sizes_of(q, k, v) + (f" with {sorted(kw)}" if kw else "")
@@ -157,7 +135,7 @@ def low_precision(s: Subject) -> None:
         base = s.build(heads=heads_for(n))
         ref = copy.deepcopy(base).to(ref_dt)  # the low-precision parameters, exactly, in float64
         q, k, v = s.inputs(h=heads_for(n), lq=n, seed=n)  # rounded to the low dtype
-        kws: list[dict[str, Any]] = [{}, _masks(s, B, n, seed=n)]
+        kws: list[dict[str, Any]] = [{}, s.padding_and_causal(B, n, seed=n)]
         if s.caps.key_mask:
             kws.append({"key_mask": s.key_mask(B, n, seed=n, dead_item=1)})
         for kw in kws:
@@ -180,7 +158,7 @@ def determinism(s: Subject) -> None:
     identical state and outputs; with dropout 0, train mode equals eval mode."""
     m = s.build()
     q, k, v = s.inputs(lq=13, seed=2)
-    kw = _masks(s, B, 13, seed=2)
+    kw = s.padding_and_causal(B, 13, seed=2)
     a = m(q, k, v, **kw)
     assert_equal(m(q, k, v, **kw), a, what="second call in eval mode", sizes=sizes_of(q, k, v))
     m2 = s.build()
@@ -313,7 +291,7 @@ def state_dict_round_trip(s: Subject) -> None:
     buf.seek(0)
     b.load_state_dict(torch.load(buf, weights_only=True))
     q, k, v = s.inputs(lq=7, seed=9)
-    kw = _masks(s, B, 7, seed=9)
+    kw = s.padding_and_causal(B, 7, seed=9)
     want = a(q, k, v, **kw)
     assert_equal(b(q, k, v, **kw), want, what="output after state_dict save/load", sizes=sizes_of(q, k, v))
     assert_equal(copy.deepcopy(a)(q, k, v, **kw), want, what="output of copy.deepcopy",

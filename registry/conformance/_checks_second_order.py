@@ -10,15 +10,9 @@ from torch.func import functional_call
 
 from attnreg.core import UnsupportedFeatureError
 
-from ._framework import (
-    CheckFailure,
-    NotApplicable,
-    Subject,
-    assert_close,
-    check,
-    expect_raises,
-    sizes_of,
-)
+from ._asserts import assert_close, expect_raises, sizes_of
+from ._framework import Subject, check
+from ._outcomes import CheckFailure, NotApplicable
 
 # Tiny float64 sizes: gradgradcheck builds full second-order Jacobians.
 _L, _E, _EV = 5, 3, 2

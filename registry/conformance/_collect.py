@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from ._cases import Case, build_cases, run_case
-from ._framework import CHECKS, CheckFailure
+from ._framework import CHECKS
+from ._outcomes import CheckFailure
 
 ROOT_NODEID = "attnreg-conformance"
 

@@ -1,7 +1,8 @@
-"""The machinery every conformance check uses: the check registry, failures, tolerances, inputs.
+"""The machinery every conformance check uses: the check registry, the sizes, the inputs.
 
 A check is a plain function ``fn(subject) -> None`` that raises ``CheckFailure`` (an
-``AssertionError`` whose message names the input sizes and the max error) or ``NotApplicable``.
+``AssertionError`` whose message names the input sizes and the max error) or ``NotApplicable``
+(both in ``_outcomes``); the comparisons that raise ``CheckFailure`` are in ``_asserts``.
 It is registered with ``@check(name, group, requires=..., dtypes=...)``; ``requires`` names the
 ``Capabilities`` flags that must be declared True for it to apply.
 """
@@ -17,10 +18,14 @@ from torch import Tensor
 
 import attnreg
 from attnreg.core import Attention, Capabilities, VariantSpec
+from attnreg.core.dtypes import FLOAT_DTYPES
+
+# assert_close and sizes_of stood here before _asserts.py; tests still import them from here.
+from ._asserts import assert_close, sizes_of
 
 __all__ = [
-    "B", "CHECKS", "CONFIG_GROUPS", "E", "GROUPS", "H", "LONG", "heads_for", "TOLERANCES", "Check",
-    "CheckFailure", "NotApplicable", "Subject", "check", "config_label", "dtype_name", "parse_dtype",
+    "B", "CHECKS", "CONFIG_GROUPS", "E", "EV", "GROUPS", "H", "LONG", "Check", "Subject", "assert_close",
+    "check", "config_label", "expected_allowed", "heads_for", "reference_dtype", "sizes_of",
 ]
 
 # Default input sizes: tiny, so that the whole suite runs in seconds per variant. LONG is prime
@@ -33,20 +38,6 @@ LONG = 131
 def heads_for(n: int) -> int:
     """Heads used at length ``n``: H for short inputs, 1 for long ones (keeps the suite fast)."""
     return H if n <= 16 else 1
-
-# Low precision against float64 (same rounded inputs and parameters): max |out - ref| must stay
-# within atol * max(1, max|ref|) + rtol * |ref|. EXACT is for identities that hold up to rounding
-# in the reference dtype (forward == weights @ V, permutation or slicing invariance).
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-9, 1e-9),
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (5e-3, 5e-3),
-    torch.bfloat16: (2e-2, 2e-2),
-}
-_DTYPE_NAMES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-                "bfloat16": torch.bfloat16}
-_ALIASES = {"fp64": "float64", "double": "float64", "fp32": "float32", "float": "float32",
-            "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 # Table columns, in display order.
 GROUPS = ("manifest", "contract", "errors", "weights", "masking", "leakage", "independence",
@@ -64,27 +55,6 @@ def config_label(variant: str, overrides: Mapping[str, Any] | tuple[tuple[str, A
     items = overrides.items() if isinstance(overrides, Mapping) else overrides
     shown = ",".join(f"{k}={v}" for k, v in items)
     return f"{variant}[{shown}]" if shown else variant
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``"bf16"``/``"bfloat16"``/... -> the torch dtype (ValueError naming the choices)."""
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[key]
-
-
-class CheckFailure(AssertionError):
-    """A conformance check found the variant violating the contract."""
-
-
-class NotApplicable(Exception):
-    """The check does not apply to this variant (e.g. the feature is declared False)."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +80,7 @@ class Check:
         ref = reference_dtype(caps)
         if self.dtypes == "reference":
             return [ref]
-        order = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-        declared = [d for d in order if d in caps.dtypes]
+        declared = [d for d in FLOAT_DTYPES if d in caps.dtypes]
         return declared if self.dtypes == "each" else [d for d in declared if d != ref]
 
 
@@ -136,17 +105,10 @@ def check(name: str, group: str, *, requires: tuple[str, ...] = (), dtypes: str 
 
 def reference_dtype(caps: Capabilities) -> torch.dtype:
     """float64 when declared (exact checks), else the most precise declared dtype."""
-    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+    for d in FLOAT_DTYPES:  # most precise first
         if d in caps.dtypes:
             return d
     raise AssertionError("unreachable: Capabilities.dtypes is never empty")
-
-
-def sizes_of(q: Tensor, k: Tensor, v: Tensor | None = None) -> str:
-    """``"B=2 H=2 Lq=7 Lk=7 E=8 Ev=6 float64"`` for a failure message."""
-    b, h, lq, e = q.shape
-    ev = f" Ev={v.shape[-1]}" if v is not None else ""
-    return f"B={b} H={h} Lq={lq} Lk={k.shape[2]} E={e}{ev} {dtype_name(q.dtype)}"
 
 
 @dataclass
@@ -225,6 +187,15 @@ class Subject:
             km[dead_item] = False
         return km.to(self.device)
 
+    def padding_and_causal(self, b: int, lk: int, *, seed: int) -> dict[str, Any]:
+        """Mask kwargs of a typical call: a ``key_mask`` (B, Lk) and ``is_causal`` where declared."""
+        kw: dict[str, Any] = {}
+        if self.caps.key_mask:
+            kw["key_mask"] = self.key_mask(b, lk, seed=seed)
+        if self.caps.causal:
+            kw["is_causal"] = True
+        return kw
+
     def mask_variants(self, lq: int, lk: int, b: int = B, h: int = H, *, seed: int = 0
                       ) -> Iterator[tuple[str, dict[str, Any]]]:
         """(label, mask kwargs) for no mask and every declared mask kind, alone and combined."""
@@ -263,85 +234,3 @@ def expected_allowed(subject: Subject, q: Tensor, k: Tensor, kwargs: dict[str, A
     return allowed.expand(b, h, lq, k.shape[2])
 
 
-def _fmt_index(idx: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(i) for i in idx) + "]"
-
-
-def assert_close(actual: Tensor, expected: Tensor, *, what: str, sizes: str, dtype: torch.dtype,
-                 tol: tuple[float, float] | None = None) -> None:
-    """Fail unless ``|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|``."""
-    atol, rtol = tol or TOLERANCES[dtype]
-    a, b = actual.detach().double().cpu(), expected.detach().double().cpu()
-    if a.shape != b.shape:
-        raise CheckFailure(f"{what} ({sizes}): shape {tuple(a.shape)} != expected {tuple(b.shape)}")
-    if not torch.isfinite(a).all():
-        idx = tuple(int(i) for i in (~torch.isfinite(a)).nonzero()[0])
-        raise CheckFailure(f"{what} ({sizes}): non-finite value {float(a[idx])} at index {_fmt_index(idx)}")
-    if a.numel() == 0:
-        return
-    scale = max(1.0, float(b.abs().max()))
-    err = (a - b).abs()
-    excess = err - (atol * scale + rtol * b.abs())
-    if float(excess.max()) > 0:
-        flat = int(excess.argmax())
-        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
-        raise CheckFailure(
-            f"{what} ({sizes}): max |error| = {float(err.max()):.3g}, allowed {atol:g} * {scale:.3g} + "
-            f"{rtol:g} * |expected| (worst at index {_fmt_index(idx)}: got {float(a[idx]):.6g}, "
-            f"expected {float(b[idx]):.6g})"
-        )
-
-
-def assert_equal(actual: Tensor, expected: Tensor, *, what: str, sizes: str) -> None:
-    """Fail unless bit-for-bit equal (NaN counts as different)."""
-    a, b = actual.detach().cpu(), expected.detach().cpu()
-    if a.shape != b.shape:
-        raise CheckFailure(f"{what} ({sizes}): shape {tuple(a.shape)} != expected {tuple(b.shape)}")
-    diff = a != b
-    if bool(diff.any()):
-        err = (a.double() - b.double()).abs().nan_to_num(float("inf"))
-        idx = tuple(int(i) for i in diff.nonzero()[0])
-        raise CheckFailure(
-            f"{what} ({sizes}): not bit-for-bit equal, max |difference| = {float(err.max()):.3g} "
-            f"in {int(diff.sum())} of {diff.numel()} entries (first at index {_fmt_index(idx)})"
-        )
-
-
-def assert_zero(t: Tensor, where: Tensor, *, what: str, sizes: str) -> None:
-    """Fail unless ``t`` is exactly 0 wherever ``where`` is True."""
-    vals = t.detach().cpu()[where.expand(t.shape).cpu()]
-    bad = vals != 0
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in (where.expand(t.shape).cpu() & (t.detach().cpu() != 0)).nonzero()[0])
-        raise CheckFailure(
-            f"{what} ({sizes}): {int(bad.sum())} of {vals.numel()} entries are not exactly 0, "
-            f"max |value| = {float(vals.double().abs().nan_to_num(float('inf')).max()):.3g} "
-            f"(first at index {_fmt_index(idx)})"
-        )
-
-
-def assert_finite(t: Tensor, *, what: str, sizes: str) -> None:
-    """Fail on any NaN or infinity."""
-    bad = ~torch.isfinite(t.detach())
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise CheckFailure(f"{what} ({sizes}): {int(bad.sum())} non-finite values (first at index "
-                           f"{_fmt_index(idx)}: {float(t.detach()[idx])})")
-
-
-def expect_raises(exc: type[BaseException] | tuple[type[BaseException], ...], fn: Callable[[], Any],
-                  *, what: str, names: tuple[str, ...] = ()) -> BaseException:
-    """Fail unless ``fn()`` raises ``exc`` whose message mentions one of ``names`` (if given)."""
-    expected = exc if isinstance(exc, tuple) else (exc,)
-    label = " or ".join(e.__name__ for e in expected)
-    try:
-        fn()
-    except expected as err:
-        msg = str(err)
-        if names and not any(n in msg for n in names):
-            raise CheckFailure(f"{what}: raised {type(err).__name__} as expected, but the message "
-                               f"does not name {' / '.join(names)}: {msg!r}") from None
-        return err
-    except Exception as err:  # noqa: BLE001 - the wrong error type is the finding
-        raise CheckFailure(f"{what}: expected {label}, got {type(err).__name__}: {err}") from err
-    raise CheckFailure(f"{what}: expected {label}, but the call succeeded silently")

@@ -21,9 +21,10 @@ import pytest
 import torch
 
 import attnreg
+from attnreg.core.dtypes import parse_dtype
 
 from ._cases import Case, build_cases, parse_xfail, select_specs
-from ._framework import CHECKS, config_label, parse_dtype
+from ._framework import CHECKS, config_label
 
 __all__ = ["Report", "Result", "check_device", "run"]
 
