@@ -99,3 +99,18 @@ def registered_toys(*classes: type[Attention]) -> Iterator[dict[str, VariantSpec
     finally:
         for name in specs:
             attnreg.unregister(name)
+
+
+def assert_caught(broken: type[Attention], check: str, control: type[Attention], *hints: str) -> None:
+    """``check`` fails ``broken`` with a message naming one of ``hints`` (the sizes, the feature),
+    and passes ``control``, a correct variant with the same manifest: the bug fails it, not the
+    check."""
+    from attnreg.conformance import CheckFailure, run_check
+
+    try:
+        run_check(broken.variant, check)
+    except CheckFailure as caught:
+        assert any(h in str(caught) for h in hints), str(caught)
+    else:
+        raise AssertionError(f"{check} did not catch {broken.variant}")
+    run_check(control.variant, check)
