@@ -27,12 +27,17 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_plugin_guide_example_registers_and_builds() -> None:
+def _plugin_guide_module(name: str) -> types.ModuleType:
+    """The plugin guide's first python block, executed as module ``name`` (as a plugin's would be)."""
     text = (ROOT / "docs" / "plugins.md").read_text()
     code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
-    mod = types.ModuleType("my_package_plugin")
+    mod = types.ModuleType(name)
     exec(compile(code, "docs/plugins.md", "exec", dont_inherit=True), mod.__dict__)
-    attnreg.register(mod)
+    return mod
+
+
+def test_plugin_guide_example_registers_and_builds() -> None:
+    attnreg.register(_plugin_guide_module("my_package_plugin"))
     try:
         attn = attnreg.build("my_attn", temperature=2.0)
         q = torch.randn(1, 2, 5, 4, dtype=torch.float64)  # (B, H, L, E)
@@ -168,11 +173,7 @@ def test_plugin_guide_example_passes_the_conformance_suite() -> None:
     """The guide's module, registered as a plugin would be, passes every check that applies."""
     from attnreg.conformance.runner import run
 
-    text = (ROOT / "docs" / "plugins.md").read_text()
-    code = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
-    mod = types.ModuleType("my_package_plugin_suite")
-    exec(compile(code, "docs/plugins.md", "exec", dont_inherit=True), mod.__dict__)
-    attnreg.register(mod)
+    attnreg.register(_plugin_guide_module("my_package_plugin_suite"))
     try:
         report = run(["my_attn"])
     finally:

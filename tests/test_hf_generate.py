@@ -175,8 +175,9 @@ def test_threads_generating_with_one_model(variant: str) -> None:
     """A served model: 6 threads generate at once with one model, each with its own cache (and
     prompt length); each result equals generating alone. The state layer of a call is the
     calling thread's, never another thread's."""
-    import sys
     import threading
+
+    from threads import start_and_join
 
     model = build("llama", f"attnreg:{variant}", variant, dtype=torch.float64).eval()
     prompts = [batch(seed=s, length=5 + s) for s in range(6)]
@@ -191,15 +192,6 @@ def test_threads_generating_with_one_model(variant: str) -> None:
         except Exception as exc:  # noqa: BLE001 - reported below
             got[i] = exc
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # switch threads often: the race shows up in one short run
-    try:
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-    finally:
-        sys.setswitchinterval(interval)
+    start_and_join([threading.Thread(target=work, args=(i,)) for i in range(len(prompts))])
     for i, w in enumerate(want):
         assert isinstance(got[i], torch.Tensor) and torch.equal(got[i], w), (i, got[i])

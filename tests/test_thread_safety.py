@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from threads import start_and_join
 
 import attnreg
 from attnreg.core import Attention, LRUCache
@@ -79,23 +80,9 @@ def _run_everywhere(cases: list[Any], run: Any) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    _start_and_join([threading.Thread(target=work, args=(s,)) for s in range(THREADS)])
+    start_and_join([threading.Thread(target=work, args=(s,)) for s in range(THREADS)])
     assert not errors, errors
     assert not mismatches, mismatches[:5]
-
-
-def _start_and_join(threads: list[threading.Thread]) -> None:
-    """Run ``threads`` with the interpreter switching between them every 10 us (default 5 ms),
-    so that races in Python code show up in a short test."""
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-    finally:
-        sys.setswitchinterval(interval)
 
 
 @pytest.mark.parametrize(("name", "overrides"), _subjects())
@@ -178,7 +165,7 @@ def test_lru_cache_under_contention() -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    _start_and_join([threading.Thread(target=work, args=(s,)) for s in range(THREADS)])
+    start_and_join([threading.Thread(target=work, args=(s,)) for s in range(THREADS)])
     assert not errors, errors
     assert len(cache) <= 3 and cache.nbytes == sum(t.numel() * 8 for t in cache.values())
     cache.clear()
