@@ -184,25 +184,25 @@ def compare_runs(doc: ResultsDoc, baseline: ResultsDoc,
         new = now.get(key)
         gated = length >= guard.min_length
         kind, before = sdpa_speedup(old)
-        if new is None and same_preset and gated:  # the preset lost a point: refresh the baseline
-            c = PointChange(series, mode, causal, length, True, speedup_before=before)
-            c.problems.append(f"the {preset!r} preset no longer measures this point: refresh the baseline")
-            changes.append(c)
-            continue
-        if new is None:
-            not_compared.append(f"{label}: not planned in this run")
-            continue
         cfg_old = baseline.get("variants", {}).get(series, {}).get("config")
         cfg_new = doc.get("variants", {}).get(series, {}).get("config")
-        if cfg_old != cfg_new and same_preset and gated:  # e.g. a changed default: refresh the baseline
+        if new is None:
+            stale, skip = f"the {preset!r} preset no longer measures this point: ", "not planned in this run"
+        elif cfg_old != cfg_new:  # e.g. a changed default
+            diff = _config_diff(cfg_old, cfg_new)
+            stale = f"the variant's config changed ({diff}): the baseline measured another configuration; "
+            skip = f"the variant's config differs ({diff})"
+        else:
+            stale = skip = ""
+        if stale and same_preset and gated:  # the same preset must measure what its baseline did
             c = PointChange(series, mode, causal, length, True, speedup_before=before)
-            c.problems.append(f"the variant's config changed ({_config_diff(cfg_old, cfg_new)}): the "
-                              "baseline measured another configuration; refresh the baseline")
+            c.problems.append(stale + "refresh the baseline")
             changes.append(c)
             continue
-        if cfg_old != cfg_new:
-            not_compared.append(f"{label}: the variant's config differs ({_config_diff(cfg_old, cfg_new)})")
+        if skip:
+            not_compared.append(f"{label}: {skip}")
             continue
+        assert new is not None
         c = PointChange(series, mode, causal, length, gated=gated, speedup_before=before,
                         memory_before=(old.get("memory") or {}).get("peak_bytes"))
         if new.get("status") != "ok":
