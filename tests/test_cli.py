@@ -25,6 +25,8 @@ def test_list_shows_every_variant_with_provider_and_capabilities() -> None:
     for name in attnreg.list_variants():
         assert name in res.output
     assert "sdpa" in res.output and "attnreg 0.1.0" in res.output and "O(Lq*Lk*E)" in res.output
+    linear = next(line for line in res.output.splitlines() if line.startswith("│ linear "))
+    assert "decoding" in linear and "context_parallel" in linear and "double_backward" in linear
 
 
 def test_show_prints_fields_bounds_and_capabilities() -> None:

@@ -16,7 +16,7 @@ from rich.table import Table
 from ._app import EXIT_FAILURE, app, console, user_errors
 
 _KEY_CAPS = ("causal", "key_mask", "attn_mask", "cross_attention", "dropout", "learnable", "decoding",
-             "grouped_query", "context_parallel")
+             "grouped_query", "context_parallel", "double_backward")
 
 
 def _yes(flag: bool) -> str:
